@@ -1,0 +1,87 @@
+"""Tiny offline models and tokenizers for tests and smoke runs (no hub access needed).
+
+The tokenizer is a byte-level BPE trained in memory on a few sentences, with ChatML special tokens and a
+ChatML chat template, so every data format can be exercised without downloading anything.
+"""
+
+from __future__ import annotations
+
+import functools
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice was born in Paris in 1984 and works as an engineer.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Question: how many apples are left? Answer: 7 apples are left.",
+    "system user assistant You are a helpful assistant.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 plus minus times equals",
+] * 4
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(vocab_size: int = 320):
+    """A fast byte-level BPE tokenizer with ChatML special tokens, pad = <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int | None = None, **overrides):
+    """Config of a tiny random causal LM: 2 layers, hidden 32, 4 query heads, 2 KV heads (GQA)."""
+    from transformers import AutoConfig
+
+    tok = tiny_tokenizer()
+    vocab = vocab_size or len(tok)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    return AutoConfig.for_model(arch, **common)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A randomly initialised tiny causal LM (float32, eval mode off: train mode like a fresh model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model
