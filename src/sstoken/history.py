@@ -1,0 +1,358 @@
+"""History signals: per-token NLL of the frozen base model (online or cached on disk), and an EMA history.
+
+The cache stores, for every training sample, the base model's per-token NLL aligned to the predicted token.
+Samples are keyed by a hash of their token ids, so a lookup does not depend on data order, batch
+composition, sharding across ranks or packing. The cache directory records fingerprints of the model, the
+tokenizer and the data; a run whose fingerprints differ is refused with a message saying which one.
+Every file is written to a temporary name and renamed, and carries a SHA-256 checksum that is verified on
+load: a truncated or corrupted shard is reported (and rebuilt by ``sstoken cache``), never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sstoken.errors import ConfigError
+from sstoken.scoring import token_nll
+
+CACHE_FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+def sample_key(token_ids: Sequence[int] | torch.Tensor) -> str:
+    """Stable key of one tokenised sample: SHA-1 of its token ids as little-endian int64."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().contiguous()
+    return hashlib.sha1(ids.numpy().tobytes()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of a model's config and of a strided sample of its (base) weights; LoRA adapters are excluded."""
+    base = _unwrap_base(model)
+    digest = hashlib.sha256()
+    config = getattr(base, "config", None)
+    if config is not None:
+        cfg = config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "use_cache", "dtype",
+                         "torch_dtype", "quantization_config", "_attn_implementation_autoset"):
+            cfg.pop(volatile, None)
+        digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            digest.update(name.replace("base_model.model.", "").encode())
+            digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides token ids: the vocabulary, special tokens and chat template."""
+    digest = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(keys: Iterable[str]) -> str:
+    """Order-independent hash of the set of sample keys."""
+    digest = hashlib.sha256()
+    for key in sorted(set(keys)):
+        digest.update(key.encode())
+    return digest.hexdigest()[:16]
+
+
+def _unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):
+        return inner.get_base_model()
+    return inner
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+@dataclass(frozen=True)
+class CacheFingerprints:
+    model: str
+    tokenizer: str
+    data: str
+    max_seq_length: int
+
+    def mismatches(self, other: "CacheFingerprints") -> list[str]:
+        return [field for field in ("model", "tokenizer", "data", "max_seq_length")
+                if getattr(self, field) != getattr(other, field)]
+
+
+class NLLCache:
+    """Per-sample per-token NLL of a fixed model, stored as checksummed safetensors shards."""
+
+    def __init__(self, path: str | os.PathLike, fingerprints: CacheFingerprints, shard_keys: list[list[str]]):
+        self.path = Path(path)
+        self.fingerprints = fingerprints
+        self.shard_keys = shard_keys
+        self._values: dict[str, torch.Tensor] = {}
+
+    # -- layout
+    def shard_path(self, index: int) -> Path:
+        return self.path / f"shard-{index:05d}.safetensors"
+
+    def _index(self) -> dict:
+        return {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprints": self.fingerprints.__dict__,
+            "shards": [{"keys": keys, "sha256": None} for keys in self.shard_keys],
+        }
+
+    # -- writing (used by `sstoken cache`)
+    @classmethod
+    def create_or_resume(cls, path, fingerprints: CacheFingerprints, shard_keys: list[list[str]]) -> "NLLCache":
+        """Open a cache for writing; shards already written with the same plan and a valid checksum are kept."""
+        cache = cls(path, fingerprints, shard_keys)
+        cache.path.mkdir(parents=True, exist_ok=True)
+        index_file = cache.path / INDEX_FILE
+        previous = None
+        if index_file.exists():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                previous = json.loads(index_file.read_text())
+        index = cache._index()
+        if previous and previous.get("fingerprints") == index["fingerprints"] and \
+                [s["keys"] for s in previous.get("shards", [])] == shard_keys:
+            for shard, old in zip(index["shards"], previous["shards"]):
+                shard["sha256"] = old.get("sha256")
+        atomic_write_json(index_file, index)
+        cache._index_data = index
+        return cache
+
+    def shard_done(self, index: int) -> bool:
+        expected = self._index_data["shards"][index]["sha256"]
+        path = self.shard_path(index)
+        return bool(expected) and path.exists() and _file_sha256(path) == expected
+
+    def write_shard(self, index: int, values: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shard_keys[index]) - set(values)
+        if missing:
+            raise ValueError(f"shard {index} is missing {len(missing)} samples")
+        path = self.shard_path(index)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        save_file({key: values[key].float().contiguous() for key in self.shard_keys[index]}, str(tmp))
+        os.replace(tmp, path)
+        self._index_data["shards"][index]["sha256"] = _file_sha256(path)
+        atomic_write_json(self.path / INDEX_FILE, self._index_data)
+
+    @property
+    def complete(self) -> bool:
+        return all(shard["sha256"] for shard in self._index_data["shards"])
+
+    # -- reading (used by the trainer)
+    @classmethod
+    def open(cls, path, expected: CacheFingerprints | None = None) -> "NLLCache":
+        """Load a finished cache, verifying its checksums and (if given) its fingerprints."""
+        path = Path(path)
+        index_file = path / INDEX_FILE
+        if not index_file.exists():
+            raise ConfigError(f"history cache {path} does not exist or is incomplete (no {INDEX_FILE}); "
+                              f"build it with `sstoken cache`")
+        try:
+            index = json.loads(index_file.read_text())
+            fingerprints = CacheFingerprints(**index["fingerprints"])
+            shard_keys = [shard["keys"] for shard in index["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"history cache {path}: unreadable {INDEX_FILE} ({exc}); rebuild it with `sstoken cache`") from exc
+        if index.get("format_version") != CACHE_FORMAT_VERSION:
+            raise ConfigError(f"history cache {path} has format {index.get('format_version')}, "
+                              f"expected {CACHE_FORMAT_VERSION}; rebuild it with `sstoken cache`")
+        if expected is not None:
+            wrong = expected.mismatches(fingerprints)
+            if wrong:
+                raise ConfigError(
+                    f"history cache {path} was built for a different {', '.join(wrong)} "
+                    f"(cache: {', '.join(f'{w}={getattr(fingerprints, w)}' for w in wrong)}; "
+                    f"this run: {', '.join(f'{w}={getattr(expected, w)}' for w in wrong)}). "
+                    f"Rebuild it with `sstoken cache` or point history_cache elsewhere."
+                )
+        cache = cls(path, fingerprints, shard_keys)
+        cache._index_data = index
+        for number, shard in enumerate(index["shards"]):
+            shard_file = cache.shard_path(number)
+            if not shard["sha256"] or not shard_file.exists():
+                raise ConfigError(f"history cache {path} is incomplete (shard {number} missing); "
+                                  f"run `sstoken cache` again to finish it")
+            if _file_sha256(shard_file) != shard["sha256"]:
+                raise ConfigError(f"history cache {path}: shard {number} fails its checksum (truncated or corrupted); "
+                                  f"run `sstoken cache` again to rebuild it")
+            cache._values.update(load_file(str(shard_file)))
+        return cache
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise ConfigError(
+                f"history cache {self.path} has no entry for a training sample (key {key[:12]}…): the data or its "
+                f"tokenisation changed since the cache was built; rebuild it with `sstoken cache`"
+            ) from None
+
+    def lookup(self, input_ids: torch.Tensor, valid_mask: torch.Tensor,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """B×T NLL for a batch, gathering each sample's cached row into its (possibly padded/packed) slots."""
+        out = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for row, positions, tokens in iter_samples(input_ids, valid_mask, segment_ids):
+            values = self.get(sample_key(tokens))
+            if values.numel() != len(positions):
+                raise ConfigError(f"history cache {self.path}: stored length {values.numel()} differs from the "
+                                  f"sample's {len(positions)} tokens; rebuild it with `sstoken cache`")
+            out[row, positions] = values
+        return out.to(input_ids.device)
+
+
+def iter_samples(input_ids: torch.Tensor, valid_mask: torch.Tensor,
+                 segment_ids: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (row, positions, token ids) for every sample of a padded or packed batch."""
+    ids_cpu = input_ids.detach().cpu()
+    valid_cpu = valid_mask.detach().cpu().bool()
+    segments_cpu = None if segment_ids is None else segment_ids.detach().cpu()
+    for row in range(ids_cpu.shape[0]):
+        valid_positions = valid_cpu[row].nonzero().flatten()
+        if valid_positions.numel() == 0:
+            continue
+        if segments_cpu is None:
+            yield row, valid_positions, ids_cpu[row, valid_positions]
+            continue
+        row_segments = segments_cpu[row, valid_positions]
+        for segment in torch.unique(row_segments):
+            positions = valid_positions[row_segments == segment]
+            yield row, positions, ids_cpu[row, positions]
+
+
+# ----------------------------------------------------------------------------------------------- online base
+@contextlib.contextmanager
+def base_weights(model: torch.nn.Module):
+    """Run the frozen base model: for a PEFT model, the same weights with every adapter disabled."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "disable_adapter"):
+        with inner.disable_adapter():
+            yield
+    else:
+        raise ConfigError(
+            "history 'base' computed online needs a PEFT (LoRA) model, whose base weights are the frozen history; "
+            "for full fine-tuning build the base-model cache first (`sstoken cache`) and set history_cache"
+        )
+
+
+@torch.no_grad()
+def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torch.Tensor, chunk_size: int = 1024):
+    """Per-token NLL of the model as it stands (used inside :func:`base_weights` or an EMA swap), eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(**model_inputs).logits
+        return token_nll(logits, labels, chunk_size)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------- EMA history
+class EMAHistory:
+    """θ_his ← α·θ_his + (1−α)·θ over the trainable parameters (with LoRA: the adapter only).
+
+    The EMA values live beside the model as plain tensors (an adapter's worth of memory with LoRA, a full copy
+    of the trained weights otherwise). :meth:`swapped_in` writes them into the model for a history forward and
+    restores the live weights afterwards. With LoRA the average is taken over the A and B factors, which is an
+    approximation of the average of the weight delta B·A; at the start both equal the base model.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, interval: int = 1):
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
+        if interval < 1:
+            raise ConfigError(f"ema_interval must be >= 1, got {interval}")
+        self.decay = decay
+        self.interval = interval
+        self.params = {name: p for name, p in _named_trainable(model)}
+        if not self.params:
+            raise ConfigError("EMA history: the model has no trainable parameters")
+        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, global_step: int) -> bool:
+        """Fold the current weights in, every ``interval`` optimizer steps. Returns whether it updated."""
+        if global_step % self.interval:
+            return False
+        for name, param in self.params.items():
+            self.shadow[name].mul_(self.decay).add_(param.detach().to(self.shadow[name].dtype), alpha=1.0 - self.decay)
+        self.updates += 1
+        return True
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        live = {}
+        with torch.no_grad():
+            for name, param in self.params.items():
+                live[name] = param.detach().clone()
+                param.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(live[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shadow.{name}": tensor.contiguous() for name, tensor in self.shadow.items()}
+        state["meta.updates"] = torch.tensor(self.updates)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [name for name in self.shadow if f"shadow.{name}" not in state]
+        if missing:
+            raise ConfigError(f"EMA checkpoint does not match the model (missing {missing[:3]}…)")
+        for name in self.shadow:
+            self.shadow[name].copy_(state[f"shadow.{name}"])
+        self.updates = int(state["meta.updates"].item())
+
+
+def _named_trainable(model: torch.nn.Module):
+    inner = getattr(model, "module", model)
+    for name, param in inner.named_parameters():
+        if param.requires_grad:
+            yield name, param

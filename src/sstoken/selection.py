@@ -1,0 +1,200 @@
+"""The token selectors, chosen by name: full, random, rel, attn, sstoken, rho1, tokencleaning.
+
+A selector turns the per-token signals of one batch into a keep mask. It declares which signals it needs
+so the trainer computes only those (the attention share only if ``needs_attention``, and so on), and it
+can tell how many tokens it will keep *before* the forward pass, which the trainer uses to normalise the
+loss over a whole accumulated (and multi-rank) batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sstoken import scoring
+from sstoken.errors import ConfigError
+
+
+@dataclass
+class Signals:
+    """What a selector may look at; every tensor is B×T, aligned to the predicted token."""
+
+    response_mask: torch.Tensor
+    current_nll: torch.Tensor
+    history_nll: torch.Tensor | None = None
+    reference_nll: torch.Tensor | None = None
+    context_share: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+
+
+class Selector:
+    name = "base"
+    needs_history = False
+    needs_attention = False
+    needs_reference = False
+
+    def __init__(self, rho: float = 0.6):
+        if not 0.0 < rho <= 1.0:
+            raise ConfigError(f"rho must be in (0, 1], got {rho}")
+        self.rho = rho
+
+    def expected_kept(self, response_mask: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                      signals_before_forward: Signals | None = None) -> int:
+        """Tokens the selector will keep in this batch, known before the forward pass."""
+        return int(scoring.keep_counts(response_mask, self.rho, segment_ids).sum().item())
+
+    def select(self, signals: Signals, progress: float = 0.0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FullSelector(Selector):
+    """Plain SFT: every response token."""
+
+    name = "full"
+
+    def __init__(self, rho: float = 1.0):
+        super().__init__(1.0)
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
+        return int(response_mask.sum().item())
+
+    def select(self, signals, progress=0.0):
+        return signals.response_mask.clone()
+
+
+class RandomSelector(Selector):
+    """A uniformly random ceil(ρ·n) tokens of each sample, reproducible from ``seed`` and the call count."""
+
+    name = "random"
+
+    def __init__(self, rho: float = 0.6, seed: int = 0):
+        super().__init__(rho)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def select(self, signals, progress=0.0):
+        return scoring.random_mask(signals.response_mask, self.rho, self.generator, signals.segment_ids)
+
+
+class SSTokenSelector(Selector):
+    """γ·Norm(REL) + (1−γ)·Attn, top-ρ per sample; γ=0 during an optional attention-only warm-up."""
+
+    name = "sstoken"
+    needs_history = True
+    needs_attention = True
+
+    def __init__(self, rho: float = 0.6, gamma: float = 0.5, warmup_fraction: float = 0.0):
+        super().__init__(rho)
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ConfigError(f"attention_warmup must be in [0, 1), got {warmup_fraction}")
+        self.gamma = gamma
+        self.warmup_fraction = warmup_fraction
+        self.needs_history = gamma > 0
+        self.needs_attention = gamma < 1 or warmup_fraction > 0
+
+    def gamma_at(self, progress: float) -> float:
+        return 0.0 if progress < self.warmup_fraction else self.gamma
+
+    def select(self, signals, progress=0.0):
+        gamma = self.gamma_at(progress)
+        share = signals.context_share if signals.context_share is not None else torch.zeros_like(signals.current_nll)
+        history = signals.history_nll if signals.history_nll is not None else signals.current_nll
+        return scoring.sstoken_mask(history, signals.current_nll, share, signals.response_mask,
+                                    gamma=gamma, rho=self.rho, segment_ids=signals.segment_ids)
+
+
+class RELSelector(SSTokenSelector):
+    """REL only (γ = 1)."""
+
+    name = "rel"
+
+    def __init__(self, rho: float = 0.6, warmup_fraction: float = 0.0):
+        super().__init__(rho=rho, gamma=1.0, warmup_fraction=warmup_fraction)
+
+
+class AttentionSelector(SSTokenSelector):
+    """Attention share only (γ = 0)."""
+
+    name = "attn"
+
+    def __init__(self, rho: float = 0.6):
+        super().__init__(rho=rho, gamma=0.0)
+
+
+class Rho1Selector(Selector):
+    """Rho-1: top-ρ per sample by excess loss, current NLL − reference-model NLL."""
+
+    name = "rho1"
+    needs_reference = True
+
+    def select(self, signals, progress=0.0):
+        if signals.reference_nll is None:
+            raise ConfigError("rho1 needs the reference model's NLL (reference_cache)")
+        scores = scoring.excess_loss(signals.current_nll, signals.reference_nll)
+        return scoring.top_rho_mask(scores, signals.response_mask, self.rho, signals.segment_ids)
+
+
+class TokenCleaningSelector(Selector):
+    """TokenCleaning, fixed-model variant: keep tokens whose base − reference NLL clears one global threshold.
+
+    The threshold is the global top-ρ quantile of that score over the whole training set, computed once from
+    the base and reference caches (:meth:`fit`). Selection therefore does not depend on the current model.
+    """
+
+    name = "tokencleaning"
+    needs_history = True
+    needs_reference = True
+
+    def __init__(self, rho: float = 0.6, threshold: float | None = None):
+        super().__init__(rho)
+        self.threshold = threshold
+
+    def fit(self, base_values: list[torch.Tensor], reference_values: list[torch.Tensor],
+            response_masks: list[torch.Tensor]) -> float:
+        scores = [(b - r)[m] for b, r, m in zip(base_values, reference_values, response_masks)]
+        self.threshold = scoring.global_threshold(torch.cat(scores) if scores else torch.zeros(0), self.rho)
+        return self.threshold
+
+    def _mask(self, history_nll, reference_nll, response_mask):
+        if self.threshold is None:
+            raise ConfigError("tokencleaning needs its global threshold; the trainer fits it from the caches")
+        scores = history_nll.float() - reference_nll.float()
+        return scoring.threshold_mask(scores, response_mask, self.threshold)
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
+        if signals_before_forward is None:
+            raise ConfigError("tokencleaning counts kept tokens from the caches")
+        s = signals_before_forward
+        return int(self._mask(s.history_nll, s.reference_nll, response_mask).sum().item())
+
+    def select(self, signals, progress=0.0):
+        return self._mask(signals.history_nll, signals.reference_nll, signals.response_mask)
+
+
+SELECTORS = {
+    cls.name: cls
+    for cls in (FullSelector, RandomSelector, SSTokenSelector, RELSelector, AttentionSelector, Rho1Selector,
+                TokenCleaningSelector)
+}
+
+
+def make_selector(method: str, rho: float = 0.6, gamma: float = 0.5, warmup_fraction: float = 0.0,
+                  seed: int = 0) -> Selector:
+    """Build a selector by name, with the parameters that apply to it."""
+    if method not in SELECTORS:
+        raise ConfigError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
+    if method == "full":
+        return FullSelector()
+    if method == "random":
+        return RandomSelector(rho, seed)
+    if method == "sstoken":
+        return SSTokenSelector(rho, gamma, warmup_fraction)
+    if method == "rel":
+        return RELSelector(rho, warmup_fraction)
+    if method == "attn":
+        return AttentionSelector(rho)
+    if method == "rho1":
+        return Rho1Selector(rho)
+    return TokenCleaningSelector(rho)

@@ -1,0 +1,393 @@
+"""SSTokenConfig / SSTokenTrainer: TRL's SFTConfig / SFTTrainer with token selection.
+
+A TRL user switches by changing the class::
+
+    trainer = SSTokenTrainer(model=model, args=SSTokenConfig(output_dir="out", rho=0.6, gamma=0.5),
+                             train_dataset=dataset, peft_config=LoraConfig(...))
+
+One training step: forward once (the attention share of one layer is captured inside that forward) →
+per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
+adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
+
+Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
+step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
+accumulated micro-batches and, with ``average_tokens_across_devices`` (the default), over all ranks. Since
+ρ fixes how many tokens each sample keeps (ceil(ρ·n)), that count is known before the forward pass, so
+accumulating 2 micro-batches of b samples gives the same gradient as one batch of 2b samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from sstoken import scoring
+from sstoken.errors import ConfigError
+from sstoken.history import (
+    CacheFingerprints,
+    EMAHistory,
+    NLLCache,
+    base_weights,
+    history_forward_nll,
+)
+from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "sstoken_state.safetensors"
+HISTORY_MODES = ("base", "ema")
+
+
+@dataclass
+class SSTokenConfig(SFTConfig):
+    """SFTConfig plus the token-selection settings (all optional; defaults are the paper's)."""
+
+    selection_method: str = field(
+        default="sstoken",
+        metadata={"help": f"Token selector: one of {', '.join(SELECTORS)}."},
+    )
+    rho: float = field(default=0.6, metadata={"help": "Fraction of each sample's response tokens kept, in (0, 1]."})
+    gamma: float = field(default=0.5, metadata={"help": "Weight of normalised REL against the attention share, in [0, 1]."})
+    attention_warmup: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training steps that select by attention alone (gamma=0) before REL is used."},
+    )
+    attention_layer: int = field(default=-1, metadata={"help": "Decoder layer whose attention share is used (-1 = last)."})
+    attention_chunk_size: int = field(default=256, metadata={"help": "Query positions per chunk for the attention share."})
+    history: str = field(default="base", metadata={"help": "History model: 'base' (frozen base) or 'ema'."})
+    history_cache: str | None = field(
+        default=None,
+        metadata={"help": "Directory of base-model NLLs from `sstoken cache` (history 'base' then costs no forward)."},
+    )
+    reference_cache: str | None = field(
+        default=None, metadata={"help": "Directory of reference-model NLLs from `sstoken cache` (rho1, tokencleaning)."}
+    )
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA history: theta_his <- a*theta_his + (1-a)*theta."})
+    ema_interval: int = field(default=1, metadata={"help": "EMA history: optimizer steps between updates."})
+    nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
+    selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
+
+    def __post_init__(self):
+        # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
+        if self.loss_type not in ("nll",):
+            raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
+        super().__post_init__()
+        validate_selection_args(self)
+
+
+def validate_selection_args(args) -> None:
+    """Check the selection fields before any model is loaded; raises ConfigError with the fix."""
+    if args.selection_method not in SELECTORS:
+        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}")
+    if not (isinstance(args.rho, (int, float)) and 0.0 < args.rho <= 1.0):
+        raise ConfigError(f"rho must be in (0, 1], got {args.rho}")
+    if not (isinstance(args.gamma, (int, float)) and 0.0 <= args.gamma <= 1.0):
+        raise ConfigError(f"gamma must be in [0, 1], got {args.gamma}")
+    if not 0.0 <= args.attention_warmup < 1.0:
+        raise ConfigError(f"attention_warmup must be in [0, 1), got {args.attention_warmup}")
+    if args.history not in HISTORY_MODES:
+        raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}")
+    if args.history == "ema" and not 0.0 <= args.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.ema_interval < 1:
+        raise ConfigError(f"ema_interval must be >= 1, got {args.ema_interval}")
+    if args.attention_chunk_size < 1 or args.nll_chunk_size < 1:
+        raise ConfigError("attention_chunk_size and nll_chunk_size must be >= 1")
+    if args.selection_method in ("rho1", "tokencleaning") and not args.reference_cache:
+        raise ConfigError(f"selection_method {args.selection_method!r} needs reference_cache (build it with "
+                          f"`sstoken cache --model <reference model>`)")
+    if args.selection_method == "tokencleaning" and not args.history_cache:
+        raise ConfigError("selection_method 'tokencleaning' needs history_cache (the base model's NLL cache)")
+    if args.history == "ema" and args.history_cache:
+        raise ConfigError("history 'ema' changes during training and cannot use history_cache; remove one of them")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer: "SSTokenTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None:
+            self.trainer.ema.update(state.global_step)
+
+
+class SSTokenTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the kept count of the whole accumulated step
+
+    def __init__(self, *args, **kwargs):
+        sst_args = kwargs.get("args")
+        if sst_args is None and len(args) > 1:
+            sst_args = args[1]
+        if not isinstance(sst_args, SSTokenConfig):
+            raise ConfigError("SSTokenTrainer needs args=SSTokenConfig(...)")
+        train_dataset = kwargs.get("train_dataset")
+        processing_class = kwargs.get("processing_class")
+        if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
+            kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
+        super().__init__(*args, **kwargs)
+        self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
+                                      sst_args.attention_warmup, sst_args.selection_seed)
+        self._probe = None
+        self.history_cache = self._open_cache(sst_args.history_cache) if sst_args.history_cache else None
+        self.reference_cache = self._open_cache(sst_args.reference_cache) if sst_args.reference_cache else None
+        self.ema = None
+        if self.selector.needs_history and sst_args.history == "ema":
+            self.ema = EMAHistory(_unwrap(self.model), sst_args.ema_decay, sst_args.ema_interval)
+            self.add_callback(_EMACallback(self))
+        if isinstance(self.selector, TokenCleaningSelector):
+            self._fit_tokencleaning()
+        self.skipped_nonfinite_steps = 0
+        if self.selector.needs_attention:
+            self._attention_probe()  # fail before training if the attention cannot be hooked
+
+    # ---------------------------------------------------------------------------------------------- signals
+    def _attention_probe(self):
+        if self._probe is None:
+            from sstoken.attention import ContextShareProbe
+
+            self._probe = ContextShareProbe(_unwrap(self.model), layer=self.args.attention_layer,
+                                            chunk_size=self.args.attention_chunk_size)
+        return self._probe
+
+    def _open_cache(self, path: str) -> NLLCache:
+        # Fingerprints are checked against this run's model and tokenizer; the data fingerprint is checked per
+        # sample at lookup time (a sample missing from the cache is refused with a clear message).
+        from sstoken.history import model_fingerprint, tokenizer_fingerprint
+
+        cache = NLLCache.open(path)
+        expected = CacheFingerprints(
+            model=model_fingerprint(self.model) if path != self.args.reference_cache else cache.fingerprints.model,
+            tokenizer=tokenizer_fingerprint(self.processing_class),
+            data=cache.fingerprints.data,
+            max_seq_length=cache.fingerprints.max_seq_length,
+        )
+        wrong = expected.mismatches(cache.fingerprints)
+        if wrong:
+            NLLCache.open(path, expected)  # raises the detailed message
+        return cache
+
+    def _fit_tokencleaning(self):
+        base, ref, masks = [], [], []
+        for example in self.train_dataset:
+            ids = torch.tensor(example["input_ids"])
+            from sstoken.history import sample_key
+
+            key = sample_key(ids)
+            labels = torch.tensor(example["labels"]).unsqueeze(0)
+            base.append(self.history_cache.get(key))
+            ref.append(self.reference_cache.get(key))
+            masks.append(scoring.response_mask_from_labels(labels)[0])
+        threshold = self.selector.fit(base, ref, masks)
+        logger.info("tokencleaning: global threshold %.4f keeps the top %.0f%% of tokens", threshold,
+                    100 * self.args.rho)
+
+    @staticmethod
+    def _batch_layout(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(valid mask, response mask, segment ids) of a padded or padding-free batch."""
+        from sstoken.attention import segment_ids_from_position_ids
+
+        labels = inputs["labels"]
+        attention_mask = inputs.get("attention_mask")
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        response = scoring.response_mask_from_labels(labels) & valid
+        position_ids = inputs.get("position_ids")
+        segment_ids = None
+        if position_ids is not None:
+            segment_ids = segment_ids_from_position_ids(position_ids)
+            response &= position_ids != 0  # a segment's first token is not predicted from its own sample
+        return valid, response, segment_ids
+
+    def _cached_nll(self, cache: NLLCache | None, inputs, valid, segment_ids):
+        if cache is None:
+            return None
+        return cache.lookup(inputs["input_ids"], valid, segment_ids)
+
+    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids):
+        if not self.selector.needs_history:
+            return None
+        if self.history_cache is not None:
+            return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
+        inner = _unwrap(model)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
+        with base_weights(inner):
+            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
+
+    # ---------------------------------------------------------------------------------------------- loss
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Kept tokens of the whole accumulated step (all ranks): the denominator of the loss."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        total = 0
+        for batch in batch_samples:
+            valid, response, segment_ids = self._batch_layout(batch)
+            before = None
+            if isinstance(self.selector, TokenCleaningSelector):
+                before = Signals(response_mask=response, current_nll=torch.zeros_like(response, dtype=torch.float32),
+                                 history_nll=self._cached_nll(self.history_cache, batch, valid, segment_ids).cpu(),
+                                 reference_nll=self._cached_nll(self.reference_cache, batch, valid, segment_ids).cpu())
+                response = response.cpu()
+            total += self.selector.expected_kept(response, segment_ids, before)
+        count = torch.tensor(total, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
+        valid, response, segment_ids = self._batch_layout(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
+        model_inputs["use_cache"] = False
+
+        if mode == "train" and self.selector.needs_attention:
+            context = (labels == scoring.IGNORE_INDEX) & valid
+            with self._attention_probe().capture(context, inputs.get("attention_mask"),
+                                                 inputs.get("position_ids")) as captured:
+                outputs = model(**model_inputs)
+            context_share = captured.share
+        else:
+            outputs = model(**model_inputs)
+            context_share = None
+        logits = outputs.logits
+        current_nll = scoring.token_nll(logits.detach(), labels, self.args.nll_chunk_size)
+
+        if mode == "train":
+            signals = Signals(
+                response_mask=response,
+                current_nll=current_nll,
+                history_nll=self._history_nll(model, model_inputs, inputs, valid, segment_ids),
+                reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
+                context_share=context_share,
+                segment_ids=segment_ids,
+            )
+            keep = self.selector.select(signals, self._progress())
+        else:
+            signals = None
+            keep = response  # evaluation reports the plain NLL of every response token
+
+        rows, cols = keep.nonzero(as_tuple=True)
+        kept_logits = logits[rows, cols - 1].float()
+        loss_sum = F.cross_entropy(kept_logits, labels[rows, cols], reduction="sum")
+        if num_items_in_batch is None:
+            denominator = keep.sum().clamp(min=1)
+        else:
+            denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
+        loss = loss_sum / denominator
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+
+        if not torch.isfinite(loss):
+            self.skipped_nonfinite_steps += 1
+            warnings.warn(f"non-finite loss ({loss.item()}) at step {self.state.global_step}: this micro-batch is "
+                          f"skipped (no gradient); {self.skipped_nonfinite_steps} skipped so far", stacklevel=2)
+            self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
+            loss = torch.zeros((), device=loss.device, requires_grad=True)
+        self._log_selection(mode, signals, keep, response, current_nll)
+        return (loss, outputs) if return_outputs else loss
+
+    def _progress(self) -> float:
+        max_steps = max(1, self.state.max_steps or 1)
+        return self.state.global_step / max_steps
+
+    def _log_selection(self, mode, signals: Signals | None, keep, response, current_nll):
+        metrics = self._metrics[mode]
+        n_response = int(response.sum().item())
+        if n_response == 0:
+            return
+        metrics["loss_all"].append(scoring.masked_mean(current_nll, response))
+        if signals is None:
+            return
+        metrics["kept_fraction"].append(int(keep.sum().item()) / n_response)
+        metrics["loss_kept"].append(scoring.masked_mean(current_nll, keep))
+        if signals.history_nll is not None:
+            rel = scoring.retrospective_excess_loss(signals.history_nll.to(current_nll.device), current_nll)
+            metrics["mean_rel"].append(scoring.masked_mean(rel, response))
+        if signals.context_share is not None:
+            metrics["mean_attention_share"].append(scoring.masked_mean(signals.context_share, response))
+
+    # ---------------------------------------------------------------------------------------------- state
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.is_world_process_zero():
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {}
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        generator = getattr(self.selector, "generator", None)
+        if generator is not None:
+            state["random.generator"] = generator.get_state()
+        if state:
+            tmp = os.path.join(output_dir, STATE_FILE + ".tmp")
+            save_file(state, tmp)
+            os.replace(tmp, os.path.join(output_dir, STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        needs_state = self.ema is not None or getattr(self.selector, "generator", None) is not None
+        if not os.path.exists(path):
+            if needs_state:
+                raise ConfigError(f"checkpoint {resume_from_checkpoint} has no {STATE_FILE}; cannot resume the "
+                                  f"EMA history / random selector exactly")
+            return
+        state = load_file(path)
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+        generator = getattr(self.selector, "generator", None)
+        if generator is not None and "random.generator" in state:
+            generator.set_state(state["random.generator"])
+
+
+def _needs_sstoken_encoding(dataset) -> bool:
+    columns = getattr(dataset, "column_names", None) or []
+    return "input_ids" not in columns and any(c in columns for c in ("messages", "prompt", "instruction"))
+
+
+def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
+    """Raw messages / prompt-completion / alpaca rows → input_ids + labels with assistant-only masks."""
+    from datasets import Dataset
+
+    from sstoken.data import encode_row
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        if not isinstance(model, str):
+            raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    rows, skipped = [], 0
+    for row in dataset:
+        encoded = encode_row(dict(row), tokenizer, args.max_length or 1024)
+        if encoded is None:
+            skipped += 1
+            continue
+        rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    if skipped:
+        logger.warning("skipped %d rows with no trainable token after truncation", skipped)
+    if not rows:
+        raise ConfigError("no training row has a trainable token")
+    return Dataset.from_list(rows)
+
+
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "validate_selection_args"]
