@@ -356,3 +356,61 @@ def _named_trainable(model: torch.nn.Module):
     for name, param in inner.named_parameters():
         if param.requires_grad:
             yield name, param
+
+
+# ----------------------------------------------------------------------------------------------- building
+def plan_shards(rows: Sequence[dict], shard_size: int) -> list[list[str]]:
+    """Unique sample keys in length order (length-bucketed batches waste little padding), cut into shards."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen.setdefault(sample_key(row["input_ids"]), len(row["input_ids"]))
+    ordered = sorted(seen, key=lambda key: (seen[key], key))
+    return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)] or [[]]
+
+
+@torch.no_grad()
+def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length: int, batch_size: int = 8,
+                    shard_size: int = 1024, progress: bool = True, chunk_size: int = 1024) -> NLLCache:
+    """Run ``model`` once over ``rows`` (dicts with input_ids, labels) and store per-token NLLs at ``path``.
+
+    Resumable: an interrupted build keeps the shards it finished (checksummed) and computes only the rest.
+    """
+    from tqdm.auto import tqdm
+
+    by_key = {sample_key(row["input_ids"]): row for row in rows}
+    shard_keys = plan_shards(rows, shard_size)
+    fingerprints = CacheFingerprints(model=model_fingerprint(model), tokenizer=tokenizer_fingerprint(tokenizer),
+                                     data=data_fingerprint(by_key), max_seq_length=int(max_seq_length))
+    cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
+    todo = [i for i in range(len(shard_keys)) if shard_keys[i] and not cache.shard_done(i)]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(shard_keys[i]) for i in todo), desc="sstoken cache", unit="sample", disable=not progress)
+    try:
+        for shard in todo:
+            values: dict[str, torch.Tensor] = {}
+            keys = shard_keys[shard]
+            for start in range(0, len(keys), batch_size):
+                batch_keys = keys[start:start + batch_size]
+                lengths = [len(by_key[k]["input_ids"]) for k in batch_keys]
+                width = max(lengths)
+                ids = torch.full((len(batch_keys), width), pad_id, dtype=torch.long)
+                labels = torch.full_like(ids, -100)
+                mask = torch.zeros_like(ids)
+                for r, key in enumerate(batch_keys):
+                    n = lengths[r]
+                    ids[r, :n] = torch.tensor(by_key[key]["input_ids"])
+                    labels[r, :n] = torch.tensor(by_key[key]["labels"])
+                    mask[r, :n] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                nll = token_nll(logits, labels.to(device), chunk_size).cpu()
+                for r, key in enumerate(batch_keys):
+                    values[key] = nll[r, :lengths[r]].clone()
+                bar.update(len(batch_keys))
+            cache.write_shard(shard, values)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return NLLCache.open(path, fingerprints)

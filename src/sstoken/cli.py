@@ -1,0 +1,265 @@
+"""The ``sstoken`` command: train, cache, and the tools built on them.
+
+Every user error (bad data, bad configuration, a cache that does not match) ends with one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from sstoken.errors import ConfigError, SSTokenError
+
+logger = logging.getLogger("sstoken")
+
+USAGE_EXAMPLES = """\
+examples:
+  sstoken train                                  # the demo: embedded SmolLM2-135M + LoRA on the demo data
+  sstoken train --config recipe.yaml --rho 0.5   # flags override the YAML file
+  sstoken cache --config recipe.yaml             # precompute the base model's NLL (history_cache)
+  sstoken train --help-config                    # every configuration key
+"""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _prepare(args_config: str | None, overrides: list[str]):
+    from sstoken.recipe import build_config, load_recipe, parse_overrides, split_recipe
+
+    recipe = load_recipe(args_config)
+    recipe.update(parse_overrides(overrides))
+    run, config_kwargs = split_recipe(recipe)
+    if not run["data"]:
+        raise ConfigError("no training data: set `data:` in the recipe or pass --data path.jsonl")
+    if not Path(run["data"]).exists():
+        raise ConfigError(f"training data {run['data']} does not exist")
+    config = build_config(config_kwargs)
+    return run, config
+
+
+def _load_rows(path: str, tokenizer, max_seq_length: int):
+    from sstoken.data import load_training_rows
+
+    rows, stats = load_training_rows(path, tokenizer, max_seq_length)
+    logger.info("data %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
+                path, stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
+    return rows, stats
+
+
+def _peft_config(lora: dict | None):
+    if not lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+# ----------------------------------------------------------------------------------------------- train
+def cmd_train(ns, overrides: list[str]) -> int:
+    from sstoken.data import to_hf_dataset
+    from sstoken.models import load_model, load_tokenizer
+    from sstoken.trainer import SSTokenTrainer
+
+    run, config = _prepare(ns.config, overrides)
+    if config.history_cache and not Path(config.history_cache).exists():
+        raise ConfigError(f"history_cache {config.history_cache} does not exist; build it first with "
+                          f"`sstoken cache --config {ns.config or '<recipe>'}`")
+    started = time.time()
+    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"])
+    rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    eval_dataset = None
+    if run["eval_data"]:
+        eval_rows, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"])
+        eval_dataset = to_hf_dataset(eval_rows)
+    model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"])
+    trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows), eval_dataset=eval_dataset,
+                             processing_class=tokenizer, peft_config=_peft_config(run["lora"]))
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(config.output_dir)
+    tokenizer.save_pretrained(config.output_dir)
+    summary = _summary(trainer, run, config, stats, result, time.time() - started)
+    if trainer.is_world_process_zero():
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        if run["plots"]:
+            _write_plots(out)
+        _print_summary(summary)
+    return 0
+
+
+def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+
+    def mean_of(key):
+        values = [h[key] for h in history if key in h]
+        return sum(values) / len(values) if values else None
+
+    last = history[-1] if history else {}
+    return {
+        "model": run["model"] or "smollm2-135m-instruct (embedded)",
+        "data": run["data"],
+        "rows_used": stats.used,
+        "rows_skipped_no_trainable_token": stats.skipped_no_trainable_token,
+        "selection_method": config.selection_method,
+        "rho": config.rho,
+        "gamma": config.gamma,
+        "history": config.history,
+        "history_cache": config.history_cache,
+        "lora": run["lora"],
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final_loss_kept": last.get("loss_kept"),
+        "final_loss_all": last.get("loss_all"),
+        "mean_kept_fraction": mean_of("kept_fraction"),
+        "mean_attention_share": mean_of("mean_attention_share"),
+        "skipped_nonfinite_steps": trainer.skipped_nonfinite_steps,
+        "wall_time_s": round(wall_s, 1),
+        "output_dir": str(config.output_dir),
+    }
+
+
+def _write_plots(out: Path) -> None:
+    try:
+        from sstoken.report import write_training_plots
+    except ImportError:
+        return
+    try:
+        write_training_plots(out)
+    except SSTokenError as exc:
+        logger.warning("plots not written: %s", exc)
+
+
+def _print_summary(summary: dict) -> None:
+    print("\nsstoken summary")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        print(f"  {key:32s} {value}")
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def cmd_cache(ns, overrides: list[str]) -> int:
+    from sstoken.history import build_nll_cache
+    from sstoken.models import load_model, load_tokenizer
+
+    run, config = _prepare(ns.config, overrides)
+    model_name = ns.model or run["model"]
+    out = ns.out or (config.reference_cache if ns.reference else config.history_cache)
+    if not out:
+        raise ConfigError("where should the cache go? set history_cache in the recipe or pass --out DIR")
+    tokenizer = load_tokenizer(model_name, run["trust_remote_code"])
+    rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"])
+    if ns.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ns.adapter)
+    started = time.time()
+    cache = build_nll_cache(model, tokenizer, rows, out, run["max_seq_length"], batch_size=run["cache_batch_size"])
+    print(f"sstoken cache: {len(cache)} samples written to {out} in {time.time() - started:.1f}s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sstoken",
+        description="Token selection (ssToken and peers) for LLM supervised fine-tuning on the Hugging Face stack.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from sstoken import __version__
+
+    parser.add_argument("--version", action="version", version=f"sstoken {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune with token selection (no --config: the demo)",
+                           description="Fine-tune with token selection. Any recipe key can be given as --key value.")
+    train.add_argument("--config", help="YAML recipe (default: the demo recipe)")
+    train.add_argument("--help-config", action="store_true", help="list every configuration key and exit")
+
+    cache = sub.add_parser("cache", help="precompute per-token NLL of the base (or a reference) model",
+                           description="Run a model once over the training data and store its per-token NLL.")
+    cache.add_argument("--config", help="YAML recipe (default: the demo recipe)")
+    cache.add_argument("--model", help="model to score with (default: the recipe's model)")
+    cache.add_argument("--adapter", help="a PEFT adapter to apply to the model (e.g. a reference model)")
+    cache.add_argument("--out", help="cache directory (default: the recipe's history_cache)")
+    cache.add_argument("--reference", action="store_true", help="write to the recipe's reference_cache")
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands that live in their own modules (report, inspect, bench), registered if present."""
+    registrars = []
+    for module_name in ("sstoken.report", "sstoken.bench_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register_cli"])
+        except ImportError:
+            continue
+        if hasattr(module, "register_cli"):
+            registrars.append(module.register_cli)
+    return registrars
+
+
+def _help_config() -> int:
+    from sstoken.recipe import RUN_KEYS, config_fields
+
+    print("run keys:")
+    for key, default in RUN_KEYS.items():
+        print(f"  {key:28s} default {default!r}")
+    print("\nselection keys (SSTokenConfig):")
+    from trl import SFTConfig
+
+    inherited = set(SFTConfig.__dataclass_fields__)
+    for name, fld in config_fields().items():
+        if name in inherited:
+            continue
+        print(f"  {name:28s} default {fld.default!r}: {fld.metadata.get('help', '')}")
+    print(f"\nplus every TRL SFTConfig / TrainingArguments field ({len(inherited)} keys), e.g. learning_rate, "
+          f"max_steps, per_device_train_batch_size, gradient_accumulation_steps, save_steps, report_to.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0
+    if ns.command == "train" and ns.help_config:
+        return _help_config()
+    handler = {"train": cmd_train, "cache": cmd_cache}.get(ns.command) or getattr(ns, "handler", None)
+    if handler is None:
+        parser.error(f"unknown command {ns.command}")
+    if rest and ns.command not in ("train", "cache"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return int(handler(ns, rest) or 0)
+    except SSTokenError as exc:
+        print(f"sstoken: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sstoken: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
