@@ -85,3 +85,37 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "s
     config = tiny_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0) -> str:
+    """Write a tiny random model and its tokenizer to ``path`` (usable as ``model:`` in a recipe)."""
+    model = tiny_model(arch, seed=seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def write_tiny_jsonl(path, n_rows: int = 32, seed: int = 0) -> str:
+    """A small messages-format training file with varied lengths and a few multi-turn rows."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    names = ["Alice", "Bob", "Carol", "Dan", "Eve", "Frank"]
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito"]
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(n_rows):
+            name, city = rng.choice(names), rng.choice(cities)
+            year = rng.randint(1950, 2010)
+            passage = f"{name} was born in {city} in {year} and works as an engineer."
+            messages = [
+                {"role": "user", "content": f"{passage} Where was {name} born?"},
+                {"role": "assistant", "content": f"{name} was born in {city}."},
+            ]
+            if i % 4 == 3:
+                messages += [
+                    {"role": "user", "content": f"When was {name} born?"},
+                    {"role": "assistant", "content": f"{name} was born in {year}."},
+                ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)

@@ -79,6 +79,9 @@ class SSTokenConfig(SFTConfig):
         # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
         if self.loss_type not in ("nll",):
             raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on by default, which transformers refuses on a machine without bf16 support.
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         super().__post_init__()
         validate_selection_args(self)
 
