@@ -361,7 +361,8 @@ def test_keep_counts_per_segment():
     mask = b([[False, True, True, True, False, True, True], [False, True, True, True, True, True, True]])
     segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
     counts = keep_counts(mask, 0.5, segments)
-    # groups: (row0, seg0) n=3 → ceil(1.5)=2 ; (row0, seg1) n=2 → 1 ; (row1, seg0) n=6 → 3 ; (row1, seg1) empty → 0
+    # groups: (row0, seg0) n=3 → ceil(1.5)=2 ; (row0, seg1) n=2 → 1 ;
+    #         (row1, seg0) n=6 → 3 ; (row1, seg1) empty → 0
     assert counts.tolist() == [2, 1, 3, 0]
 
 
