@@ -403,11 +403,6 @@ def test_top_rho_mask_nan_ranks_last():
     assert positions(top_rho_mask(scores, mask, 0.8)[0]) == [0, 1, 2, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scoring bug: top_rho_mask maps NaN to -inf, so a NaN ties with a real -inf score and the earlier "
-    "position wins; NaN should rank last",
-)
 def test_top_rho_mask_nan_ranks_below_minus_inf():
     scores = t([[NAN, -INF]])
     mask = torch.ones(1, 2, dtype=torch.bool)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-# ceil(ρ·n) in floating point: 0.7 * 10 == 7.000000000000001, whose ceiling would keep one token too many.
+# ceil(ρ·n) in floating point: 0.07 * 100 == 7.000000000000001, whose ceiling would keep one token too many.
 _CEIL_SLACK = 1e-9
 
 
@@ -103,7 +103,7 @@ def combined_score(rel_normalized: torch.Tensor, context_share: torch.Tensor, ga
 
 
 def keep_count(n_tokens: int, rho: float) -> int:
-    """Tokens kept out of ``n_tokens``: ceil(ρ·n), robust to floating-point error (ρ=0.7, n=10 → 7)."""
+    """Tokens kept out of ``n_tokens``: ceil(ρ·n), robust to floating-point error (ρ=0.07, n=100 → 7)."""
     if n_tokens <= 0:
         return 0
     return min(n_tokens, max(0, math.ceil(rho * n_tokens - _CEIL_SLACK)))
@@ -131,7 +131,6 @@ def top_rho_mask(
     groups, n_groups = _group_index(response_mask, segment_ids)
     flat_groups = groups.reshape(-1)
     flat_scores = scores.reshape(-1).float()
-    flat_scores = torch.where(torch.isnan(flat_scores), torch.full_like(flat_scores, float("-inf")), flat_scores)
     # Order: by group, then score descending, then position ascending (stable sorts applied last-key first).
     order = torch.argsort(-flat_scores, stable=True)
     order = order[torch.argsort(flat_groups[order], stable=True)]
@@ -207,6 +206,8 @@ def threshold_mask(scores: torch.Tensor, response_mask: torch.Tensor, threshold:
 
 def global_threshold(scores: torch.Tensor, rho: float) -> float:
     """The score above which the top ρ fraction of a 1-D collection of scores lies (ties kept)."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
     flat = scores.reshape(-1).float()
     if flat.numel() == 0:
         return float("inf")
