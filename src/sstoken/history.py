@@ -52,7 +52,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
                 continue
             flat = param.detach().reshape(-1)
             step = max(1, flat.numel() // 64)
-            digest.update(name.replace("base_model.model.", "").encode())
+            # PEFT renames wrapped weights (q_proj.weight -> q_proj.base_layer.weight); the base is the same.
+            digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
             digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -279,13 +280,15 @@ def base_weights(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torch.Tensor, chunk_size: int = 1024):
-    """Per-token NLL of the model as it stands (used inside :func:`base_weights` or an EMA swap), eval mode."""
+def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torch.Tensor, chunk_size: int = 1024,
+                        ema: "EMAHistory | None" = None):
+    """Per-token NLL of the history model, in eval mode (no dropout): the model as it stands (call it inside
+    :func:`base_weights` for the base model), or with the EMA weights substituted when ``ema`` is given."""
     was_training = model.training
     model.eval()
     try:
-        logits = model(**model_inputs).logits
-        return token_nll(logits, labels, chunk_size)
+        outputs = ema.forward(model, model_inputs) if ema is not None else model(**model_inputs)
+        return token_nll(outputs.logits, labels, chunk_size)
     finally:
         model.train(was_training)
 
@@ -295,8 +298,7 @@ class EMAHistory:
     """θ_his ← α·θ_his + (1−α)·θ over the trainable parameters (with LoRA: the adapter only).
 
     The EMA values live beside the model as plain tensors (an adapter's worth of memory with LoRA, a full copy
-    of the trained weights otherwise). :meth:`swapped_in` writes them into the model for a history forward and
-    restores the live weights afterwards. With LoRA the average is taken over the A and B factors, which is an
+    of the trained weights otherwise). :meth:`forward` runs the model with them substituted for one call. With LoRA the average is taken over the A and B factors, which is an
     approximation of the average of the weight delta B·A; at the start both equal the base model.
     """
 
@@ -323,19 +325,14 @@ class EMAHistory:
         self.updates += 1
         return True
 
-    @contextlib.contextmanager
-    def swapped_in(self):
-        live = {}
-        with torch.no_grad():
-            for name, param in self.params.items():
-                live[name] = param.detach().clone()
-                param.copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in self.params.items():
-                    param.copy_(live[name])
+    @torch.no_grad()
+    def forward(self, model: torch.nn.Module, model_inputs: dict):
+        """Run ``model`` with the EMA values in place of the trainable weights, leaving the weights untouched.
+
+        ``functional_call`` substitutes the tensors for this call only, so the training graph that already
+        saved the live weights is not invalidated (no in-place change to a parameter).
+        """
+        return torch.func.functional_call(model, self.shadow, args=(), kwargs=model_inputs, strict=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"shadow.{name}": tensor.contiguous() for name, tensor in self.shadow.items()}

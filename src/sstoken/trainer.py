@@ -228,8 +228,7 @@ class SSTokenTrainer(SFTTrainer):
             return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
         inner = _unwrap(model)
         if self.ema is not None:
-            with self.ema.swapped_in():
-                return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
+            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size, self.ema)
         with base_weights(inner):
             return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
 

@@ -1,0 +1,295 @@
+"""End-to-end behaviour of SSTokenTrainer on tiny random models (CPU, seconds)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from sstoken import scoring
+from sstoken.errors import ConfigError
+from sstoken.history import build_nll_cache
+from sstoken.testing import tiny_model, tiny_tokenizer
+from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def make_rows(n=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(3, 300, (5 + i % 4,), generator=gen).tolist()
+        response = torch.randint(3, 300, (4 + i % 5,), generator=gen).tolist()
+        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
+    return rows
+
+
+def make_config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        gradient_checkpointing=False,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return SSTokenConfig(**kwargs)
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def make_trainer(tmp_path, rows=None, model=None, peft=True, **overrides):
+    return SSTokenTrainer(
+        model=model if model is not None else tiny_model("llama"),
+        args=make_config(tmp_path, **overrides),
+        train_dataset=Dataset.from_list(rows or make_rows()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lora() if peft else None,
+    )
+
+
+def trainable(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def expected_kept_fraction(rows, rho):
+    kept = total = 0
+    for row in rows:
+        n = sum(1 for i, label in enumerate(row["labels"]) if label != -100 and i > 0)
+        kept += scoring.keep_count(n, rho)
+        total += n
+    return kept / total
+
+
+@pytest.mark.parametrize("method", ["sstoken", "rel", "attn", "random", "full"])
+def test_training_changes_weights_and_keeps_rho(tmp_path, method):
+    rows = make_rows(8)
+    trainer = make_trainer(tmp_path, rows=rows, selection_method=method, rho=0.5, max_steps=2,
+                           per_device_train_batch_size=8)
+    before = trainable(trainer)
+    trainer.train()
+    after = trainable(trainer)
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    logs = [h for h in trainer.state.log_history if "kept_fraction" in h]
+    assert logs, "kept_fraction is logged every step"
+    # one batch holds the whole dataset, so each step keeps exactly sum(ceil(rho*n)) / sum(n)
+    expected = 1.0 if method == "full" else expected_kept_fraction(rows, 0.5)
+    for entry in logs:
+        assert entry["kept_fraction"] == pytest.approx(expected)
+        assert math.isfinite(entry["loss"])
+        assert entry["loss_kept"] == pytest.approx(entry["loss"], rel=1e-4)
+    if method in ("sstoken", "attn"):
+        assert 0.0 < logs[0]["mean_attention_share"] <= 1.0
+    if method in ("sstoken", "rel"):
+        assert "mean_rel" in logs[0]
+
+
+def test_selection_prefers_high_attention_tokens_at_gamma_zero(tmp_path):
+    """At gamma=0 the kept tokens are exactly the top-rho by the context share of the same forward."""
+    trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="attn", rho=0.5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    captured = {}
+    original = trainer.selector.select
+
+    def spy(signals, progress=0.0):
+        keep = original(signals, progress)
+        captured["keep"], captured["signals"] = keep, signals
+        return keep
+
+    trainer.selector.select = spy
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))
+    signals = captured["signals"]
+    expected = scoring.top_rho_mask(signals.context_share, signals.response_mask, 0.5)
+    assert torch.equal(captured["keep"], expected)
+    assert not (captured["keep"] & ~signals.response_mask).any()
+
+
+def _loss_and_grads(trainer, batches):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    num = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    total = 0.0
+    for batch in batches:
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num)
+        loss.backward()
+        total += loss.item()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return total, grads
+
+
+@pytest.mark.parametrize("method", ["sstoken", "full", "rel"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, method):
+    """Accumulating 2 micro-batches of b equals one batch of 2b (the documented normalisation rule)."""
+    rows = make_rows(8, seed=3)
+    trainer = make_trainer(tmp_path, rows=rows, selection_method=method)
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    big = trainer.data_collator(examples)
+    small = [trainer.data_collator(examples[:4]), trainer.data_collator(examples[4:])]
+    loss_big, grads_big = _loss_and_grads(trainer, [big])
+    loss_small, grads_small = _loss_and_grads(trainer, small)
+    assert loss_small == pytest.approx(loss_big, rel=1e-5)
+    for name in grads_big:
+        torch.testing.assert_close(grads_small[name], grads_big[name], atol=1e-6, rtol=1e-4)
+
+
+def test_loss_is_mean_nll_over_kept_tokens(tmp_path):
+    trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="sstoken")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    captured = {}
+    original = trainer.selector.select
+
+    def spy(signals, progress=0.0):
+        captured["keep"] = original(signals, progress)
+        captured["nll"] = signals.current_nll
+        return captured["keep"]
+
+    trainer.selector.select = spy
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    keep = captured["keep"]
+    assert loss.item() == pytest.approx((captured["nll"] * keep).sum().item() / keep.sum().item(), rel=1e-5)
+
+
+def test_history_base_online_is_zero_rel_at_start(tmp_path):
+    """LoRA B starts at 0, so the base model (adapter disabled) equals the current model: REL == 0."""
+    trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="rel")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    captured = {}
+    original = trainer.selector.select
+
+    def spy(signals, progress=0.0):
+        captured["signals"] = signals
+        return original(signals, progress)
+
+    trainer.selector.select = spy
+    trainer.model.eval()  # no dropout difference
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))
+    s = captured["signals"]
+    torch.testing.assert_close(s.history_nll[s.response_mask], s.current_nll[s.response_mask], atol=1e-5, rtol=0)
+
+
+def test_cached_history_equals_online_history(tmp_path):
+    rows = make_rows(6)
+    model = tiny_model("llama")
+    tokenizer = tiny_tokenizer()
+    cache_dir = tmp_path / "cache"
+    build_nll_cache(model, tokenizer, rows, cache_dir, max_seq_length=64, batch_size=4, progress=False)
+    online = make_trainer(tmp_path, rows=rows, model=tiny_model("llama"), selection_method="rel")
+    cached = make_trainer(tmp_path, rows=rows, model=tiny_model("llama"), selection_method="rel",
+                          history_cache=str(cache_dir))
+    batch = online.data_collator([online.train_dataset[i] for i in range(6)])
+    results = []
+    for trainer in (online, cached):
+        captured = {}
+        original = trainer.selector.select
+
+        def spy(signals, progress=0.0, original=original, captured=captured):
+            captured["signals"] = signals
+            return original(signals, progress)
+
+        trainer.selector.select = spy
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, dict(batch))
+        results.append(captured["signals"])
+    mask = results[0].response_mask
+    torch.testing.assert_close(results[1].history_nll[mask], results[0].history_nll[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_from_another_model_is_refused(tmp_path):
+    rows = make_rows(4)
+    cache_dir = tmp_path / "cache"
+    build_nll_cache(tiny_model("llama", seed=1), tiny_tokenizer(), rows, cache_dir, 64, progress=False)
+    with pytest.raises(ConfigError, match="model"):
+        make_trainer(tmp_path, rows=rows, model=tiny_model("llama", seed=2), history_cache=str(cache_dir))
+
+
+def test_ema_history_tracks_weights_and_resumes(tmp_path):
+    rows = make_rows(16)
+    cfg = dict(selection_method="sstoken", history="ema", ema_decay=0.5, max_steps=4, save_strategy="steps",
+               save_steps=2, per_device_train_batch_size=4)
+    full = make_trainer(tmp_path / "a", rows=rows, **cfg)
+    full.train()
+    live = {n: p.detach() for n, p in full.model.named_parameters() if p.requires_grad}
+    shadow = full.ema.shadow
+    assert full.ema.updates == 4
+    # the EMA differs from the live weights and from the starting weights of lora_B (zero)
+    b_names = [n for n in shadow if "lora_B" in n]
+    assert any(not torch.allclose(shadow[n], live[n]) for n in b_names)
+    assert any(shadow[n].abs().sum() > 0 for n in b_names)
+
+    resumed = make_trainer(tmp_path / "a", rows=rows, **cfg)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for name, value in full.ema.shadow.items():
+        torch.testing.assert_close(resumed.ema.shadow[name], value, atol=1e-6, rtol=1e-5)
+    for name, param in resumed.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), live[name], atol=1e-6, rtol=1e-5)
+
+
+def test_attention_warmup_uses_attention_only(tmp_path):
+    trainer = make_trainer(tmp_path, selection_method="sstoken", attention_warmup=0.5)
+    assert trainer.selector.gamma_at(0.0) == 0.0
+    assert trainer.selector.gamma_at(0.49) == 0.0
+    assert trainer.selector.gamma_at(0.5) == 0.5
+
+
+def test_raw_messages_dataset_is_encoded_with_assistant_only_labels(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} equals {2 * i}."}]} for i in range(8)]
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
+                             train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+                             peft_config=lora())
+    example = trainer.train_dataset[0]
+    labels = example["labels"]
+    assert labels[0] == -100 and any(label != -100 for label in labels)
+    trained = tiny_tokenizer().decode([t for t, label in zip(example["input_ids"], labels) if label != -100])
+    assert trained.startswith("0 plus 0 equals 0.")
+    trainer.train()
+
+
+@pytest.mark.parametrize("bad", [dict(rho=0.0), dict(rho=1.5), dict(gamma=-0.1), dict(gamma=2.0),
+                                 dict(selection_method="nope"), dict(history="future"),
+                                 dict(selection_method="rho1"), dict(attention_warmup=1.0)])
+def test_bad_selection_settings_fail_at_config_time(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        make_config(tmp_path, **bad)
+
+
+def test_attention_layer_out_of_range_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="layer"):
+        make_trainer(tmp_path, attention_layer=7)
+
+
+def test_full_fine_tuning_with_cached_history(tmp_path):
+    rows = make_rows(8)
+    cache_dir = tmp_path / "cache"
+    build_nll_cache(tiny_model("llama"), tiny_tokenizer(), rows, cache_dir, 64, progress=False)
+    trainer = make_trainer(tmp_path, rows=rows, peft=False, history_cache=str(cache_dir), max_steps=2)
+    before = trainable(trainer)
+    trainer.train()
+    after = trainable(trainer)
+    assert sum(not torch.equal(before[n], after[n]) for n in before) > len(before) // 2
+
+
+def test_full_fine_tuning_online_base_needs_cache(tmp_path):
+    trainer = make_trainer(tmp_path, rows=make_rows(4), peft=False, max_steps=1)
+    with pytest.raises(ConfigError, match="sstoken cache"):
+        trainer.train()
