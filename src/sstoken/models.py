@@ -76,4 +76,15 @@ def load_model(name_or_path: str | None, dtype: str | None = None, attn_implemen
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    if gguf:
+        _forget_gguf_quantization(model)
     return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights are de-quantized to ordinary tensors on load, but the model still says it is quantized,
+    which makes the Trainer refuse it. The tensors are plain floats, so the marker is dropped."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
