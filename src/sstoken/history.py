@@ -237,6 +237,11 @@ class NLLCache:
         """B×T NLL for a batch, gathering each sample's cached row into its (possibly padded/packed) slots."""
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
         for row, positions, tokens in iter_samples(input_ids, valid_mask, segment_ids):
+            if len(positions) < 2:
+                # Nothing is predicted in a one-token sample (its NLL is 0). TRL's padding-free collator pads with
+                # position_ids 0, so with pad_to_multiple_of each padding token looks like such a sample, and it
+                # has no cache entry.
+                continue
             values = self.get(sample_key(tokens))
             if values.numel() != len(positions):
                 raise ConfigError(f"history cache {self.path}: stored length {values.numel()} differs from the "
