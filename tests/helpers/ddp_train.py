@@ -1,0 +1,213 @@
+"""Train a tiny model for a few steps with ssToken selection and record what every micro-batch did.
+
+Run by ``tests/test_distributed.py`` in two ways that must agree:
+
+* under ``accelerate launch --num_processes 2 --cpu`` (gloo DDP), ``--grad-accum 1``: each rank writes
+  ``<workdir>/<case>-rank<r>.pt``;
+* in the pytest process itself, one process, ``grad_accum=2`` (the reference).
+
+Why gradient accumulation and not a doubled batch for the reference: accelerate shards the *batches* of one
+sampler (``BatchSamplerShard``, ``even_batches``), so DDP rank r at step k gets batch ``2k + r`` of the
+same seeded sampler that one process walks through, and one process accumulating 2 micro-batches gets
+batches ``2k`` and ``2k + 1`` at step k: the very same tensors, padding included. A doubled batch would pad the
+two halves to one common length, which changes the floating-point sums of the forward pass. The test
+checks this order equivalence from the recorded sample keys instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+CASES = ("base", "cached", "ema")
+N_ROWS = 16
+BATCH = 2  # per device / per micro-batch
+STEPS = 3
+CLI_STEPS = 2
+
+
+def make_rows(n_rows: int = N_ROWS, seed: int = 1) -> list[dict]:
+    """Random token rows with very different response lengths, so two ranks keep different token counts."""
+    from sstoken.testing import tiny_tokenizer
+
+    vocab = len(tiny_tokenizer())
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n_rows):
+        prompt = int(torch.randint(3, 10, (1,), generator=g))
+        # Alternate short and long answers: kept counts (ceil(rho*n)) then differ a lot between batches.
+        response = int(torch.randint(2, 5, (1,), generator=g)) if i % 3 else int(torch.randint(12, 20, (1,), generator=g))
+        ids = torch.randint(3, vocab, (prompt + response,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def build_cache(workdir: str) -> str:
+    """Base-model NLL cache of the training rows (what `sstoken cache` writes)."""
+    from sstoken.history import build_nll_cache
+    from sstoken.testing import tiny_model, tiny_tokenizer
+
+    path = os.path.join(workdir, "cache")
+    build_nll_cache(tiny_model(seed=0), tiny_tokenizer(), make_rows(), path, max_seq_length=64, batch_size=4,
+                    progress=False)
+    return path
+
+
+def _recording_trainer_class():
+    from sstoken.history import iter_samples, sample_key
+    from sstoken.trainer import SSTokenTrainer
+
+    class RecordingTrainer(SSTokenTrainer):
+        """Records, per micro-batch: step, sample keys, keep mask, kept NLL sum, kept count, loss, denominator."""
+
+        records: list
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen = {}
+            select = self.selector.select
+
+            def spy(signals, progress=0.0):
+                keep = select(signals, progress)
+                seen["keep"], seen["nll"] = keep.detach().cpu(), signals.current_nll.detach().cpu()
+                return keep
+
+            self.selector.select = spy  # instance attribute shadows the method for this call only
+            try:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                del self.selector.select
+            valid, _, segment_ids = self._batch_layout(inputs)
+            keys = [sample_key(tokens) for _, _, tokens in iter_samples(inputs["input_ids"], valid, segment_ids)]
+            keep = seen["keep"]
+            self.records.append({
+                "step": self.state.global_step,
+                "keys": keys,
+                "keep": keep,
+                "kept": int(keep.sum()),
+                "kept_nll_sum": float((seen["nll"] * keep).sum()),
+                "loss": float((loss[0] if return_outputs else loss).detach()),
+                "denominator": int(num_items_in_batch) if num_items_in_batch is not None else None,
+            })
+            return loss
+
+    return RecordingTrainer
+
+
+def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> dict:
+    """Train case ``case`` for STEPS optimizer steps; returns this process's records and final weights."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from sstoken.testing import tiny_model, tiny_tokenizer
+    from sstoken.trainer import SSTokenConfig
+
+    lora = case in ("base",)
+    args = SSTokenConfig(
+        output_dir=os.path.join(workdir, f"out-{case}-ga{grad_accum}"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=STEPS,
+        learning_rate=5e-2,  # large, so selections after step 1 depend on the updated weights
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=use_cpu,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_length=None,
+        selection_method="sstoken",
+        rho=0.5,
+        gamma=0.5,
+        history="ema" if case == "ema" else "base",
+        ema_decay=0.5,
+        history_cache=os.path.join(workdir, "cache") if case == "cached" else None,
+    )
+    torch.manual_seed(0)  # LoRA initialisation draws from the global generator
+    trainer = _recording_trainer_class()(
+        model=tiny_model(seed=0),
+        args=args,
+        train_dataset=Dataset.from_list(make_rows()),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                               task_type="CAUSAL_LM") if lora else None,
+    )
+    trainer.records = []
+    trainer.train()
+    weights = {name: p.detach().cpu().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    result = {"records": trainer.records, "weights": weights,
+              "world_size": trainer.args.world_size, "rank": trainer.args.process_index,
+              "distributed_type": str(trainer.accelerator.distributed_type),
+              "wrapper": type(trainer.model_wrapped).__name__}
+    if trainer.ema is not None:
+        result["ema_shadow"] = {name: t.detach().cpu().clone() for name, t in trainer.ema.shadow.items()}
+        result["ema_updates"] = trainer.ema.updates
+        # The same shadow gathered over ranks inside the job, through accelerate (rank 0 sees every rank's).
+        flat = torch.cat([t.reshape(-1) for t in trainer.ema.shadow.values()])
+        result["ema_gathered"] = trainer.accelerator.gather(flat.unsqueeze(0)).cpu()
+    return result
+
+
+def write_cli_recipe(workdir: str) -> str:
+    """A recipe for `sstoken train` on a saved tiny model (run by the "cli" case under the same launch)."""
+    import yaml
+
+    from sstoken.testing import save_tiny_model, write_tiny_jsonl
+
+    recipe = {
+        "model": save_tiny_model(os.path.join(workdir, "tiny-model")),
+        "data": write_tiny_jsonl(os.path.join(workdir, "tiny.jsonl"), n_rows=16),
+        "max_seq_length": 128,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "plots": False,
+        "output_dir": os.path.join(workdir, "out-cli"),
+        "max_steps": CLI_STEPS,
+        "per_device_train_batch_size": BATCH,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,  # without it, a machine with no GPU runs N independent, non-distributed trainings
+        "gradient_checkpointing": False,
+        "disable_tqdm": True,
+    }
+    path = os.path.join(workdir, "recipe.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(recipe, handle)
+    return path
+
+
+def run_cli(workdir: str) -> dict:
+    """`sstoken train --config recipe.yaml` inside this (launched) process, as `accelerate launch -m sstoken.cli` does."""
+    from accelerate import PartialState
+
+    from sstoken.cli import main as cli_main
+
+    rc = cli_main(["train", "--config", os.path.join(workdir, "recipe.yaml")])
+    state = PartialState()
+    return {"rc": rc, "rank": state.process_index, "num_processes": state.num_processes}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--grad-accum", type=int, default=1)
+    # Without use_cpu the accelerate config decides (FSDP / DeepSpeed are ignored when use_cpu is set).
+    parser.add_argument("--no-use-cpu", dest="use_cpu", action="store_false")
+    ns = parser.parse_args(argv)
+    for case in ns.cases.split(","):
+        if case == "cli":
+            result = run_cli(ns.workdir)
+        else:
+            result = run_case(case, ns.workdir, ns.grad_accum, ns.use_cpu)
+        torch.save(result, os.path.join(ns.workdir, f"{case}-rank{result['rank']}.pt"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
