@@ -324,6 +324,10 @@ class SSTokenTrainer(SFTTrainer):
             metrics["mean_rel"].append(scoring.masked_mean(rel, response))
         if signals.context_share is not None:
             metrics["mean_attention_share"].append(scoring.masked_mean(signals.context_share, response))
+        # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
+        from sstoken.report import record_selection_snapshot
+
+        record_selection_snapshot(self, signals, keep, response)
 
     # ---------------------------------------------------------------------------------------------- state
     def _save_checkpoint(self, model, trial):
