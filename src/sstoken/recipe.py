@@ -130,11 +130,66 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return run, config
 
 
+# Counts that transformers only checks deep inside the training loop (a DataLoader refuses batch_size=0).
+_POSITIVE_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _scalar_type(hint) -> tuple[type | None, bool]:
+    """(int, float or bool when that is the field's only non-None type, else None; whether None is allowed)."""
+    import types
+    import typing
+
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    allows_none = type(None) in args
+    rest = [a for a in args if a is not type(None)]
+    return (rest[0] if len(rest) == 1 and rest[0] in _TYPE_WORDS else None), allows_none
+
+
+def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Check recipe numbers and booleans against SSTokenConfig's annotations; returns converted kwargs.
+
+    YAML hands over whatever was written: ``max_steps: abc`` or ``learning_rate: [1]`` would otherwise reach
+    transformers' training loop and fail there with a traceback, and ``rho: true`` would silently mean 1.
+    PyYAML reads ``1e-4`` (no dot) as a string, so numeric strings are converted for number fields.
+    """
+    import typing
+
+    from sstoken.trainer import SSTokenConfig
+
+    hints = typing.get_type_hints(SSTokenConfig)
+    out = dict(config_kwargs)
+    for key, value in config_kwargs.items():
+        expected, allows_none = _scalar_type(hints.get(key))
+        if expected is None or (value is None and allows_none):
+            continue
+        converted = value
+        if isinstance(value, bool) or value is None:
+            ok = expected is bool and value is not None
+        elif expected is bool:
+            ok = False
+        elif isinstance(value, str):
+            try:
+                converted = expected(value.strip())
+                ok = True
+            except ValueError:
+                ok = False
+        else:
+            ok = isinstance(value, int) if expected is int else isinstance(value, (int, float))
+        if not ok:
+            raise ConfigError(f"{key} must be {_TYPE_WORDS[expected]}, got {value!r}")
+        out[key] = converted
+    for key in _POSITIVE_INTS:
+        if key in out and out[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {out[key]}")
+    return out
+
+
 def build_config(config_kwargs: dict[str, Any]):
     """SSTokenConfig from recipe values, turning type errors into ConfigError."""
     from sstoken.trainer import SSTokenConfig
 
-    kwargs = dict(config_kwargs)
+    kwargs = check_value_types(config_kwargs)
     kwargs.setdefault("output_dir", "runs/sstoken")
     try:
         return SSTokenConfig(**kwargs)
