@@ -70,6 +70,8 @@ def cmd_train(ns, overrides: list[str]) -> int:
     if config.history_cache and not Path(config.history_cache).exists():
         raise ConfigError(f"history_cache {config.history_cache} does not exist; build it first with "
                           f"`sstoken cache --config {ns.config or '<recipe>'}`")
+    resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    _check_attention_layer(run, config)
     started = time.time()
     tokenizer = load_tokenizer(run["model"], run["trust_remote_code"])
     rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"])
@@ -77,13 +79,21 @@ def cmd_train(ns, overrides: list[str]) -> int:
     if run["eval_data"]:
         eval_rows, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"])
         eval_dataset = to_hf_dataset(eval_rows)
+    for cache_path in (config.history_cache, config.reference_cache):
+        if cache_path:
+            _check_cache_covers(cache_path, rows)
     model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"])
-    trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows), eval_dataset=eval_dataset,
-                             processing_class=tokenizer, peft_config=_peft_config(run["lora"]))
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    try:
+        trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows),
+                                 eval_dataset=eval_dataset, processing_class=tokenizer,
+                                 peft_config=_peft_config(run["lora"]))
+    except ValueError as exc:
+        # PEFT refuses LoRA target modules that the model lacks or cannot adapt (e.g. Mamba's out_proj) with a
+        # ValueError while the trainer wraps the model: a fix in the recipe's `lora:` section, not a bug.
+        if run["lora"] and _raised_inside(exc, "peft"):
+            raise ConfigError(f"lora: {exc}") from None
+        raise
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
     summary = _summary(trainer, run, config, stats, result, time.time() - started)
@@ -96,6 +106,101 @@ def cmd_train(ns, overrides: list[str]) -> int:
             _write_plots(out)
         _print_summary(summary)
     return 0
+
+
+def _raised_inside(exc: BaseException, package: str) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is in ``package``'s source."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
+
+
+def _check_cache_covers(path: str, rows: list[dict]) -> None:
+    """Every training sample must be in the NLL cache; checked from the cache index before the model loads.
+
+    (Without this, a cache of other data would only fail at the first training step that misses it.)
+    A cache whose index cannot be read is left to the trainer, whose NLLCache.open explains what is wrong.
+    """
+    from sstoken.history import INDEX_FILE, sample_key
+
+    try:
+        index = json.loads((Path(path) / INDEX_FILE).read_text(encoding="utf-8"))
+        keys = {key for shard in index["shards"] for key in shard["keys"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    missing = sum(1 for row in rows if sample_key(row["input_ids"]) not in keys)
+    if missing:
+        raise ConfigError(f"cache {path} was built for different data: {missing} of {len(rows)} training samples "
+                          f"are not in it (the data, max_seq_length or tokenizer changed); rebuild it with "
+                          f"`sstoken cache`")
+
+
+def _checkpoint_complete(folder: Path) -> bool:
+    """transformers writes trainer_state.json last (sstoken's state file comes before it), in place."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _resolve_resume(resume, output_dir) -> str | None:
+    """The checkpoint folder to resume from, or None; checked before any model is loaded.
+
+    ``true`` means the newest *complete* checkpoint. transformers writes a checkpoint's files straight into
+    checkpoint-N (no temporary folder), so a run killed while saving leaves a folder without a readable
+    trainer_state.json. transformers itself would pick that folder (the highest N) and fail with a traceback,
+    so it is skipped here with a warning and the previous checkpoint is used.
+    """
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "last", "latest"):
+        resume = True
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True:
+        out = Path(output_dir)
+        numbered = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+        for folder in sorted(numbered, key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True):
+            if _checkpoint_complete(folder):
+                return str(folder)
+            logger.warning("skipping %s: incomplete (the run stopped while saving it)", folder)
+        raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {out} to resume from")
+    folder = Path(str(resume))
+    if not folder.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {folder} does not exist")
+    if not _checkpoint_complete(folder):
+        raise ConfigError(f"resume_from_checkpoint: {folder} is incomplete (no readable trainer_state.json; the "
+                          f"run stopped while saving it); resume from an earlier checkpoint")
+    return str(folder)
+
+
+def _check_attention_layer(run, config) -> None:
+    """attention_layer against the model's config.json, so that a wrong index fails before the weights load.
+
+    The trainer checks it again on the loaded model (and that the attention can be hooked at all); a model
+    whose config cannot be read here is left to load_model, which reports it.
+    """
+    from sstoken.selection import make_selector
+
+    selector = make_selector(config.selection_method, config.rho, config.gamma, config.attention_warmup,
+                             config.selection_seed)
+    if not selector.needs_attention:
+        return
+    from transformers import AutoConfig
+
+    from sstoken.models import resolve_model
+
+    path, gguf = resolve_model(run["model"])
+    if gguf:
+        return  # reading a GGUF file's config costs about as much as loading it: leave it to the trainer
+    try:
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=run["trust_remote_code"])
+        n_layers = int(model_config.get_text_config().num_hidden_layers)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return
+    layer = config.attention_layer
+    if not -n_layers <= layer < n_layers:
+        raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
 
 
 def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
@@ -254,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(ns, rest) or 0)
     except SSTokenError as exc:
-        print(f"sstoken: error: {exc}", file=sys.stderr)
+        # One line whatever the message holds (YAML and PEFT errors span several).
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"sstoken: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sstoken: interrupted", file=sys.stderr)
