@@ -331,9 +331,14 @@ class SSTokenTrainer(SFTTrainer):
 
     # ---------------------------------------------------------------------------------------------- state
     def _save_checkpoint(self, model, trial):
+        # Our state goes in first: transformers writes trainer_state.json last, so a checkpoint that has it is
+        # complete (the CLI resumes only from those), and checkpoint rotation, which runs inside super(),
+        # never deletes an older checkpoint before this one holds everything.
+        if self.is_world_process_zero():
+            self._save_sstoken_state(trial)
         super()._save_checkpoint(model, trial)
-        if not self.is_world_process_zero():
-            return
+
+    def _save_sstoken_state(self, trial):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -344,6 +349,7 @@ class SSTokenTrainer(SFTTrainer):
         if generator is not None:
             state["random.generator"] = generator.get_state()
         if state:
+            os.makedirs(output_dir, exist_ok=True)
             tmp = os.path.join(output_dir, STATE_FILE + ".tmp")
             save_file(state, tmp)
             os.replace(tmp, os.path.join(output_dir, STATE_FILE))
