@@ -319,12 +319,28 @@ class EMAHistory:
             raise ConfigError("EMA history: the model has no trainable parameters")
         self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
         self.updates = 0
+        self._model = model  # to notice parameters replaced after construction (see _check_params)
+
+    def _check_params(self) -> None:
+        """Refuse, rather than silently use stale weights, when the parameters were sharded after construction.
+
+        The trainer builds the EMA before accelerate prepares the model. FSDP2 (``fully_shard``) then replaces
+        every parameter by a DTensor shard (the references above would never see another update, and the EMA
+        forward would run on the live weights); DeepSpeed ZeRO-3 empties each parameter's data into partitions.
+        """
+        for name, param in _named_trainable(self._model):
+            if self.params.get(name) is not param or hasattr(param, "ds_id") or \
+                    type(param.data).__name__ == "DTensor":
+                raise ConfigError(
+                    "history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or "
+                    "ZeRO-2, or history 'base' (online with LoRA, or history_cache)")
 
     @torch.no_grad()
     def update(self, global_step: int) -> bool:
         """Fold the current weights in, every ``interval`` optimizer steps. Returns whether it updated."""
         if global_step % self.interval:
             return False
+        self._check_params()
         for name, param in self.params.items():
             self.shadow[name].mul_(self.decay).add_(param.detach().to(self.shadow[name].dtype), alpha=1.0 - self.decay)
         self.updates += 1
@@ -337,6 +353,7 @@ class EMAHistory:
         ``functional_call`` substitutes the tensors for this call only, so the training graph that already
         saved the live weights is not invalidated (no in-place change to a parameter).
         """
+        self._check_params()
         return torch.func.functional_call(model, self.shadow, args=(), kwargs=model_inputs, strict=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
