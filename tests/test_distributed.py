@@ -2,7 +2,8 @@
 
 One launch of ``tests/helpers/ddp_train.py`` with the shipped ``examples/accelerate/ddp.yaml`` (2 processes)
 trains three cases for 3 steps each: ssToken with the online base history (LoRA), with a cached base history
-(full fine-tuning), and with an EMA history (full fine-tuning); then runs ``sstoken train`` through the CLI.
+(full fine-tuning), and with an EMA history (full fine-tuning); then runs ``sstoken train`` through the CLI, and
+shards a model with FSDP2 by hand (the Trainer does not enable FSDP on CPU) to check the EMA history there.
 While it runs, this process trains the same cases alone with gradient_accumulation_steps=2, which sees the same
 micro-batches (see the helper's docstring for why); the test checks that instead of assuming it.
 """
@@ -52,7 +53,7 @@ def runs(tmp_path_factory):
         # The shipped file is for GPUs: 2 processes, no bf16 here; use_cpu in the training arguments selects gloo.
         "--num_processes", str(WORLD), "--mixed_precision", "no",
         "--main_process_port", "0",  # a free port: other test runs may share this machine
-        str(HELPERS / "ddp_train.py"), "--workdir", str(workdir), "--cases", ",".join(cases + ["cli"]),
+        str(HELPERS / "ddp_train.py"), "--workdir", str(workdir), "--cases", ",".join(cases + ["cli", "fsdp_ema"]),
     ]
     log = open(workdir / "launch.log", "w")
     launch = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -74,7 +75,8 @@ def runs(tmp_path_factory):
     assert rc == 0, f"accelerate launch failed (rc {rc}):\n{output[-6000:]}"
     results = {case: {"ref": refs[case], **{r: _load(workdir / f"{case}-rank{r}.pt") for r in range(WORLD)}}
                for case in cases}
-    results["cli"] = {r: _load(workdir / f"cli-rank{r}.pt") for r in range(WORLD)}
+    for extra in ("cli", "fsdp_ema"):
+        results[extra] = {r: _load(workdir / f"{extra}-rank{r}.pt") for r in range(WORLD)}
     results["workdir"] = workdir
     return results
 
@@ -201,3 +203,80 @@ def test_cli_train_under_two_processes(runs):
     epoch = max(h.get("epoch", 0) for h in history)
     assert epoch == pytest.approx(ddp_train.CLI_STEPS * ddp_train.BATCH * WORLD / summary["rows_used"], abs=1e-3)
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_ema_history_refuses_fsdp2_sharded_parameters(runs):
+    """FSDP2 runs here (sharded training equals the unsharded replica), and the EMA built before sharding refuses
+    to run on the replaced parameters instead of silently freezing (see EMAHistory._check_params)."""
+    for rank in range(WORLD):
+        result = runs["fsdp_ema"][rank]
+        assert result["sharded"]
+        for name, value in result["reference_live"].items():
+            assert torch.allclose(result["live"][name], value, atol=ATOL, rtol=0), name
+        for use in ("forward", "update"):
+            assert result["errors"][use] is not None and "sharded parameters" in result["errors"][use], use
+
+
+def test_ema_history_refuses_deepspeed_zero3_partitioned_parameters():
+    """ZeRO-3 keeps the parameter objects but moves their data into partitions (marked by ``ds_id``)."""
+    from sstoken.errors import ConfigError
+    from sstoken.history import EMAHistory
+    from sstoken.testing import tiny_model
+
+    model = tiny_model(seed=0)
+    ema = EMAHistory(model, decay=0.5)
+    assert ema.update(1)  # an ordinary model is fine
+    next(model.parameters()).ds_id = 0  # what deepspeed.zero.Init attaches to every parameter
+    with pytest.raises(ConfigError, match="sharded parameters"):
+        ema.update(2)
+
+
+EXAMPLE_CONFIGS = {
+    "ddp": ("MULTI_GPU", {}),
+    "fsdp": ("FSDP", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                      "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}),
+    "deepspeed_zero2": ("DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+    "deepspeed_zero3": ("DEEPSPEED", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                                      "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_CONFIGS))
+def test_example_accelerate_config_loads(name):
+    """Each shipped config goes through what `accelerate launch --config_file` does with it, up to the
+    environment the training processes get, and the plugin accelerate builds from that environment."""
+    from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import patch_environment
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = REPO / "examples" / "accelerate" / f"{name}.yaml"
+    distributed_type, expected_env = EXAMPLE_CONFIGS[name]
+    config = load_config_from_file(str(path))  # unknown top-level keys are refused here
+    assert config.distributed_type.value == distributed_type and config.num_processes >= 2
+    # Nested keys are copied onto launch options without a check: a misspelt one would be silently ignored.
+    options = vars(launch_command_parser().parse_args(["train.py"]))
+    for key in config.fsdp_config:
+        assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in options, key
+    for key in config.deepspeed_config:
+        assert key in options, key
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(path), "train.py"]))
+    if distributed_type == "DEEPSPEED":
+        args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config)  # as launch_command sets it
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in expected_env.items():
+        assert env.get(key) == value, key
+    with patch_environment(**{k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}):
+        if distributed_type == "FSDP":
+            plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        elif distributed_type == "DEEPSPEED":
+            plugin = DeepSpeedPlugin()
+            assert plugin.zero_stage == int(expected_env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+            assert plugin.deepspeed_config["zero_optimization"]["stage"] == plugin.zero_stage

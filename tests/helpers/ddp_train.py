@@ -110,8 +110,13 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=grad_accum,
         max_steps=STEPS,
-        learning_rate=5e-2,  # large, so selections after step 1 depend on the updated weights
+        # Plain SGD, large steps: Adam is invariant to the scale of the gradient, so a wrongly scaled loss (a
+        # missing or extra division by ranks or accumulation steps) would go unnoticed in the weights; with SGD
+        # it shows. Large steps make the selections after step 1 depend on the updated weights.
+        optim="sgd",
+        learning_rate=0.5,
         lr_scheduler_type="constant",
+        gradient_checkpointing=False,  # tiny model: recomputing activations only costs time
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -192,6 +197,56 @@ def run_cli(workdir: str) -> dict:
     return {"rc": rc, "rank": state.process_index, "num_processes": state.num_processes}
 
 
+def run_fsdp_ema(workdir: str) -> dict:
+    """EMA history on a model sharded by FSDP2 (``fully_shard``, what accelerate's FSDP plugin applies), on CPU.
+
+    HF Trainer never enables FSDP on CPU (``use_cpu`` means plain multi-CPU DDP), so this shards the model by hand
+    on the process group the launch already set up. As in the trainer, the EMA is built before the model is
+    sharded; fully_shard then replaces every parameter, and an EMA still holding the old ones would silently
+    stop updating and run its history forward on the live weights. The EMA must refuse instead. The sharded
+    training itself is checked against an unsharded replica (every rank trains on the same batch, so FSDP's
+    averaged gradient is that batch's gradient), which shows FSDP2 really runs here.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sstoken.errors import ConfigError
+    from sstoken.history import EMAHistory, history_forward_nll
+    from sstoken.testing import tiny_model
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded, reference = tiny_model(seed=0), tiny_model(seed=0)
+    ema = EMAHistory(sharded, decay=0.5)
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(7))
+    errors = {}
+    for model in (sharded, reference):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+    for name, use in (("forward", lambda: history_forward_nll(sharded, {"input_ids": ids, "use_cache": False}, ids,
+                                                              ema=ema)),
+                      ("update", lambda: ema.update(1))):
+        try:
+            use()
+            errors[name] = None
+        except ConfigError as exc:
+            errors[name] = str(exc)
+    live = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in sharded.named_parameters()}
+    return {
+        "rank": dist.get_rank(),
+        "sharded": all(isinstance(p, DTensor) for p in sharded.parameters()),
+        "errors": errors,
+        "live": live,
+        "reference_live": {n: p.detach().cpu() for n, p in reference.named_parameters()},
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -203,6 +258,8 @@ def main(argv=None) -> int:
     for case in ns.cases.split(","):
         if case == "cli":
             result = run_cli(ns.workdir)
+        elif case == "fsdp_ema":
+            result = run_fsdp_ema(ns.workdir)
         else:
             result = run_case(case, ns.workdir, ns.grad_accum, ns.use_cpu)
         torch.save(result, os.path.join(ns.workdir, f"{case}-rank{result['rank']}.pt"))
