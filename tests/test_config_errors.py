@@ -1,0 +1,358 @@
+"""User errors end to end (issue 7): bad input files and bad configuration through ``sstoken train``.
+
+Every case must end with exit status 2 and exactly one stderr line ``sstoken: error: ...`` (no traceback),
+before any training step, leaving no checkpoint or adapter behind. Errors that do not need the model are
+caught before its weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+import sstoken.models
+from sstoken.attention import ContextShareProbe
+from sstoken.cli import main
+from sstoken.errors import ConfigError
+from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl
+from sstoken.trainer import SSTokenTrainer
+
+BAD = Path(__file__).parent / "data" / "bad"
+# The bad-input corpus and its expected outcomes are owned by tests/test_data.py; reuse the same table.
+EXPECTED = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
+ERROR_FILES = sorted(name for name, case in EXPECTED.items() if case["outcome"] == "error")
+OK_FILES = sorted(name for name, case in EXPECTED.items() if case["outcome"] == "ok")
+
+
+@pytest.fixture(scope="module")
+def model_a(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "a", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_b(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "b", seed=1)
+
+
+@pytest.fixture(scope="module")
+def good_data(tmp_path_factory):
+    return write_tiny_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", n_rows=8)
+
+
+class Guard:
+    """Records model loads; a training loop starting is a test failure (AssertionError escapes the CLI)."""
+
+    def __init__(self, monkeypatch):
+        self.models_loaded = 0
+        real_load = sstoken.models.load_model
+
+        def counting_load(*args, **kwargs):
+            self.models_loaded += 1
+            return real_load(*args, **kwargs)
+
+        def no_training(trainer, *args, **kwargs):
+            raise AssertionError("training started although the configuration is bad")
+
+        monkeypatch.setattr(sstoken.models, "load_model", counting_load)
+        monkeypatch.setattr(SSTokenTrainer, "train", no_training)
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    return Guard(monkeypatch)
+
+
+def write_recipe(path: Path, **settings) -> Path:
+    recipe = {"report_to": "none", "use_cpu": True, "plots": False, "max_steps": 2, "save_steps": 1,
+              "max_seq_length": 96, **settings}
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def run_cli(capsys, *argv: str) -> str:
+    """Run ``sstoken`` in-process; assert exit 2 and one error line; return that line."""
+    capsys.readouterr()
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("sstoken: error: ") == 1 and "Traceback" not in err, err
+    message = err[err.index("sstoken: error: "):]
+    assert message.endswith("\n") and message.count("\n") == 1, err  # the last line, and only one line
+    return message.rstrip("\n")
+
+
+def assert_nothing_written(output_dir: Path) -> None:
+    """The run stopped before writing anything a later run could mistake for a result."""
+    if output_dir.exists():
+        leftovers = [p.name for p in output_dir.iterdir()
+                     if p.name.startswith("checkpoint-") or p.name.startswith("adapter_")
+                     or p.name in ("model.safetensors", "summary.json", "trainer_state.json")]
+        assert leftovers == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input files
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ERROR_FILES)
+def test_bad_input_file_fails_with_file_and_line(name, tmp_path, model_a, guard, capsys):
+    case = EXPECTED[name]
+    path = BAD / name
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(path), output_dir=str(out),
+                          max_seq_length=case.get("max_seq_length", 512))
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    where = f"{path}:{case['line']}: " if case["line"] is not None else f"{path}: "
+    assert line.startswith("sstoken: error: " + where), line
+    for part in case["contains"]:
+        assert part in line
+    assert guard.models_loaded == 0  # data is checked before the weights load
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", OK_FILES)
+def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, model_a, capsys):
+    case = EXPECTED[name]
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(BAD / name), output_dir=str(out),
+                          max_seq_length=case["max_seq_length"], max_steps=1, save_strategy="no")
+    assert main(["train", "--config", str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_used"] == case["used"]
+    assert summary["rows_skipped_no_trainable_token"] == case["skipped"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad configuration, caught before the model loads
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (dict(rho=0), "rho must be in (0, 1], got 0"),
+        (dict(rho=1.5), "rho must be in (0, 1], got 1.5"),
+        (dict(rho=-0.2), "rho must be in (0, 1]"),
+        (dict(rho=float("nan")), "rho must be in (0, 1], got nan"),
+        (dict(rho="abc"), "rho must be a number, got 'abc'"),
+        (dict(rho=True), "rho must be a number, got True"),
+        (dict(gamma=-0.1), "gamma must be in [0, 1], got -0.1"),
+        (dict(gamma=1.01), "gamma must be in [0, 1], got 1.01"),
+        (dict(rhoo=0.5), "unknown config key 'rhoo' (did you mean 'rho'?)"),
+        (dict(gama=0.5), "unknown config key 'gama' (did you mean 'gamma'?)"),
+        (dict(lora={"r": 4, "alpah": 8}), "unknown lora key 'alpah' (did you mean 'alpha'?)"),
+        (dict(max_steps="abc"), "max_steps must be an integer, got 'abc'"),
+        (dict(learning_rate=[1]), "learning_rate must be a number, got [1]"),
+        (dict(use_cpu="yes"), "use_cpu must be true or false, got 'yes'"),
+        (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be >= 1, got 0"),
+        (dict(max_seq_length="long"), "max_seq_length must be an integer >= 2"),
+        (dict(selection_method="best"), "selection_method 'best' is not one of"),
+        (dict(selection_method="rho1"), "needs reference_cache"),
+        (dict(history="ema", history_cache="somewhere"), "cannot use history_cache"),
+        (dict(attention_layer=2), "attention layer 2 is out of range for a model with 2 layers"),
+        (dict(attention_layer=-3), "attention layer -3 is out of range for a model with 2 layers"),
+        (dict(resume_from_checkpoint=True), "no complete checkpoint in"),
+        (dict(resume_from_checkpoint="nowhere/checkpoint-4"), "nowhere/checkpoint-4 does not exist"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
+)
+def test_bad_setting_fails_before_the_model_loads(settings, expected, tmp_path, model_a, good_data, guard, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(out), **settings)
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert expected in line
+    assert guard.models_loaded == 0
+    assert not out.exists()
+
+
+def test_command_line_overrides_are_checked_like_the_recipe(tmp_path, model_a, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"))
+    assert "rho must be a number, got 'abc'" in run_cli(capsys, "train", "--config", str(recipe), "--rho", "abc")
+    line = run_cli(capsys, "train", "--config", str(recipe), "--max-step", "3")
+    assert "unknown config key 'max_step' (did you mean 'max_steps'?)" in line
+    assert guard.models_loaded == 0
+
+
+def test_numbers_written_without_a_dot_are_read_as_numbers(tmp_path):
+    """PyYAML reads 1e-4 as a string; the recipe converts it instead of failing deep in the optimizer."""
+    from sstoken.recipe import build_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("learning_rate: 1e-4\nmax_steps: '12'\n")
+    from sstoken.recipe import load_recipe, split_recipe
+
+    _, kwargs = split_recipe(load_recipe(path))
+    config = build_config({**kwargs, "output_dir": str(tmp_path / "out")})
+    assert config.learning_rate == pytest.approx(1e-4) and config.max_steps == 12
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("rho: [0.5\nmodel: x\n", "not valid YAML"),
+        ("- rho: 0.5\n- gamma: 0.5\n", "the recipe must be a mapping"),
+        ("just a sentence\n", "the recipe must be a mapping"),
+        (b"rho: 0.5 # caf\xe9\n", "not UTF-8"),
+    ],
+    ids=["invalid-yaml", "list", "scalar", "latin-1"],
+)
+def test_unreadable_recipe(text, expected, tmp_path, guard, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    line = run_cli(capsys, "train", "--config", str(path))
+    assert str(path) in line and expected in line
+    assert guard.models_loaded == 0
+
+
+def test_missing_files(tmp_path, model_a, good_data, guard, capsys):
+    assert "does not exist" in run_cli(capsys, "train", "--config", str(tmp_path / "absent.yaml"))
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(tmp_path / "absent.jsonl"),
+                          output_dir=str(tmp_path / "out"))
+    assert f"training data {tmp_path / 'absent.jsonl'} does not exist" in run_cli(capsys, "train", "--config",
+                                                                                  str(recipe))
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, output_dir=str(tmp_path / "out"))
+    assert "no training data" in run_cli(capsys, "train", "--config", str(recipe))
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          history_cache=str(tmp_path / "no-cache"))
+    assert "history_cache" in run_cli(capsys, "train", "--config", str(recipe))
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(tmp_path / "no-model"), data=good_data,
+                          output_dir=str(tmp_path / "out"))
+    assert "no-model" in run_cli(capsys, "train", "--config", str(recipe))
+    assert guard.models_loaded == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, model_a, good_data, guard, capsys):
+    half = tmp_path / "out" / "checkpoint-6"
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_bytes(b"")
+    (half / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # cut off mid-write
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          resume_from_checkpoint=str(half))
+    assert "is incomplete" in run_cli(capsys, "train", "--config", str(recipe))
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          resume_from_checkpoint=True)
+    assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
+    assert guard.models_loaded == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# History caches that do not belong to this run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_of_a(tmp_path_factory, model_a, good_data):
+    """`sstoken cache` with model A on the good data."""
+    folder = tmp_path_factory.mktemp("cache")
+    recipe = write_recipe(folder / "r.yaml", model=model_a, data=good_data, history_cache=str(folder / "nll"))
+    assert main(["cache", "--config", str(recipe)]) == 0
+    return str(folder / "nll")
+
+
+def test_cache_of_another_model_is_refused_before_training(tmp_path, model_b, good_data, cache_of_a, guard, capsys):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_b, data=good_data, output_dir=str(out),
+                          history_cache=cache_of_a)
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "built for a different model" in line and "sstoken cache" in line
+    assert guard.models_loaded == 1  # the fingerprint needs the weights; training never starts
+    assert_nothing_written(out)
+
+
+def test_cache_of_other_data_is_refused_before_the_model_loads(tmp_path, model_a, cache_of_a, guard, capsys):
+    other = write_tiny_jsonl(tmp_path / "other.jsonl", n_rows=8, seed=5)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=other, output_dir=str(out),
+                          history_cache=cache_of_a)
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "built for different data" in line and "of 8 training samples are not in it" in line
+    assert guard.models_loaded == 0
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models whose attention cannot be hooked
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TinyLegacyConfig(PreTrainedConfig):
+    model_type = "sstoken_test_legacy"
+
+    def __init__(self, num_hidden_layers=2, hidden_size=8, with_layer_idx=True, **kwargs):
+        self.num_hidden_layers = num_hidden_layers
+        self.hidden_size = hidden_size
+        self.with_layer_idx = with_layer_idx
+        super().__init__(**kwargs)
+
+
+class LegacyAttention(nn.Module):
+    """Computes attention itself instead of going through transformers' attention-function registry."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if config.with_layer_idx:
+            self.layer_idx = layer_idx
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+
+    def forward(self, hidden):
+        q, k, v = self.qkv(hidden).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class TinyLegacyModel(PreTrainedModel):
+    config_class = TinyLegacyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = nn.ModuleList(LegacyAttention(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+
+@pytest.mark.parametrize(
+    "with_layer_idx, expected",
+    [(False, "has no attention module with layer_idx=1"), (True, "does not use transformers' AttentionInterface")],
+)
+def test_probe_refuses_models_it_cannot_hook(with_layer_idx, expected):
+    model = TinyLegacyModel(TinyLegacyConfig(with_layer_idx=with_layer_idx))
+    with pytest.raises(ConfigError, match="cannot hook"):
+        ContextShareProbe(model, layer=-1)
+    with pytest.raises(ConfigError) as info:
+        ContextShareProbe(model, layer=-1)
+    assert expected in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory):
+    """A tiny state-space model: no attention at all."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = MambaConfig(vocab_size=len(tok), hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+                         conv_kernel=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None)
+    folder = tmp_path_factory.mktemp("mamba")
+    torch.manual_seed(0)
+    MambaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_model_without_attention_is_refused_before_training(tmp_path, mamba_dir, good_data, guard, capsys):
+    out = tmp_path / "out"
+    settings = dict(model=mamba_dir, data=good_data, output_dir=str(out), attn_implementation="eager")
+    # Full fine-tuning reaches the attention probe.
+    recipe = write_recipe(tmp_path / "r.yaml", lora=None, **settings)
+    assert "MambaForCausalLM has no attention module" in run_cli(capsys, "train", "--config", str(recipe))
+    # With LoRA on every linear layer, PEFT refuses Mamba's out_proj first: still one line, naming lora.
+    recipe = write_recipe(tmp_path / "r.yaml", lora={"r": 4}, **settings)
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert line.startswith("sstoken: error: lora: ") and "out_proj" in line
+    assert guard.models_loaded == 2
+    assert_nothing_written(out)
