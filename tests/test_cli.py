@@ -128,3 +128,9 @@ def test_embedded_model_scores_a_demo_batch():
     share = context_share(model, ids, mask, context_mask=labels == -100)
     response = labels[0] != -100
     assert ((share[0][response] > 0) & (share[0][response] <= 1)).all()
+
+
+def test_yaml11_boolean_words_stay_strings_in_overrides(tmp_path, tiny_dir):
+    assert parse_overrides(["--save_strategy", "no"]) == {"save_strategy": "no"}
+    _, config = split_recipe({"save_strategy": False, "data": "x"})  # `save_strategy: no` in a YAML file
+    assert config["save_strategy"] == "no"

@@ -651,3 +651,17 @@ def test_masked_mean():
     assert out == pytest.approx(44 / 3)
     assert masked_mean(values, torch.zeros_like(mask)) == 0.0
     assert masked_mean(values, torch.ones_like(mask)) == pytest.approx(110 / 8)  # 1+2+3+4+10+20+30+40 = 110
+
+
+def test_minmax_treats_rounding_level_spread_as_constant():
+    # history = current + 0.75 in float32: REL is 0.75 up to rounding, so nothing should be ranked by it
+    torch.manual_seed(0)
+    current = torch.rand(1, 64) * 8
+    history = current + 0.75
+    mask = torch.ones(1, 64, dtype=torch.bool)
+    rel = retrospective_excess_loss(history, current)
+    assert rel.max() != rel.min()  # rounding did leave a spread
+    assert minmax_normalize(rel, mask).abs().max().item() == 0.0
+    # a small but real spread is still ranked: 0, 1e-4, 2e-4 -> 0, .5, 1
+    small = minmax_normalize(t([[0.0, 1e-4, 2e-4]]), torch.ones(1, 3, dtype=torch.bool))
+    assert small[0].tolist() == pytest.approx([0.0, 0.5, 1.0])

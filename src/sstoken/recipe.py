@@ -91,11 +91,21 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         else:
             raw = "true"
             i += 1
-        try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            overrides[key] = raw
+        overrides[key] = _scalar(raw)
     return overrides
+
+
+# YAML 1.1 reads yes/no/on/off as booleans; transformers' strategies are spelled "no", "steps", ...
+_YAML11_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _scalar(raw: str) -> Any:
+    if raw == "" or raw.strip().lower() in _YAML11_BOOLEAN_WORDS:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -119,6 +129,8 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
                 value = {**RUN_KEYS["lora"], **value}
             run[key] = value
         elif key in fields:
+            if isinstance(value, bool) and key.endswith("_strategy"):
+                value = "no" if value is False else value  # `save_strategy: no` read by YAML as false
             config[key] = value
         elif key in ("max_length",):
             run["max_seq_length"] = value

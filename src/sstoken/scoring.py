@@ -19,6 +19,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 # ceil(ρ·n) in floating point: 0.07 * 100 == 7.000000000000001, whose ceiling would keep one token too many.
 _CEIL_SLACK = 1e-9
+# Relative spread below which a sample's values count as equal (a few float32 ulps of NLL-sized numbers).
+_FLAT_TOLERANCE = 1e-6
 
 
 def response_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,8 @@ def minmax_normalize(
 ) -> torch.Tensor:
     """Min-max normalise ``values`` to [0, 1] over each sample's response tokens.
 
-    A sample whose values are all equal (or that has one token) maps to 0; positions outside the mask are 0.
+    A sample whose values are all equal (up to float32 rounding: a spread below 1e-6 of their magnitude) or that
+    has one token maps to 0; positions outside the mask are 0.
     """
     values = values.float()
     groups, n_groups = _group_index(response_mask, segment_ids)
@@ -92,7 +95,11 @@ def minmax_normalize(
     group_max = group_max.scatter_reduce(0, flat_groups, torch.where(torch.isfinite(flat_values), flat_values, -inf), "amax")
     lo = group_min[flat_groups]
     span = group_max[flat_groups] - lo
-    normalised = torch.where(span > 0, (flat_values - lo) / span.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    # A spread at the level of float32 rounding is a constant, not a ranking: stretching it to [0, 1] would
+    # turn noise (e.g. history = current + 0.75, rounded) into a random selection.
+    magnitude = torch.maximum(group_max[flat_groups].abs(), lo.abs()).nan_to_num(0.0, 0.0, 0.0).clamp(min=1.0)
+    flat_span_ok = span > _FLAT_TOLERANCE * magnitude
+    normalised = torch.where(flat_span_ok, (flat_values - lo) / span.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
     normalised = torch.where(response_mask.reshape(-1) & torch.isfinite(normalised), normalised, 0.0)
     return normalised.view_as(values)
 
