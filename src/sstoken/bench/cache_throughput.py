@@ -1,0 +1,121 @@
+"""``sstoken cache`` throughput against a plain no-grad forward over the same batches.
+
+Both sides see identical batches: the cache builder's own plan (unique samples sorted by length, cut into
+batches of ``batch_size``, right-padded). The cache side is the whole :func:`sstoken.history.build_nll_cache`
+call into a fresh directory (fingerprints, per-token NLL, shard writes with checksums, the verifying re-open);
+the plain side is only ``model(input_ids, attention_mask)`` under ``torch.no_grad()``. Runs alternate after a
+warm-up of each, in one process with one loaded model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+from sstoken.bench import common
+
+
+def _batches(rows, batch_size: int, pad_id: int):
+    import torch
+
+    from sstoken.history import plan_shards, sample_key
+
+    by_key = {sample_key(r["input_ids"]): r for r in rows}
+    ordered = [key for shard in plan_shards(rows, shard_size=1024) for key in shard]
+    for start in range(0, len(ordered), batch_size):
+        keys = ordered[start:start + batch_size]
+        lengths = [len(by_key[k]["input_ids"]) for k in keys]
+        ids = torch.full((len(keys), max(lengths)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, key in enumerate(keys):
+            ids[r, :lengths[r]] = torch.tensor(by_key[key]["input_ids"])
+            mask[r, :lengths[r]] = 1
+        yield ids, mask
+
+
+def _measure_main(conn, spec: dict) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        from sstoken.data import load_training_rows
+        from sstoken.history import build_nll_cache
+        from sstoken.models import load_model, load_tokenizer
+
+        device = "cuda" if spec["device"] == "cuda" else "cpu"
+        tokenizer = load_tokenizer(spec["model_dir"])
+        rows, _ = load_training_rows(spec["data"], tokenizer, spec["max_seq_length"])
+        rows = rows[:spec["rows"]]
+        model = load_model(spec["model_dir"]).to(device).eval()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batches = list(_batches(rows, spec["batch_size"], pad_id))
+        counter = [0]
+
+        def sync():
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def plain() -> float:
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                for ids, mask in batches:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            sync()
+            return time.perf_counter() - start
+
+        def cache() -> float:
+            counter[0] += 1
+            sync()
+            start = time.perf_counter()
+            build_nll_cache(model, tokenizer, rows, Path(spec["workdir"]) / f"throughput-{counter[0]}",
+                            spec["max_seq_length"], batch_size=spec["batch_size"], progress=False)
+            sync()
+            return time.perf_counter() - start
+
+        plain()
+        cache()  # warm-up of both
+        times = {"forward": [], "cache": []}
+        for index in range(spec["repeats"]):
+            for name in (("forward", "cache") if index % 2 == 0 else ("cache", "forward")):
+                times[name].append(plain() if name == "forward" else cache())
+        conn.send(("ok", {
+            "rows": len(rows),
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "batch_size": spec["batch_size"],
+            "max_seq_length": spec["max_seq_length"],
+            "repeats": spec["repeats"],
+            "forward_s": statistics.median(times["forward"]),
+            "cache_s": statistics.median(times["cache"]),
+            "forward_s_all": [round(t, 4) for t in times["forward"]],
+            "cache_s_all": [round(t, 4) for t in times["cache"]],
+        }))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+def run(model_dir: str, data: str, device: str, threads: int, workdir: Path, rows: int = 96,
+        max_seq_length: int = 512, batch_size: int = 8, repeats: int = 3) -> dict:
+    spec = {"model_dir": model_dir, "data": data, "device": device, "threads": threads, "workdir": str(workdir),
+            "rows": rows, "max_seq_length": max_seq_length, "batch_size": batch_size, "repeats": repeats}
+    ctx = common.worker_context()
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_measure_main, args=(child, spec), daemon=True)
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(3600):
+            raise RuntimeError("cache-throughput worker did not answer")
+        kind, payload = parent.recv()
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    if kind != "ok":
+        raise RuntimeError(f"cache-throughput worker failed:\n{payload}")
+    payload["throughput_ratio"] = round(payload["forward_s"] / payload["cache_s"], 4)
+    print(f"[bench] cache throughput: cache {payload['cache_s']:.2f}s vs forward {payload['forward_s']:.2f}s "
+          f"-> ratio {payload['throughput_ratio']:.3f}", flush=True)
+    return payload

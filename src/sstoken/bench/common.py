@@ -1,0 +1,260 @@
+"""Helpers shared by the benchmarks: peak-memory probes, machine description, model preparation, result files.
+
+Peak memory on CPU is the process's resident-set high-water mark (``VmHWM``). Each measured variant runs in its
+own process, and the mark is reset (``/proc/self/clear_refs``) once the model is loaded, so the number covers
+the training steps only and one variant's allocations can never show up in another's.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    return (kb or 0) * 1024
+
+
+def peak_rss_bytes() -> int:
+    """High-water RSS since the last :func:`reset_peak_rss` (or process start)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: ru_maxrss is the whole-process peak (kB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    return kb * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block of work: RSS high-water on CPU, ``max_memory_allocated`` on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.baseline = 0
+        self.method = ""
+
+    def start(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            reset = reset_peak_rss()
+            self.baseline = current_rss_bytes()
+            self.method = "VmHWM after reset" if reset else "ru_maxrss (no reset)"
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated())
+        return peak_rss_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- processes
+_PRELOAD = ["torch", "transformers", "peft", "trl", "sstoken.trainer", "sstoken.history", "sstoken.attention",
+            "sstoken.bench.overhead", "sstoken.bench.attention_memory", "sstoken.bench.cache_throughput"]
+
+
+def worker_context():
+    """Multiprocessing context for measured workers: a fork server that has imported torch and the trainer.
+
+    Each worker must be its own process (its own memory high-water mark), but importing torch, transformers and
+    TRL afresh costs 10-20 s per process on a busy 2-core machine. Forking from a server that did the imports
+    once (and never ran any computation, so no thread pools exist to be broken by the fork) makes a worker start
+    in well under a second while keeping it separate from the parent and from every other worker.
+    """
+    import multiprocessing as mp
+
+    # glibc's malloc raises its mmap threshold after the first large free, after which freed multi-MB tensors
+    # stay in the heap and RSS keeps whatever the worst fragmentation was. A fixed threshold (glibc's initial
+    # 128 KiB) returns every large tensor to the OS on free, so the RSS high-water mark follows live memory.
+    # Set before the fork server starts: workers inherit it from there.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: str) -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_model": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import peft
+        import trl
+
+        info["peft"] = peft.__version__
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return info
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+        match = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sstoken" / "bench"
+
+
+def hf_checkpoint(model_name: str | None, workdir: Path, quick: bool) -> str:
+    """A directory ``from_pretrained`` loads in seconds.
+
+    The embedded model is a GGUF file that transformers dequantises on every load (about 40 s here); the
+    benchmark loads the model once per variant and length, so the dequantised weights are saved once as a
+    normal checkpoint under ``~/.cache/sstoken/bench`` (keyed by the GGUF file's path, size and mtime) and
+    every worker loads that. ``--quick`` writes the tiny random model of :mod:`sstoken.testing` instead.
+    """
+    if quick:
+        from sstoken.testing import save_tiny_model
+
+        target = workdir / "tiny-model"
+        if not (target / "config.json").exists():
+            save_tiny_model(target)
+        return str(target)
+    from sstoken.models import resolve_model
+
+    path, gguf = resolve_model(model_name)
+    if gguf is None:
+        return path
+    gguf_path = Path(path) / gguf
+    stat = gguf_path.stat()
+    import transformers
+
+    key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+                       .encode()).hexdigest()[:12]
+    target = cache_root() / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists() and (target / "DONE").exists():
+        return str(target)
+    # Conversion in a child process: the 40 s dequantisation leaves large freed arenas behind, and the parent
+    # process should stay small while the measured workers run.
+    code = ("import sys; from sstoken.models import load_model, load_tokenizer; "
+            "m = load_model(sys.argv[1]); t = load_tokenizer(sys.argv[1]); "
+            # The dequantised tensors are plain floats: drop the GGUF quantisation marker so the saved copy
+            # loads (and trains) as an ordinary model.
+            "m.hf_quantizer = None; m.is_quantized = False; m.config.__dict__.pop('quantization_config', None); "
+            "m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2]); "
+            "open(sys.argv[2] + '/DONE', 'w').write('ok')")
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] converting {gguf_path.name} to a plain checkpoint in {target} (once)", flush=True)
+    subprocess.run([sys.executable, "-c", code, model_name or "embedded", str(target)], check=True)
+    return str(target)
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_marked_block(path: str | os.PathLike, section: str, marker: str, body: str) -> None:
+    """Write ``body`` between ``<!-- marker:begin -->`` / ``<!-- marker:end -->`` in ``path``.
+
+    The block sits under the ``## section`` heading; a missing file, heading or block is created. Text outside
+    the markers (other sections, hand-written notes) is left untouched.
+    """
+    path = Path(path)
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        heading = f"## {section}"
+        match = re.search(rf"^{re.escape(heading)}\s*$", text, re.MULTILINE)
+        if match is None:
+            text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
+        else:
+            # Append at the end of the section (before the next "## " heading).
+            nxt = re.search(r"^## ", text[match.end():], re.MULTILINE)
+            cut = match.end() + (nxt.start() if nxt else len(text) - match.end())
+            text = text[:cut].rstrip() + f"\n\n{block}\n\n" + text[cut:].lstrip("\n")
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")

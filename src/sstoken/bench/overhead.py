@@ -1,0 +1,621 @@
+"""``sstoken bench overhead``: what token selection costs per training step, side by side with plain SFT.
+
+For each sequence length, one batch of demo samples concatenated to that length (real prompt/response
+structure, no padding) is trained on by five variants, each in its own worker process holding its own copy of
+the model with a LoRA adapter:
+
+* ``plain``: plain SFT on every response token (SDPA);
+* ``sstoken-cached``: ssToken, base-model NLL read from an ``sstoken cache`` store;
+* ``sstoken-online``: ssToken, base-model NLL from a no-grad pass with the adapter disabled, in the same step;
+* ``sstoken-ema``: ssToken, history NLL from a no-grad pass with the EMA adapter;
+* ``reference-style``: the official release's approach, rebuilt for comparison only: eager attention with
+  ``output_attentions=True`` (every layer's B×H×T×T map), the last layer's map averaged over heads and summed
+  over prompt columns, full-vocabulary per-token NLL, and an online base-model pass.
+
+All variants share one loop (``Trainer.training_step`` = forward + backward, then the optimizer step; the
+EMA update where there is one), and ``plain`` computes exactly the final cross-entropy of
+``SSTokenTrainer.compute_loss`` with every response token kept, so a difference in time or memory is the cost
+of selection and nothing else. After a warm-up the parent asks the workers for one step each in turn
+(A B C D E, B C D E A, ...), so drift in machine load hits every variant alike; medians are reported.
+
+Peak memory: per worker, the RSS high-water mark reset after set-up (CPU) or ``torch.cuda.max_memory_allocated``
+after a reset (GPU). The same command also measures the attention share's own memory against eager attention
+maps (:mod:`sstoken.bench.attention_memory`) and ``sstoken cache`` throughput against a plain no-grad forward
+(:mod:`sstoken.bench.cache_throughput`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from sstoken.bench import common
+
+VARIANTS = ("plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
+DEFAULT_SEQ_LENS = (512, 1024, 2048)
+QUICK_SEQ_LENS = (64,)
+# The demo recipe's adapter (src/sstoken/demo/demo.yaml).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+RHO, GAMMA = 0.6, 0.5
+STEP_TIMEOUT_S = 3600  # a step that takes longer than this means the worker is stuck
+
+
+def demo_data_path() -> str:
+    return str(Path(__file__).resolve().parent.parent / "demo" / "demo.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------- the batch
+def bench_rows(tokenizer, data_path: str, seq_len: int, batch_size: int) -> list[dict]:
+    """``batch_size`` rows of exactly ``seq_len`` tokens: consecutive demo samples concatenated, then cut.
+
+    Concatenating real samples keeps the demo's mix of prompt (context) and response tokens at every length,
+    and fills the row, so that a length-T row costs a length-T step (padding would not). Row b starts at a
+    different sample so the rows of a batch differ.
+    """
+    from sstoken.data import load_training_rows
+
+    # Samples are read whole (a generous limit) and cut only after concatenation.
+    samples, _ = load_training_rows(data_path, tokenizer, max_seq_length=max(seq_len, 4096))
+    rows = []
+    for b in range(batch_size):
+        ids: list[int] = []
+        labels: list[int] = []
+        index = (b * 17) % len(samples)
+        while len(ids) < seq_len:
+            sample = samples[index % len(samples)]
+            ids += sample["input_ids"]
+            labels += sample["labels"]
+            index += 1
+        rows.append({"input_ids": ids[:seq_len], "labels": labels[:seq_len]})
+    return rows
+
+
+def _collate(rows: list[dict], device: str) -> dict:
+    import torch
+
+    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long, device=device)
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long, device=device),
+        # TRL's collator passes a mask; all ones here (no padding) so SDPA can still take its causal fast path.
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- trainers
+def _trainer_classes():
+    """The two comparison trainers, built on SSTokenTrainer so that the loop around the loss is identical."""
+    import torch
+    import torch.nn.functional as F
+
+    from sstoken import scoring
+    from sstoken.history import base_weights
+    from sstoken.trainer import SSTokenTrainer
+
+    def kept_cross_entropy(logits, labels, keep):
+        # Same expression as the end of SSTokenTrainer.compute_loss.
+        rows, cols = keep.nonzero(as_tuple=True)
+        loss_sum = F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum")
+        return loss_sum / keep.sum().clamp(min=1)
+
+    def model_inputs_of(inputs):
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
+        model_inputs["use_cache"] = False
+        return model_inputs
+
+    class PlainTrainer(SSTokenTrainer):
+        """Plain SFT: one forward, cross-entropy over every response token."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            _, response, _ = self._batch_layout(inputs)
+            logits = model(**model_inputs_of(inputs)).logits
+            return kept_cross_entropy(logits, inputs["labels"], response)
+
+    def full_vocab_nll(logits, labels):
+        # The straightforward per-token loss: log-softmax of every position over the whole vocabulary at once.
+        batch, length, vocab = logits.shape
+        flat = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=scoring.IGNORE_INDEX, reduction="none")
+        out = torch.zeros(batch, length, device=logits.device)
+        out[:, 1:] = flat.view(batch, length - 1)
+        return out
+
+    class ReferenceStyleTrainer(SSTokenTrainer):
+        """The official release's recipe (for comparison only): every layer's eager attention map is returned."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            valid, response, _ = self._batch_layout(inputs)
+            model_inputs = model_inputs_of(inputs)
+            outputs = model(**model_inputs, output_attentions=True)
+            context = ((labels == scoring.IGNORE_INDEX) & valid).float()
+            last = outputs.attentions[-1].detach().float().mean(dim=1)  # B×T×T, mean over heads
+            share = (last * context[:, None, :]).sum(-1)  # attention mass on prompt columns
+            current = full_vocab_nll(outputs.logits.detach(), labels)
+            with torch.no_grad(), base_weights(model):
+                history = full_vocab_nll(model(**model_inputs).logits, labels)
+            keep = scoring.sstoken_mask(history, current, share, response, gamma=GAMMA, rho=RHO)
+            return kept_cross_entropy(outputs.logits, labels, keep)
+
+    return PlainTrainer, ReferenceStyleTrainer
+
+
+def _build_trainer(spec: dict, rows: list[dict]):
+    import torch
+    from peft import LoraConfig
+
+    from sstoken.data import to_hf_dataset
+    from sstoken.models import load_model, load_tokenizer
+    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+
+    variant = spec["variant"]
+    tokenizer = load_tokenizer(spec["model_dir"])
+    model = load_model(spec["model_dir"], attn_implementation="eager" if variant == "reference-style" else "sdpa")
+    plain_cls, reference_cls = _trainer_classes()
+    config = SSTokenConfig(
+        output_dir=str(Path(spec["workdir"]) / f"out-{variant}"),
+        use_cpu=spec["device"] == "cpu",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=spec["seq_len"],
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=1e-4,
+        seed=spec["seed"],
+        activation_checkpointing=spec["activation_checkpointing"],
+        # plain and reference-style compute their own loss; "full" keeps SSTokenTrainer from hooking attention.
+        selection_method="full" if variant in ("plain", "reference-style") else "sstoken",
+        rho=RHO,
+        gamma=GAMMA,
+        history="ema" if variant == "sstoken-ema" else "base",
+        history_cache=spec.get("cache_dir") if variant == "sstoken-cached" else None,
+    )
+    cls = {"plain": plain_cls, "reference-style": reference_cls}.get(variant, SSTokenTrainer)
+    torch.manual_seed(spec["seed"])  # the same LoRA initialisation in every worker
+    lora = LORA
+    trainer = cls(model=model, args=config, train_dataset=to_hf_dataset(rows), processing_class=tokenizer,
+                  peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                         target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    if config.activation_checkpointing:
+        # Trainer.train() switches checkpointing on at its start; this loop calls training_step directly.
+        kwargs = dict(config.activation_checkpointing_kwargs or {})
+        kwargs.pop("every_n_layers", None)
+        kwargs.pop("offload", None)
+        inner = trainer.model
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs or None)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    trainer.create_optimizer()
+    return trainer
+
+
+def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one optimizer step."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    trainer.training_step(trainer.model, dict(batch))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.state.global_step += 1
+    if trainer.ema is not None:  # what _EMACallback.on_step_end does in Trainer.train()
+        trainer.ema.update(trainer.state.global_step)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _worker_main(conn, spec: dict) -> None:
+    """One variant at one length: set up, then run a step whenever the parent says so."""
+    try:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        from sstoken.models import load_tokenizer
+
+        tokenizer = load_tokenizer(spec["model_dir"])
+        rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
+        trainer = _build_trainer(spec, rows)
+        batch = _collate(rows, "cuda" if spec["device"] == "cuda" else "cpu")
+        from sstoken import scoring
+
+        response = int(scoring.response_mask_from_labels(batch["labels"]).sum())
+        memory = common.PeakMemory(spec["device"])
+        memory.start()
+        conn.send(("ready", {"response_tokens": response, "tokens": int(batch["input_ids"].numel())}))
+        while True:
+            command = conn.recv()
+            if command == "step":
+                conn.send(("step", _one_step(trainer, batch, spec["device"])))
+            elif command == "finish":
+                conn.send(("finish", {"peak_mem_bytes": memory.peak(), "baseline_mem_bytes": memory.baseline,
+                                      "memory_method": memory.method}))
+                return
+    except BaseException:  # report any failure to the parent instead of dying silently
+        conn.send(("error", traceback.format_exc()))
+
+
+def _cache_builder_main(conn, spec: dict) -> None:
+    """Build the base-model NLL cache for one length in a throw-away process (untimed set-up)."""
+    try:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        from sstoken.history import build_nll_cache
+        from sstoken.models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(spec["model_dir"])
+        rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
+        model = load_model(spec["model_dir"]).to("cuda" if spec["device"] == "cuda" else "cpu")
+        build_nll_cache(model, tokenizer, rows, spec["cache_dir"], spec["seq_len"], batch_size=spec["batch_size"],
+                        progress=False)
+        conn.send(("done", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+class _Worker:
+    def __init__(self, target, spec: dict):
+        ctx = common.worker_context()
+        self.conn, child = ctx.Pipe()
+        self.name = spec.get("variant", "cache")
+        self.process = ctx.Process(target=target, args=(child, spec), daemon=True)
+        self.process.start()
+        child.close()
+
+    def _receive(self, expected: str, timeout: float = STEP_TIMEOUT_S):
+        if not self.conn.poll(timeout):
+            self.process.kill()
+            raise RuntimeError(f"bench worker {self.name} did not answer within {timeout:.0f}s")
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"bench worker {self.name} died (exit code {self.process.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"bench worker {self.name} failed:\n{payload}")
+        assert kind == expected, (kind, expected)
+        return payload
+
+    def ready(self):
+        return self._receive("ready")
+
+    def step(self) -> float:
+        self.conn.send("step")
+        return self._receive("step")
+
+    def finish(self) -> dict:
+        self.conn.send("finish")
+        result = self._receive("finish")
+        self.process.join(60)
+        return result
+
+    def wait_done(self):
+        result = self._receive("done")
+        self.process.join(60)
+        return result
+
+    def kill(self):
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
+    records = []
+    for seq_len in opts.seq_lens:
+        spec = {
+            "seq_len": seq_len,
+            "batch_size": opts.batch_size,
+            "model_dir": model_dir,
+            "data": opts.data,
+            "device": opts.device,
+            "threads": opts.threads,
+            "seed": 0,
+            "workdir": str(workdir),
+            "activation_checkpointing": opts.activation_checkpointing,
+            "cache_dir": str(workdir / f"cache-{seq_len}"),
+        }
+        if "sstoken-cached" in opts.variants:
+            builder = _Worker(_cache_builder_main, dict(spec))
+            try:
+                builder.wait_done()
+            finally:
+                builder.kill()
+        workers: dict[str, _Worker] = {}
+        try:
+            info = {}
+            for variant in opts.variants:  # one at a time: loading in parallel would only contend for the CPU
+                workers[variant] = _Worker(_worker_main, dict(spec, variant=variant))
+                info[variant] = workers[variant].ready()
+            times: dict[str, list[float]] = {v: [] for v in opts.variants}
+            cpu_times: dict[str, list[float]] = {v: [] for v in opts.variants}
+            n = len(opts.variants)
+            for round_index in range(opts.warmup + opts.repeats):
+                shift = round_index % n
+                order = opts.variants[shift:] + opts.variants[:shift]
+                for variant in order:
+                    wall, cpu = workers[variant].step()
+                    if round_index >= opts.warmup:
+                        times[variant].append(wall)
+                        cpu_times[variant].append(cpu)
+                _log(f"seq {seq_len} round {round_index + 1}/{opts.warmup + opts.repeats} (wall/cpu s): " + ", ".join(
+                    f"{v} {times[v][-1]:.2f}/{cpu_times[v][-1]:.2f}" for v in opts.variants if times[v]))
+            memory = {v: workers[v].finish() for v in opts.variants}
+        finally:
+            for worker in workers.values():
+                worker.kill()
+        for variant in opts.variants:
+            records.append({
+                "variant": variant,
+                "seq_len": seq_len,
+                "batch_size": opts.batch_size,
+                "step_s": statistics.median(times[variant]),
+                "step_s_all": [round(t, 4) for t in times[variant]],
+                "step_cpu_s": statistics.median(cpu_times[variant]),
+                "step_cpu_s_all": [round(t, 4) for t in cpu_times[variant]],
+                "peak_mem_bytes": memory[variant]["peak_mem_bytes"],
+                "baseline_mem_bytes": memory[variant]["baseline_mem_bytes"],
+                "memory_method": memory[variant]["memory_method"],
+                "response_tokens": info[variant]["response_tokens"],
+                "tokens": info[variant]["tokens"],
+            })
+    # On a shared CPU, other processes' load stretches wall time by whatever share of the cores they take at
+    # that moment; the worker's own CPU time (one thread, so no spin-waiting in it) is what the step costs.
+    _add_ratios(records, "wall" if opts.device == "cuda" else "cpu")
+    return records
+
+
+def _add_ratios(records: list[dict], time_metric: str) -> None:
+    """Ratios to ``plain`` at the same length; ``time_ratio`` uses ``time_metric`` ("cpu" or "wall")."""
+    plain = {r["seq_len"]: r for r in records if r["variant"] == "plain"}
+    key = "step_cpu_s" if time_metric == "cpu" else "step_s"
+    for record in records:
+        base = plain.get(record["seq_len"])
+        record["time_metric"] = time_metric
+        if base is None:
+            record["time_ratio"] = record["mem_ratio"] = None
+            continue
+        record["time_ratio"] = round(record[key] / base[key], 4)
+        record["wall_time_ratio"] = round(record["step_s"] / base["step_s"], 4)
+        record["cpu_time_ratio"] = round(record["step_cpu_s"] / base["step_cpu_s"], 4)
+        record["mem_ratio"] = round(record["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
+        # Beyond plain's peak, in bytes: the ratio alone hides how much of the peak is the model itself.
+        record["extra_mem_bytes"] = record["peak_mem_bytes"] - base["peak_mem_bytes"]
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+TARGETS = {  # issue 3, CPU, seq 1024 and 2048: (time ratio, memory ratio)
+    "sstoken-cached": (1.03, 1.03),
+    "sstoken-online": (1.35, 1.05),
+    "sstoken-ema": (1.40, 1.08),
+}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def markdown(result: dict) -> str:
+    meta = result["metadata"]
+    machine = meta["machine"]
+    where = machine.get("gpu") or f"{machine['cpu_model']}, {machine['cpu_count']} cores"
+    lines = [
+        f"### {meta['device'].upper()}: {where}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; torch {machine['torch']}, transformers {machine['transformers']}; "
+        f"wall time {meta['wall_s'] / 60:.1f} min.  ",
+        f"Load average (1/5/15 min) before: {meta['load_average_before']}, after: {meta['load_average_after']} "
+        f"(the machine is shared; the A/B rotation spreads that load over all variants).  ",
+        f"Model: {meta['settings']['model']}, LoRA r={LORA['r']} all-linear, batch {meta['settings']['batch_size']}, "
+        f"activation checkpointing {'on' if meta['settings']['activation_checkpointing'] else 'off'}; "
+        f"{meta['settings']['repeats']} timed steps per variant after {meta['settings']['warmup']} warm-up; "
+        f"peak memory = {result['records'][0]['memory_method'] if result['records'] else '-'} per worker process.",
+        "",
+        f"Time ratio = median {'wall-clock' if meta['device'] == 'cuda' else 'CPU'} time of a step over plain's"
+        + ("" if meta["device"] == "cuda" else " (CPU seconds of the worker process: other agents' load on the "
+           "shared machine stretches wall time, not the work a step does; wall-clock ratios are in the JSON)")
+        + ".",
+        "",
+        "| seq | variant | step s wall | step s CPU | time × plain | peak MiB | mem × plain | extra MiB | target (time, mem) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["records"]:
+        target = TARGETS.get(r["variant"])
+        verdict = ""
+        if target and r["seq_len"] in (1024, 2048) and r["time_ratio"] is not None:
+            ok = r["time_ratio"] <= target[0] and r["mem_ratio"] <= target[1]
+            verdict = f"≤{target[0]}, ≤{target[1]}: {'met' if ok else 'missed'}"
+        lines.append(
+            f"| {r['seq_len']} | {r['variant']} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | {r['time_ratio']:.3f} | "
+            f"{_mib(r['peak_mem_bytes'])} | {r['mem_ratio']:.3f} | {_mib(r.get('extra_mem_bytes', 0))} | {verdict} |"
+        )
+    attention = result.get("attention_memory")
+    if attention:
+        lines += ["", "Attention share vs eager attention maps, one layer alone (B=1, "
+                  f"{attention['heads']} query / {attention['kv_heads']} KV heads, head dim {attention['head_dim']}, "
+                  f"share chunk {attention['chunk_size']}): extra memory above the inputs.", "",
+                  "| tokens | share MiB | eager map MiB | eager / share |", "|---:|---:|---:|---:|"]
+        for row in attention["rows"]:
+            ratio = row["eager_extra_bytes"] / max(1, row["share_extra_bytes"])
+            lines.append(f"| {row['seq_len']} | {_mib(row['share_extra_bytes'])} | {_mib(row['eager_extra_bytes'])} | "
+                         f"{ratio:.1f} |")
+    cache = result.get("cache_throughput")
+    if cache:
+        lines += ["", f"`sstoken cache` over {cache['rows']} demo rows ({cache['tokens']} tokens, batch "
+                  f"{cache['batch_size']}, length-bucketed): {cache['cache_s']:.2f} s vs plain no-grad forward "
+                  f"over the same batches {cache['forward_s']:.2f} s (medians of {cache['repeats']}), "
+                  f"throughput ratio **{cache['throughput_ratio']:.3f}** (target ≥ 0.95)."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (default 512 1024 2048)")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per step (default 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and length (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default 1)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants to run; 'plain' is needed for the ratios")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", default=None, help="JSONL data the rows are built from (default: the demo data)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default 1 on CPU: on a shared machine several threads "
+                             "spin-wait for each other and make both wall and CPU time erratic; all cores on GPU)")
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                        help="train without activation checkpointing (SSTokenConfig's default is on)")
+    parser.add_argument("--parts", nargs="+", choices=("steps", "attention", "cache"),
+                        default=["steps", "attention", "cache"], help="which measurements to run (default all)")
+    parser.add_argument("--attention-lens", type=int, nargs="+", help="lengths for the attention-memory part "
+                        "(default 2048 4096 8192)")
+    parser.add_argument("--cache-rows", type=int, default=None, help="demo rows for the cache-throughput part")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random model and lengths: checks the benchmark runs (seconds), numbers mean nothing")
+    parser.add_argument("--out", help="JSON file (default bench/results/overhead-<device>[-quick].json)")
+    parser.add_argument("--markdown", help="Markdown file whose '## Overhead' section gets the table "
+                        "(default BENCHMARKS.md for a full run, none with --quick)")
+    parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown")
+
+
+def command_of(opts) -> str:
+    """The ``sstoken bench overhead`` command line that reproduces ``opts`` (options left at default omitted).
+
+    Rebuilt from the parsed options rather than ``sys.argv``, which is the caller's (pytest, a script) when the
+    benchmark is run through :func:`sstoken.cli.main` or :func:`run`.
+    """
+    import shlex
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = ["sstoken", "bench", "overhead"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(opts, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def run(opts) -> dict:
+    started = time.time()
+    command = command_of(opts)  # before the defaults below are filled in
+    if opts.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from sstoken.errors import ConfigError
+
+            raise ConfigError("--device cuda but torch sees no CUDA device")
+    opts.seq_lens = list(opts.seq_lens or (QUICK_SEQ_LENS if opts.quick else DEFAULT_SEQ_LENS))
+    opts.threads = opts.threads or (os.cpu_count() or 1 if opts.device == "cuda" else 1)
+    opts.variants = [v for v in VARIANTS if v in opts.variants]  # fixed order for the rotation and the table
+    if opts.quick:
+        opts.repeats = min(opts.repeats, 1)
+        opts.warmup = min(opts.warmup, 1)
+    load_before = common.load_average()
+    result: dict = {"records": []}
+    with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
+        workdir = Path(tmp)
+        model_dir = common.hf_checkpoint(opts.model, workdir, opts.quick)
+        if not opts.data:
+            if opts.quick:  # short rows in the tiny tokenizer's vocabulary, so tiny lengths still hold responses
+                from sstoken.testing import write_tiny_jsonl
+
+                opts.data = write_tiny_jsonl(workdir / "tiny.jsonl", n_rows=32)
+            else:
+                opts.data = demo_data_path()
+        if "steps" in opts.parts:
+            result["records"] = run_steps(opts, model_dir, workdir)
+        if "attention" in opts.parts:
+            from sstoken.bench import attention_memory
+
+            lens = opts.attention_lens or ((128,) if opts.quick else (2048, 4096, 8192))
+            result["attention_memory"] = attention_memory.run(lens, opts.device)
+        if "cache" in opts.parts:
+            from sstoken.bench import cache_throughput
+
+            result["cache_throughput"] = cache_throughput.run(
+                model_dir, opts.data, opts.device, opts.threads, workdir,
+                rows=opts.cache_rows or (8 if opts.quick else 96),
+                max_seq_length=64 if opts.quick else 512, repeats=2 if opts.quick else 3)
+    result["metadata"] = {
+        "benchmark": "overhead",
+        "command": command,
+        "date": common.now_utc(),
+        "device": opts.device,
+        "machine": common.machine_info(opts.device),
+        "load_average_before": load_before,
+        "load_average_after": common.load_average(),
+        "wall_s": round(time.time() - started, 1),
+        "quick": bool(opts.quick),
+        "settings": {
+            "model": "tiny random llama (sstoken.testing)" if opts.quick else (opts.model or "SmolLM2-135M-Instruct (embedded)"),
+            "data": "tiny generated rows (sstoken.testing)" if opts.quick and opts.data.endswith("tiny.jsonl")
+            else ("demo.jsonl (sstoken/demo)" if opts.data == demo_data_path() else opts.data),
+            "seq_lens": opts.seq_lens,
+            "batch_size": opts.batch_size,
+            "repeats": opts.repeats,
+            "warmup": opts.warmup,
+            "variants": opts.variants,
+            "lora": LORA,
+            "rho": RHO,
+            "gamma": GAMMA,
+            "activation_checkpointing": opts.activation_checkpointing,
+            "threads_per_worker": opts.threads,
+            "parts": opts.parts,
+        },
+    }
+    # Keep the schema keys first in the file for readers.
+    result = {"metadata": result.pop("metadata"), **result}
+    suffix = "-quick" if opts.quick else ""
+    out = opts.out or f"bench/results/overhead-{opts.device}{suffix}.json"
+    common.write_json(out, result)
+    _log(f"wrote {out}")
+    md_path = None if opts.no_markdown else (opts.markdown or (None if opts.quick else "BENCHMARKS.md"))
+    if md_path:
+        common.replace_marked_block(md_path, "Overhead", f"overhead-{opts.device}", markdown(result))
+        _log(f"updated {md_path} (## Overhead)")
+    print(markdown(result))
+    return result
+
+
+def cli(ns, rest) -> int:
+    run(ns)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sstoken bench overhead", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    run(ns)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

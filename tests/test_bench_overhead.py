@@ -1,0 +1,90 @@
+"""`sstoken bench overhead`: the JSON schema and Markdown output of a --quick run (numbers are not checked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sstoken.bench import common, overhead
+from sstoken.cli import build_parser, main
+
+RECORD_KEYS = {
+    "variant": str,
+    "seq_len": int,
+    "step_s": float,
+    "step_cpu_s": float,
+    "peak_mem_bytes": int,
+    "time_ratio": float,
+    "mem_ratio": float,
+    "wall_time_ratio": float,
+    "cpu_time_ratio": float,
+    "extra_mem_bytes": int,
+    "time_metric": str,
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out, md = tmp / "overhead.json", tmp / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Quality\n\nkept as is\n", encoding="utf-8")
+    status = main(["bench", "overhead", "--quick", "--out", str(out), "--markdown", str(md)])
+    assert status == 0
+    return json.loads(out.read_text(encoding="utf-8")), md.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_quick_run_records_every_variant_with_ratios(quick_run):
+    result, _ = quick_run
+    records = result["records"]
+    assert [(r["variant"], r["seq_len"]) for r in records] == [(v, 64) for v in overhead.VARIANTS]
+    for record in records:
+        for key, kind in RECORD_KEYS.items():
+            assert isinstance(record[key], kind), (key, record[key])
+        assert record["step_s"] > 0 and record["peak_mem_bytes"] > 0
+        assert record["time_metric"] == "cpu"
+    plain = records[0]
+    assert plain["time_ratio"] == 1.0 and plain["mem_ratio"] == 1.0 and plain["extra_mem_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_quick_run_metadata_and_side_measurements(quick_run):
+    result, _ = quick_run
+    meta = result["metadata"]
+    for key in ("command", "date", "device", "machine", "load_average_before", "load_average_after", "settings"):
+        assert key in meta
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    assert meta["command"].startswith("sstoken bench overhead --quick")
+    assert {"torch", "transformers", "cpu_model", "cpu_count"} <= set(meta["machine"])
+    attention = result["attention_memory"]
+    assert [row["seq_len"] for row in attention["rows"]] == [128]
+    assert all(row["share_extra_bytes"] >= 0 and row["eager_extra_bytes"] >= 0 for row in attention["rows"])
+    cache = result["cache_throughput"]
+    assert cache["rows"] > 0 and cache["cache_s"] > 0 and cache["forward_s"] > 0
+    assert cache["throughput_ratio"] == pytest.approx(cache["forward_s"] / cache["cache_s"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_its_table_under_overhead_only(quick_run):
+    _, markdown = quick_run
+    assert "## Quality\n\nkept as is" in markdown
+    assert markdown.index("## Quality") < markdown.index("## Overhead")
+    block = markdown.split("<!-- overhead-cpu:begin -->")[1].split("<!-- overhead-cpu:end -->")[0]
+    assert "| 64 | plain |" in block and "| 64 | reference-style |" in block
+
+
+def test_marked_block_is_replaced_not_duplicated(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\n## Overhead\n\nhand-written notes\n\n## Quality\n\nq\n", encoding="utf-8")
+    common.replace_marked_block(path, "Overhead", "overhead-cpu", "first")
+    common.replace_marked_block(path, "Overhead", "overhead-cpu", "second")
+    text = path.read_text(encoding="utf-8")
+    assert text.count("<!-- overhead-cpu:begin -->") == 1 and "second" in text and "first" not in text
+    assert text.index("hand-written notes") < text.index("second") < text.index("## Quality")
+
+
+def test_bench_command_is_registered():
+    ns, rest = build_parser().parse_known_args(["bench", "overhead", "--seq-lens", "1024", "2048", "--quick"])
+    assert ns.seq_lens == [1024, 2048] and ns.quick and not rest
+    assert ns.handler is overhead.cli
