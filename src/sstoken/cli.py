@@ -95,7 +95,8 @@ def cmd_train(ns, overrides: list[str]) -> int:
         raise
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
-    tokenizer.save_pretrained(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
     summary = _summary(trainer, run, config, stats, result, time.time() - started)
     if trainer.is_world_process_zero():
         out = Path(config.output_dir)

@@ -26,6 +26,7 @@ class Signals:
     reference_nll: torch.Tensor | None = None
     context_share: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
+    draw_key: int | None = None  # identifies the micro-batch (step, micro-batch, rank) for random draws
 
 
 class Selector:
@@ -64,16 +65,24 @@ class FullSelector(Selector):
 
 
 class RandomSelector(Selector):
-    """A uniformly random ceil(ρ·n) tokens of each sample, reproducible from ``seed`` and the call count."""
+    """A uniformly random ceil(ρ·n) tokens of each sample.
+
+    The draw depends only on ``seed`` and the micro-batch's ``draw_key`` (step, micro-batch, rank), not on how
+    many draws came before, so a resumed run or another rank needs no saved generator state.
+    """
 
     name = "random"
 
     def __init__(self, rho: float = 0.6, seed: int = 0):
         super().__init__(rho)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._calls = 0
 
     def select(self, signals, progress=0.0):
-        return scoring.random_mask(signals.response_mask, self.rho, self.generator, signals.segment_ids)
+        key = signals.draw_key if signals.draw_key is not None else self._calls
+        self._calls += 1
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + key) % (2**63))
+        return scoring.random_mask(signals.response_mask, self.rho, generator, signals.segment_ids)
 
 
 class SSTokenSelector(Selector):

@@ -144,6 +144,12 @@ class SSTokenTrainer(SFTTrainer):
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
         super().__init__(*args, **kwargs)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            # e.g. `accelerate launch` on a CPU-only machine without use_cpu: N independent runs would
+            # silently write to the same output_dir.
+            raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
+                              f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
         self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
                                       sst_args.attention_warmup, sst_args.selection_seed)
         self._probe = None
@@ -258,6 +264,9 @@ class SSTokenTrainer(SFTTrainer):
         valid, response, segment_ids = self._batch_layout(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
+        # The history pass (no grad) runs before the training forward: its full-vocabulary logits are freed
+        # before the training logits and activations exist, so it does not raise the step's peak memory.
+        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids) if mode == "train" else None
 
         if mode == "train" and self.selector.needs_attention:
             context = (labels == scoring.IGNORE_INDEX) & valid
@@ -275,10 +284,11 @@ class SSTokenTrainer(SFTTrainer):
             signals = Signals(
                 response_mask=response,
                 current_nll=current_nll,
-                history_nll=self._history_nll(model, model_inputs, inputs, valid, segment_ids),
+                history_nll=history_nll,
                 reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
                 context_share=context_share,
                 segment_ids=segment_ids,
+                draw_key=self._draw_key(),
             )
             keep = self.selector.select(signals, self._progress())
         else:
@@ -304,6 +314,15 @@ class SSTokenTrainer(SFTTrainer):
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         self._log_selection(mode, signals, keep, response, current_nll)
         return (loss, outputs) if return_outputs else loss
+
+    def _draw_key(self) -> int:
+        """Distinct for every (optimizer step, micro-batch, rank); the same again after a resume."""
+        step = self.state.global_step
+        if step != getattr(self, "_draw_step", None):
+            self._draw_step, self._draw_micro = step, 0
+        micro = self._draw_micro
+        self._draw_micro += 1
+        return (step * 4096 + micro) * 1024 + self.args.process_index
 
     def _progress(self) -> float:
         max_steps = max(1, self.state.max_steps or 1)
@@ -345,9 +364,6 @@ class SSTokenTrainer(SFTTrainer):
         state = {}
         if self.ema is not None:
             state.update(self.ema.state_dict())
-        generator = getattr(self.selector, "generator", None)
-        if generator is not None:
-            state["random.generator"] = generator.get_state()
         if state:
             os.makedirs(output_dir, exist_ok=True)
             tmp = os.path.join(output_dir, STATE_FILE + ".tmp")
@@ -357,18 +373,12 @@ class SSTokenTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
-        needs_state = self.ema is not None or getattr(self.selector, "generator", None) is not None
-        if not os.path.exists(path):
-            if needs_state:
-                raise ConfigError(f"checkpoint {resume_from_checkpoint} has no {STATE_FILE}; cannot resume the "
-                                  f"EMA history / random selector exactly")
+        if self.ema is None:
             return
-        state = load_file(path)
-        if self.ema is not None:
-            self.ema.load_state_dict(state)
-        generator = getattr(self.selector, "generator", None)
-        if generator is not None and "random.generator" in state:
-            generator.set_state(state["random.generator"])
+        if not os.path.exists(path):
+            raise ConfigError(f"checkpoint {resume_from_checkpoint} has no {STATE_FILE}; cannot resume the "
+                              f"EMA history exactly")
+        self.ema.load_state_dict(load_file(path))
 
 
 def _needs_sstoken_encoding(dataset) -> bool:
