@@ -88,3 +88,31 @@ def test_bench_command_is_registered():
     ns, rest = build_parser().parse_known_args(["bench", "overhead", "--seq-lens", "1024", "2048", "--quick"])
     assert ns.seq_lens == [1024, 2048] and ns.quick and not rest
     assert ns.handler is overhead.cli
+
+
+def test_token_nll_chunks_stay_within_the_byte_bound(monkeypatch):
+    """Selection's per-token NLL never builds a full-vocabulary float32 block larger than NLL_CHUNK_BYTES."""
+    import torch
+    import torch.nn.functional as F
+
+    from sstoken import scoring
+
+    torch.manual_seed(0)
+    batch, length, vocab = 3, 40, 1000
+    logits, labels = torch.randn(batch, length, vocab), torch.randint(0, vocab, (batch, length))
+    labels[1, :25] = scoring.IGNORE_INDEX
+    expected = torch.zeros(batch, length)
+    expected[:, 1:] = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                      ignore_index=scoring.IGNORE_INDEX, reduction="none").view(batch, length - 1)
+    monkeypatch.setattr(scoring, "NLL_CHUNK_BYTES", 16 * vocab * 4)  # 16 positions per block
+    seen = []
+    real = F.cross_entropy
+
+    def recording(input, *args, **kwargs):
+        seen.append(input.shape[0])
+        return real(input, *args, **kwargs)
+
+    monkeypatch.setattr(scoring.F, "cross_entropy", recording)
+    got = scoring.token_nll(logits, labels, chunk_size=1024)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert max(seen) == 16 and sum(seen) == batch * (length - 1)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Largest float32 log-softmax block token_nll materialises at once (bytes).
+NLL_CHUNK_BYTES = 32 * 2**20
 # ceil(ρ·n) in floating point: 0.07 * 100 == 7.000000000000001, whose ceiling would keep one token too many.
 _CEIL_SLACK = 1e-9
 # Relative spread below which a sample's values count as equal (a few float32 ulps of NLL-sized numbers).
@@ -35,23 +37,24 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
     """Per-token negative log-likelihood, without gradient, B×T float32 aligned to the predicted token.
 
     ``logits`` is B×T×V as returned by a causal LM (position ``i`` predicts token ``i+1``). The log-softmax is
-    taken ``chunk_size`` positions at a time so that no full-vocabulary float32 copy of the logits is kept.
+    taken ``chunk_size`` positions at a time, and never more than :data:`NLL_CHUNK_BYTES` of float32
+    log-probabilities at once, so that no full-vocabulary float32 copy of the logits is kept.
     Entries whose label is ``-100``, and column 0, are 0.
     """
     batch, length, _ = logits.shape
     out = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
     if length < 2:
         return out
-    targets = labels[:, 1:]
-    flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    flat_out = torch.empty(flat_targets.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, flat_targets.shape[0], chunk_size):
-        stop = start + chunk_size
-        flat_out[start:stop] = F.cross_entropy(
-            flat_logits[start:stop].float(), flat_targets[start:stop], ignore_index=IGNORE_INDEX, reduction="none"
-        )
-    out[:, 1:] = flat_out.view(batch, length - 1)
+    # 1024 positions of a 49k vocabulary are already 200 MB: the memory bound, not the position count, decides.
+    chunk_size = max(1, min(chunk_size, NLL_CHUNK_BYTES // (4 * logits.shape[-1])))
+    # One row at a time: logits[:, :-1] of a batch is not contiguous, and reshaping it to 2-D would copy it all.
+    for row in range(batch):
+        row_logits, row_targets = logits[row, :-1], labels[row, 1:]
+        for start in range(0, length - 1, chunk_size):
+            stop = start + chunk_size
+            out[row, 1 + start:1 + stop] = F.cross_entropy(
+                row_logits[start:stop].float(), row_targets[start:stop], ignore_index=IGNORE_INDEX, reduction="none"
+            )
     return out
 
 
