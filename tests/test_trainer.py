@@ -293,3 +293,16 @@ def test_full_fine_tuning_online_base_needs_cache(tmp_path):
     trainer = make_trainer(tmp_path, rows=make_rows(4), peft=False, max_steps=1)
     with pytest.raises(ConfigError, match="sstoken cache"):
         trainer.train()
+
+
+def test_readme_python_example_with_a_model_path(tmp_path):
+    """SSTokenTrainer(model="<path>", args=SSTokenConfig(...), train_dataset=<raw messages>) as in the README."""
+    from sstoken.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                          {"role": "assistant", "content": "In Paris."}]} for i in range(8)]
+    trainer = SSTokenTrainer(model=path, args=make_config(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+                             peft_config=lora())
+    assert any(label == -100 for label in trainer.train_dataset[0]["labels"])
+    assert trainer.train().global_step == 1
