@@ -87,6 +87,10 @@ SIZES = {
     # so that 27 runs fit ~40 minutes of the shared CPU.
     "small": Size(n_train=320, n_test=80, max_steps=40, batch_size=16, reference_fraction=0.2,
                   reference_steps=20, learning_rate=5e-3, lora_r=16, max_new_tokens=24),
+    # For a GPU (`--model medium --device cuda`): a 4-layer, hidden-256 llama pretrained longer, more data
+    # and steps. Not runnable in an hour on a 2-core CPU.
+    "medium": Size(n_train=2000, n_test=200, max_steps=150, batch_size=32, reference_fraction=0.2,
+                   reference_steps=80, learning_rate=2e-3, lora_r=16, max_new_tokens=24),
     "smollm2": Size(n_train=320, n_test=80, max_steps=60, batch_size=8, reference_fraction=0.2,
                     reference_steps=24, learning_rate=5e-4, lora_r=16, max_new_tokens=24),
     # mechanics only: a tiny random model learns nothing; numbers from it mean nothing
@@ -96,6 +100,11 @@ SIZES = {
 
 SMALL_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512, pretrain_steps=400, pretrain_batch=32, pretrain_lr=3e-3)
+MEDIUM_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=1024, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=1e-3)
+ARCHS = {"small": SMALL_MODEL, "medium": MEDIUM_MODEL}
+# where training and evaluation run; set once by run_quality (--device)
+_DEVICE = "cpu"
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -207,7 +216,7 @@ def _eval_nll(model, rows, pad_id: int, batch_size: int = 16) -> float:
             for j, r in enumerate(batch):
                 n = len(r["input_ids"])
                 ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=ids.to(_DEVICE), attention_mask=mask.to(_DEVICE), use_cache=False).logits.cpu()
             nll = scoring.token_nll(logits, labels)
             response = scoring.response_mask_from_labels(labels) & mask.bool()
             total += float(nll[response].sum())
@@ -228,11 +237,11 @@ def _greedy(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 4
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
             texts = [_render(tokenizer, ex.prompt_messages(), True) for ex in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_DEVICE)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:]:
+            for row in out[:, enc["input_ids"].shape[1]:].cpu():
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = side
@@ -263,7 +272,7 @@ def _config(size: Size, out_dir: str, seed: int, **overrides):
 
     kwargs = dict(output_dir=out_dir, max_steps=size.max_steps, per_device_train_batch_size=size.batch_size,
                   learning_rate=size.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-                  logging_steps=10_000, report_to="none", save_strategy="no", use_cpu=True, seed=seed,
+                  logging_steps=10_000, report_to="none", save_strategy="no", use_cpu=_DEVICE == "cpu", seed=seed,
                   data_seed=seed, selection_seed=seed, rho=size.rho, gamma=size.gamma, disable_tqdm=True,
                   dataloader_num_workers=0, gradient_checkpointing=False, max_length=size.max_seq_length)
     kwargs.update(overrides)
@@ -312,7 +321,7 @@ def _small_tokenizer(vocab_size: int):
     return fast
 
 
-def _small_base(log):
+def _small_base(log, arch: str = "small"):
     """The small pretrained base: built once (plain PyTorch loop, CPU) and cached under ~/.cache/sstoken."""
     import hashlib
     import random
@@ -322,9 +331,10 @@ def _small_base(log):
 
     from sstoken.bench.tasks import pretraining_document
 
+    SMALL_MODEL = ARCHS[arch]  # noqa: N806 (the architecture table of this size)
     spec = json.dumps(SMALL_MODEL, sort_keys=True) + "|v1"
     folder = Path(os.environ.get("SSTOKEN_CACHE", Path.home() / ".cache" / "sstoken")) / (
-        "quality-small-" + hashlib.sha256(spec.encode()).hexdigest()[:12])
+        f"quality-{arch}-" + hashlib.sha256(spec.encode()).hexdigest()[:12])
     if (folder / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(folder)
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
@@ -338,27 +348,28 @@ def _small_base(log):
         num_attention_heads=SMALL_MODEL["num_attention_heads"], num_key_value_heads=SMALL_MODEL["num_key_value_heads"],
         max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
         tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(_DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=SMALL_MODEL["pretrain_lr"], weight_decay=0.01)
     rng = random.Random("pretrain")
     model.train()
     loss = None
     for step in range(SMALL_MODEL["pretrain_steps"]):
         docs = [pretraining_document(rng) for _ in range(SMALL_MODEL["pretrain_batch"])]
-        enc = tok(docs, return_tensors="pt", padding=True)
+        enc = tok(docs, return_tensors="pt", padding=True).to(_DEVICE)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(**enc, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 100 == 0:
-            log(f"pretraining the small base: step {step} loss {loss.item():.3f}")
+            log(f"pretraining the {arch} base: step {step} loss {loss.item():.3f}")
     model.eval()
+    model.to("cpu")  # the base is deep-copied per run; the trainer moves each copy to the device
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     info = {"pretrain_s": time.time() - started, "pretrain_final_loss": float(loss.item())}
-    log(f"small base pretrained in {info['pretrain_s']:.0f}s (final loss {info['pretrain_final_loss']:.3f})")
+    log(f"{arch} base pretrained in {info['pretrain_s']:.0f}s (final loss {info['pretrain_final_loss']:.3f})")
     return model, tok, info
 
 
@@ -367,10 +378,10 @@ def _load(kind: str, log):
         from sstoken.testing import tiny_model, tiny_tokenizer
 
         return tiny_model("llama", seed=0), tiny_tokenizer(), "tiny random llama (sstoken.testing)", {}
-    if kind == "small":
-        model, tok, info = _small_base(log)
+    if kind in ARCHS:
+        model, tok, info = _small_base(log, kind)
         n = sum(p.numel() for p in model.parameters())
-        return model, tok, f"small llama pretrained from scratch ({n / 1e3:.0f}k parameters)", info
+        return model, tok, f"{kind} llama pretrained from scratch ({n / 1e3:.0f}k parameters)", info
     from sstoken.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
     return load_model(None), load_tokenizer(None), EMBEDDED_MODEL, {}
@@ -397,7 +408,7 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         started = time.time()
         base_cache = str(work / f"base_s{seed}")
         # the base model (no adapter) scored once; every method with history 'base' looks it up
-        build_nll_cache(_trainable_copy(base), tokenizer, noisy_rows, base_cache, size.max_seq_length,
+        build_nll_cache(_trainable_copy(base).to(_DEVICE), tokenizer, noisy_rows, base_cache, size.max_seq_length,
                         progress=False)
         shared_cost["base_cache_s"] = time.time() - started
         log(f"seed {seed}: base NLL cache in {shared_cost['base_cache_s']:.0f}s")
@@ -551,6 +562,8 @@ def run_quality(args) -> int:
     warnings.filterwarnings("ignore")
     for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "sstoken.trainer", "sstoken.history"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    global _DEVICE
+    _DEVICE = getattr(args, "device", None) or "cpu"
     kind = "tiny" if args.tiny else getattr(args, "model", None) or "small"
     size = SIZES[kind]
     methods = list(getattr(args, "methods", None) or METHODS)
@@ -592,13 +605,16 @@ def _write(out: Path, args, size: Size, model_name: str, base_info: dict, record
     payload = {
         "schema_version": SCHEMA_VERSION,
         "command": "sstoken bench quality" + (" --tiny" if args.tiny else f" --model {args.model}") +
+                   ("" if _DEVICE == "cpu" else f" --device {_DEVICE}") +
                    " --seeds " + " ".join(map(str, args.seeds)),
         "partial": partial,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "model": model_name,
-        "base_model_info": base_info | ({"architecture": SMALL_MODEL} if "small" in model_name else {}),
+        "base_model_info": base_info | ({"architecture": ARCHS[args.model]} if not args.tiny and args.model in ARCHS
+                                        else {}),
+        "device": _DEVICE,
         "size": size_dict,
         "noise": size.noise.as_dict(),
         "methods": {m: METHODS[m] for m in dict.fromkeys(r["method"] for r in records)},
@@ -621,8 +637,10 @@ def add_quality_parser(subparsers) -> argparse.ArgumentParser:
                     "steps and seeds on generated tasks with known noise; score exact match / NLL on a clean "
                     "test set and record which tokens each selector keeps.")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: checks the mechanics in ~1 min")
-    parser.add_argument("--model", choices=["small", "smollm2"], default="small",
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--model", choices=["small", "medium", "smollm2"], default="small",
                         help="small: a ~130k-parameter llama pretrained here from scratch (default, fits a 2-core CPU);"
+                             " medium: a 4-layer hidden-256 llama with more data and steps (for a GPU);"
                              " smollm2: the embedded SmolLM2-135M (needs far more compute)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="bench/results/quality.json")
