@@ -42,13 +42,13 @@ def _measure_main(conn, spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
         from sstoken.data import load_training_rows
         from sstoken.history import build_nll_cache
-        from sstoken.models import load_model, load_tokenizer
+        from sstoken.models import load_tokenizer
 
         device = "cuda" if spec["device"] == "cuda" else "cpu"
         tokenizer = load_tokenizer(spec["model_dir"])
         rows, _ = load_training_rows(spec["data"], tokenizer, spec["max_seq_length"])
         rows = rows[:spec["rows"]]
-        model = load_model(spec["model_dir"]).to(device).eval()
+        model = common.load_bench_model(spec["model_dir"], spec["random_init"]).to(device).eval()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batches = list(_batches(rows, spec["batch_size"], pad_id))
         counter = [0]
@@ -97,8 +97,9 @@ def _measure_main(conn, spec: dict) -> None:
 
 
 def run(model_dir: str, data: str, device: str, threads: int, workdir: Path, rows: int = 96,
-        max_seq_length: int = 512, batch_size: int = 8, repeats: int = 3) -> dict:
+        max_seq_length: int = 512, batch_size: int = 8, repeats: int = 3, random_init: bool = False) -> dict:
     spec = {"model_dir": model_dir, "data": data, "device": device, "threads": threads, "workdir": str(workdir),
+            "random_init": random_init,
             "rows": rows, "max_seq_length": max_seq_length, "batch_size": batch_size, "repeats": repeats}
     ctx = common.worker_context()
     parent, child = ctx.Pipe()

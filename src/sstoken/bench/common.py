@@ -56,6 +56,44 @@ def peak_rss_bytes() -> int:
     return kb * 1024
 
 
+# glibc mallopt() parameters, from <malloc.h>.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - raises AttributeError where the C library is not glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def malloc_follows_live_memory(on: bool) -> bool:
+    """Switch glibc's malloc between a memory-measuring mode and its usual steady state; False if not glibc.
+
+    By default glibc raises its mmap threshold after the first large frees (up to 32 MiB), after which
+    multi-MB tensors come from the heap, stay resident when freed, and the RSS high-water mark records the
+    heap's fragmentation rather than the step's live memory. ``on``: every block of 128 KiB or more gets its own
+    mapping and is unmapped when freed, so peak RSS follows live memory; free heap pages are returned first.
+    That costs a page fault per fresh page, which would distort timing, so ``off`` restores the thresholds
+    glibc's own adjustment settles at (mmap 32 MiB, trim twice that) for the timed steps.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    if on:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    else:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+    return True
+
+
 class PeakMemory:
     """Peak memory of a block of work: RSS high-water on CPU, ``max_memory_allocated`` on CUDA."""
 
@@ -77,17 +115,22 @@ class PeakMemory:
             self.baseline = torch.cuda.memory_allocated()
             self.method = "torch.cuda.max_memory_allocated"
         else:
+            exact = malloc_follows_live_memory(True)
             reset = reset_peak_rss()
             self.baseline = current_rss_bytes()
-            self.method = "VmHWM after reset" if reset else "ru_maxrss (no reset)"
+            self.method = ("RSS high-water (VmHWM reset before the step" + (", glibc malloc returning every block "
+                           ">= 128 KiB" if exact else "") + ")") if reset else "ru_maxrss (whole process)"
 
     def peak(self) -> int:
+        """Peak since :meth:`start`; on CPU this also puts malloc back in its steady state for timing."""
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
             return int(torch.cuda.max_memory_allocated())
-        return peak_rss_bytes()
+        peak = peak_rss_bytes()
+        malloc_follows_live_memory(False)
+        return peak
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -105,11 +148,6 @@ def worker_context():
     """
     import multiprocessing as mp
 
-    # glibc's malloc raises its mmap threshold after the first large free, after which freed multi-MB tensors
-    # stay in the heap and RSS keeps whatever the worst fragmentation was. A fixed threshold (glibc's initial
-    # 128 KiB) returns every large tensor to the OS on free, so the RSS high-water mark follows live memory.
-    # Set before the fork server starts: workers inherit it from there.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -220,6 +258,22 @@ def hf_checkpoint(model_name: str | None, workdir: Path, quick: bool) -> str:
     print(f"[bench] converting {gguf_path.name} to a plain checkpoint in {target} (once)", flush=True)
     subprocess.run([sys.executable, "-c", code, model_name or "embedded", str(target)], check=True)
     return str(target)
+
+
+def load_bench_model(model_dir: str, random_init: bool = False, attn_implementation: str = "sdpa"):
+    """The benchmark's model: the checkpoint in ``model_dir``, or (``random_init``) its architecture with random
+    weights. Step time and memory depend on the architecture, not on the weight values, so a machine that cannot
+    receive the weights (the GPU machines take at most 64 MiB of files) still measures the same costs."""
+    if not random_init:
+        from sstoken.models import load_model
+
+        return load_model(model_dir, attn_implementation=attn_implementation)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
 # ----------------------------------------------------------------------------------------------- results

@@ -150,12 +150,13 @@ def _build_trainer(spec: dict, rows: list[dict]):
     from peft import LoraConfig
 
     from sstoken.data import to_hf_dataset
-    from sstoken.models import load_model, load_tokenizer
+    from sstoken.models import load_tokenizer
     from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
     variant = spec["variant"]
     tokenizer = load_tokenizer(spec["model_dir"])
-    model = load_model(spec["model_dir"], attn_implementation="eager" if variant == "reference-style" else "sdpa")
+    model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False),
+                                    attn_implementation="eager" if variant == "reference-style" else "sdpa")
     plain_cls, reference_cls = _trainer_classes()
     config = SSTokenConfig(
         output_dir=str(Path(spec["workdir"]) / f"out-{variant}"),
@@ -196,6 +197,48 @@ def _build_trainer(spec: dict, rows: list[dict]):
     return trainer
 
 
+class _PartTimer:
+    """CPU seconds spent, inside a step, in each piece of work that selection adds to plain SFT.
+
+    The end-to-end comparison with ``plain`` subtracts two long steps measured at different moments on a shared
+    machine; these parts are timed within the very step they belong to, so their share of that step is a
+    paired measurement that load drift cannot move. CPU only: on a GPU the work is asynchronous and timing
+    a part would need synchronisations the real step does not have.
+    """
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.parts[name] = self.parts.get(name, 0.0) + time.process_time() - start
+
+        return timed
+
+    def install(self, trainer) -> None:
+        import sstoken.attention
+        import sstoken.scoring
+
+        # Instance attributes shadow the methods compute_loss calls through ``self``; the two module functions
+        # are looked up at call time by the trainer and by the attention wrapper.
+        trainer._history_nll = self.wrap("history", trainer._history_nll)
+        trainer._log_selection = self.wrap("logging", trainer._log_selection)
+        trainer.selector.select = self.wrap("select", trainer.selector.select)
+        sstoken.scoring.token_nll = self.wrap("current_nll", sstoken.scoring.token_nll)
+        sstoken.attention.context_share_from_qk = self.wrap("attention_share",
+                                                            sstoken.attention.context_share_from_qk)
+        if trainer.ema is not None:
+            trainer.ema.update = self.wrap("ema_update", trainer.ema.update)
+
+    def take(self) -> dict[str, float]:
+        parts, self.parts = self.parts, {}
+        return parts
+
+
 def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one optimizer step."""
     import torch
@@ -230,16 +273,26 @@ def _worker_main(conn, spec: dict) -> None:
         from sstoken import scoring
 
         response = int(scoring.response_mask_from_labels(batch["labels"]).sum())
-        memory = common.PeakMemory(spec["device"])
-        memory.start()
+        timer = _PartTimer()
+        if spec["device"] != "cuda" and spec["variant"].startswith("sstoken-"):
+            timer.install(trainer)
         conn.send(("ready", {"response_tokens": response, "tokens": int(batch["input_ids"].numel())}))
         while True:
             command = conn.recv()
             if command == "step":
-                conn.send(("step", _one_step(trainer, batch, spec["device"])))
-            elif command == "finish":
-                conn.send(("finish", {"peak_mem_bytes": memory.peak(), "baseline_mem_bytes": memory.baseline,
+                timer.take()
+                wall, cpu = _one_step(trainer, batch, spec["device"])
+                conn.send(("step", (wall, cpu, timer.take())))
+            elif command == "memory":
+                # The first step of the worker, untimed: it doubles as the warm-up (lazy initialisation, optimizer
+                # state) and runs with malloc in its memory-measuring mode (see common.malloc_follows_live_memory).
+                memory = common.PeakMemory(spec["device"])
+                memory.start()
+                _one_step(trainer, batch, spec["device"])
+                peak = memory.peak()
+                conn.send(("memory", {"peak_mem_bytes": peak, "baseline_mem_bytes": memory.baseline,
                                       "memory_method": memory.method}))
+            elif command == "finish":
                 return
     except BaseException:  # report any failure to the parent instead of dying silently
         conn.send(("error", traceback.format_exc()))
@@ -252,11 +305,12 @@ def _cache_builder_main(conn, spec: dict) -> None:
 
         torch.set_num_threads(spec["threads"])
         from sstoken.history import build_nll_cache
-        from sstoken.models import load_model, load_tokenizer
+        from sstoken.models import load_tokenizer
 
         tokenizer = load_tokenizer(spec["model_dir"])
         rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
-        model = load_model(spec["model_dir"]).to("cuda" if spec["device"] == "cuda" else "cpu")
+        model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False))
+        model = model.to("cuda" if spec["device"] == "cuda" else "cpu")
         build_nll_cache(model, tokenizer, rows, spec["cache_dir"], spec["seq_len"], batch_size=spec["batch_size"],
                         progress=False)
         conn.send(("done", None))
@@ -294,11 +348,13 @@ class _Worker:
         self.conn.send("step")
         return self._receive("step")
 
-    def finish(self) -> dict:
+    def memory(self) -> dict:
+        self.conn.send("memory")
+        return self._receive("memory")
+
+    def finish(self) -> None:
         self.conn.send("finish")
-        result = self._receive("finish")
         self.process.join(60)
-        return result
 
     def wait_done(self):
         result = self._receive("done")
@@ -325,6 +381,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             "seed": 0,
             "workdir": str(workdir),
             "activation_checkpointing": opts.activation_checkpointing,
+            "random_init": opts.random_init,
             "cache_dir": str(workdir / f"cache-{seq_len}"),
         }
         if "sstoken-cached" in opts.variants:
@@ -339,20 +396,28 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             for variant in opts.variants:  # one at a time: loading in parallel would only contend for the CPU
                 workers[variant] = _Worker(_worker_main, dict(spec, variant=variant))
                 info[variant] = workers[variant].ready()
+            memory = {}
+            for variant in opts.variants:
+                memory[variant] = workers[variant].memory()
+            _log(f"seq {seq_len} peak memory (MiB): " + ", ".join(
+                f"{v} {memory[v]['peak_mem_bytes'] / 2**20:.0f}" for v in opts.variants))
             times: dict[str, list[float]] = {v: [] for v in opts.variants}
             cpu_times: dict[str, list[float]] = {v: [] for v in opts.variants}
+            parts: dict[str, list[dict]] = {v: [] for v in opts.variants}
             n = len(opts.variants)
             for round_index in range(opts.warmup + opts.repeats):
-                shift = round_index % n
+                shift = (round_index + 1) % n  # the memory step ran in the unshifted order
                 order = opts.variants[shift:] + opts.variants[:shift]
                 for variant in order:
-                    wall, cpu = workers[variant].step()
+                    wall, cpu, step_parts = workers[variant].step()
                     if round_index >= opts.warmup:
                         times[variant].append(wall)
                         cpu_times[variant].append(cpu)
+                        parts[variant].append(step_parts)
                 _log(f"seq {seq_len} round {round_index + 1}/{opts.warmup + opts.repeats} (wall/cpu s): " + ", ".join(
                     f"{v} {times[v][-1]:.2f}/{cpu_times[v][-1]:.2f}" for v in opts.variants if times[v]))
-            memory = {v: workers[v].finish() for v in opts.variants}
+            for worker in workers.values():
+                worker.finish()
         finally:
             for worker in workers.values():
                 worker.kill()
@@ -365,6 +430,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
                 "step_s_all": [round(t, 4) for t in times[variant]],
                 "step_cpu_s": statistics.median(cpu_times[variant]),
                 "step_cpu_s_all": [round(t, 4) for t in cpu_times[variant]],
+                **_selection_share(cpu_times[variant], parts[variant]),
                 "peak_mem_bytes": memory[variant]["peak_mem_bytes"],
                 "baseline_mem_bytes": memory[variant]["baseline_mem_bytes"],
                 "memory_method": memory[variant]["memory_method"],
@@ -375,6 +441,24 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
     # that moment; the worker's own CPU time (one thread, so no spin-waiting in it) is what the step costs.
     _add_ratios(records, "wall" if opts.device == "cuda" else "cpu")
     return records
+
+
+def _selection_share(cpu_times: list[float], parts: list[dict]) -> dict:
+    """Per-step CPU seconds of the selection work (medians), and the time ratio those seconds imply.
+
+    ``attributed_time_ratio`` = step / (step - selection), median over steps: the step's cost relative to the
+    same step without the selection work, measured inside one step (see _PartTimer).
+    """
+    if not parts or not any(parts):
+        return {}
+    names = sorted({name for step in parts for name in step})
+    totals = [sum(step.values()) for step in parts]
+    return {
+        "selection_cpu_s": round(statistics.median(totals), 4),
+        "selection_parts_cpu_s": {name: round(statistics.median(step.get(name, 0.0) for step in parts), 4)
+                                  for name in names},
+        "attributed_time_ratio": round(statistics.median(c / max(1e-9, c - t) for c, t in zip(cpu_times, totals)), 4),
+    }
 
 
 def _add_ratios(records: list[dict], time_metric: str) -> None:
@@ -425,16 +509,23 @@ def markdown(result: dict) -> str:
         f"(the machine is shared; the A/B rotation spreads that load over all variants).  ",
         f"Model: {meta['settings']['model']}, LoRA r={LORA['r']} all-linear, batch {meta['settings']['batch_size']}, "
         f"activation checkpointing {'on' if meta['settings']['activation_checkpointing'] else 'off'}; "
-        f"{meta['settings']['repeats']} timed steps per variant after {meta['settings']['warmup']} warm-up; "
-        f"peak memory = {result['records'][0]['memory_method'] if result['records'] else '-'} per worker process.",
+        f"per variant and length: one untimed first step that measures peak memory "
+        f"({result['records'][0]['memory_method'] if result['records'] else '-'}, one worker process per variant), "
+        f"{meta['settings']['warmup']} more warm-up step(s), then {meta['settings']['repeats']} timed steps in "
+        f"rotation with the other variants.",
         "",
         f"Time ratio = median {'wall-clock' if meta['device'] == 'cuda' else 'CPU'} time of a step over plain's"
         + ("" if meta["device"] == "cuda" else " (CPU seconds of the worker process: other agents' load on the "
            "shared machine stretches wall time, not the work a step does; wall-clock ratios are in the JSON)")
         + ".",
         "",
-        "| seq | variant | step s wall | step s CPU | time × plain | peak MiB | mem × plain | extra MiB | target (time, mem) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "In-step = the selection work's CPU seconds timed inside the same steps (history NLL, current NLL, "
+        "attention share, top-ρ selection, logging, EMA update) and the ratio step / (step − selection) they imply: "
+        "a paired measurement that machine load cannot shift (CPU runs only).",
+        "",
+        "| seq | variant | step s wall | step s CPU | time × plain | in-step selection s | in-step × | peak MiB "
+        "| mem × plain | extra MiB | target (time, mem) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["records"]:
         target = TARGETS.get(r["variant"])
@@ -444,7 +535,8 @@ def markdown(result: dict) -> str:
             verdict = f"≤{target[0]}, ≤{target[1]}: {'met' if ok else 'missed'}"
         lines.append(
             f"| {r['seq_len']} | {r['variant']} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | {r['time_ratio']:.3f} | "
-            f"{_mib(r['peak_mem_bytes'])} | {r['mem_ratio']:.3f} | {_mib(r.get('extra_mem_bytes', 0))} | {verdict} |"
+            + (f"{r['selection_cpu_s']:.2f} | {r['attributed_time_ratio']:.3f} | " if "selection_cpu_s" in r else "– | – | ")
+            + f"{_mib(r['peak_mem_bytes'])} | {r['mem_ratio']:.3f} | {_mib(r.get('extra_mem_bytes', 0))} | {verdict} |"
         )
     attention = result.get("attention_memory")
     if attention:
@@ -469,12 +561,19 @@ def markdown(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (default 512 1024 2048)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and length (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed steps per variant and length (default 1, which keeps the default run near 25 "
+                             "minutes on a 2-core CPU; use 3 or more where time allows)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps per variant after the first one (default 0: the first step of every "
+                             "worker is already untimed; it measures the peak memory and warms up)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="variants to run; 'plain' is needed for the ratios")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights in the model's architecture (same step cost; for machines the "
+                             "weights cannot be copied to)")
     parser.add_argument("--data", default=None, help="JSONL data the rows are built from (default: the demo data)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default 1 on CPU: on a shared machine several threads "
@@ -536,7 +635,7 @@ def run(opts) -> dict:
     opts.variants = [v for v in VARIANTS if v in opts.variants]  # fixed order for the rotation and the table
     if opts.quick:
         opts.repeats = min(opts.repeats, 1)
-        opts.warmup = min(opts.warmup, 1)
+        opts.warmup = 0
     load_before = common.load_average()
     result: dict = {"records": []}
     with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
@@ -560,9 +659,9 @@ def run(opts) -> dict:
             from sstoken.bench import cache_throughput
 
             result["cache_throughput"] = cache_throughput.run(
-                model_dir, opts.data, opts.device, opts.threads, workdir,
-                rows=opts.cache_rows or (8 if opts.quick else 96),
-                max_seq_length=64 if opts.quick else 512, repeats=2 if opts.quick else 3)
+                model_dir, opts.data, opts.device, opts.threads, workdir, random_init=opts.random_init,
+                rows=opts.cache_rows or (8 if opts.quick else 24),
+                max_seq_length=64 if opts.quick else 512, repeats=2)
     result["metadata"] = {
         "benchmark": "overhead",
         "command": command,
@@ -574,7 +673,8 @@ def run(opts) -> dict:
         "wall_s": round(time.time() - started, 1),
         "quick": bool(opts.quick),
         "settings": {
-            "model": "tiny random llama (sstoken.testing)" if opts.quick else (opts.model or "SmolLM2-135M-Instruct (embedded)"),
+            "model": "tiny random llama (sstoken.testing)" if opts.quick else (
+                (opts.model or "SmolLM2-135M-Instruct (embedded)") + (", random weights" if opts.random_init else "")),
             "data": "tiny generated rows (sstoken.testing)" if opts.quick and opts.data.endswith("tiny.jsonl")
             else ("demo.jsonl (sstoken/demo)" if opts.data == demo_data_path() else opts.data),
             "seq_lens": opts.seq_lens,
