@@ -100,25 +100,32 @@ def test_training_changes_weights_and_keeps_rho(tmp_path, method):
         assert "mean_rel" in logs[0]
 
 
-def test_selection_prefers_high_attention_tokens_at_gamma_zero(tmp_path):
-    """At gamma=0 the kept tokens are exactly the top-rho by the context share of the same forward."""
-    trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="attn", rho=0.5)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+def select_once(trainer, batch):
+    """Run one training-mode compute_loss on ``batch``; return (loss, signals, keep) the selector saw."""
     captured = {}
     original = trainer.selector.select
 
     def spy(signals, progress=0.0):
-        keep = original(signals, progress)
-        captured["keep"], captured["signals"] = keep, signals
-        return keep
+        captured["signals"], captured["keep"] = signals, original(signals, progress)
+        return captured["keep"]
 
     trainer.selector.select = spy
-    trainer.model.train()
-    trainer.compute_loss(trainer.model, dict(batch))
-    signals = captured["signals"]
+    try:
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    finally:
+        trainer.selector.select = original
+    return loss, captured["signals"], captured["keep"]
+
+
+def test_selection_prefers_high_attention_tokens_at_gamma_zero(tmp_path):
+    """At gamma=0 the kept tokens are exactly the top-rho by the context share of the same forward."""
+    trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="attn", rho=0.5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    _, signals, keep = select_once(trainer, batch)
     expected = scoring.top_rho_mask(signals.context_share, signals.response_mask, 0.5)
-    assert torch.equal(captured["keep"], expected)
-    assert not (captured["keep"] & ~signals.response_mask).any()
+    assert torch.equal(keep, expected)
+    assert not (keep & ~signals.response_mask).any()
 
 
 def _loss_and_grads(trainer, batches):
@@ -152,37 +159,15 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, method):
 def test_loss_is_mean_nll_over_kept_tokens(tmp_path):
     trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="sstoken")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["keep"] = original(signals, progress)
-        captured["nll"] = signals.current_nll
-        return captured["keep"]
-
-    trainer.selector.select = spy
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    keep = captured["keep"]
-    assert loss.item() == pytest.approx((captured["nll"] * keep).sum().item() / keep.sum().item(), rel=1e-5)
+    loss, signals, keep = select_once(trainer, batch)
+    assert loss.item() == pytest.approx((signals.current_nll * keep).sum().item() / keep.sum().item(), rel=1e-5)
 
 
 def test_history_base_online_is_zero_rel_at_start(tmp_path):
     """LoRA B starts at 0, so the base model (adapter disabled) equals the current model: REL == 0."""
     trainer = make_trainer(tmp_path, rows=make_rows(4), selection_method="rel")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["signals"] = signals
-        return original(signals, progress)
-
-    trainer.selector.select = spy
-    trainer.model.eval()  # no dropout difference
-    trainer.model.train()
-    trainer.compute_loss(trainer.model, dict(batch))
-    s = captured["signals"]
+    _, s, _ = select_once(trainer, batch)
     torch.testing.assert_close(s.history_nll[s.response_mask], s.current_nll[s.response_mask], atol=1e-5, rtol=0)
 
 
@@ -196,19 +181,7 @@ def test_cached_history_equals_online_history(tmp_path):
     cached = make_trainer(tmp_path, rows=rows, model=tiny_model("llama"), selection_method="rel",
                           history_cache=str(cache_dir))
     batch = online.data_collator([online.train_dataset[i] for i in range(6)])
-    results = []
-    for trainer in (online, cached):
-        captured = {}
-        original = trainer.selector.select
-
-        def spy(signals, progress=0.0, original=original, captured=captured):
-            captured["signals"] = signals
-            return original(signals, progress)
-
-        trainer.selector.select = spy
-        trainer.model.train()
-        trainer.compute_loss(trainer.model, dict(batch))
-        results.append(captured["signals"])
+    results = [select_once(trainer, batch)[1] for trainer in (online, cached)]
     mask = results[0].response_mask
     torch.testing.assert_close(results[1].history_nll[mask], results[0].history_nll[mask], atol=1e-4, rtol=1e-4)
 
