@@ -68,22 +68,8 @@ def _measure_main(conn, method: str, seq_len: int, device: str) -> None:
 
 
 def measure(method: str, seq_len: int, device: str) -> dict:
-    ctx = common.worker_context()
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_measure_main, args=(child, method, seq_len, device), daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not parent.poll(1800):
-            raise RuntimeError(f"attention-memory worker ({method}, {seq_len}) did not answer")
-        kind, payload = parent.recv()
-    finally:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
-    if kind != "ok":
-        raise RuntimeError(f"attention-memory worker ({method}, {seq_len}) failed:\n{payload}")
-    return payload
+    return common.run_in_worker(_measure_main, (method, seq_len, device),
+                                f"attention-memory ({method}, {seq_len})", 1800)
 
 
 def run(lengths, device: str = "cpu") -> dict:

@@ -122,21 +122,7 @@ def run(model_dir: str, data: str, device: str, threads: int, workdir: Path, row
     spec = {"model_dir": model_dir, "data": data, "device": device, "threads": threads, "workdir": str(workdir),
             "random_init": random_init,
             "rows": rows, "max_seq_length": max_seq_length, "batch_size": batch_size, "repeats": repeats}
-    ctx = common.worker_context()
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_measure_main, args=(child, spec), daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not parent.poll(3600):
-            raise RuntimeError("cache-throughput worker did not answer")
-        kind, payload = parent.recv()
-    finally:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
-    if kind != "ok":
-        raise RuntimeError(f"cache-throughput worker failed:\n{payload}")
+    payload = common.run_in_worker(_measure_main, (spec,), "cache-throughput", 3600)
     payload["throughput_ratio"] = round(payload["forward_s"] / payload["cache_s"], 4)
     # Per-sample speed once the one-off fingerprinting is paid: what matters on a real data set, where the
     # fixed part is spread over thousands of samples rather than a benchmark's few dozen.

@@ -158,6 +158,30 @@ def worker_context():
 # ----------------------------------------------------------------------------------------------- machine
 
 
+def run_in_worker(target, args: tuple, what: str, timeout_s: float):
+    """Run ``target(conn, *args)`` in a fresh worker process and return the payload it sends back.
+
+    The worker answers ``("ok", payload)`` or ``("error", traceback text)``; a worker that says nothing in
+    ``timeout_s`` or fails is a RuntimeError naming ``what``.
+    """
+    ctx = worker_context()
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(child, *args), daemon=True)
+    process.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise RuntimeError(f"{what} worker did not answer")
+        kind, payload = parent.recv()
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    if kind != "ok":
+        raise RuntimeError(f"{what} worker failed:\n{payload}")
+    return payload
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
