@@ -192,12 +192,11 @@ class SSTokenTrainer(SFTTrainer):
         return cache
 
     def _fit_tokencleaning(self):
+        from sstoken.history import sample_key
+
         base, ref, masks = [], [], []
         for example in self.train_dataset:
-            ids = torch.tensor(example["input_ids"])
-            from sstoken.history import sample_key
-
-            key = sample_key(ids)
+            key = sample_key(torch.tensor(example["input_ids"]))
             labels = torch.tensor(example["labels"]).unsqueeze(0)
             base.append(self.history_cache.get(key))
             ref.append(self.reference_cache.get(key))
