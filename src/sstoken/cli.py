@@ -24,6 +24,7 @@ examples:
   sstoken train --config recipe.yaml --rho 0.5   # flags override the YAML file
   sstoken cache --config recipe.yaml             # precompute the base model's NLL (history_cache)
   sstoken train --help-config                    # every configuration key
+  sstoken eval runs/demo                         # score a run with lm-eval-harness on local tasks
 """
 
 
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live in their own modules (report, inspect, bench), registered if present."""
     registrars = []
-    for module_name in ("sstoken.report", "sstoken.bench_cli"):
+    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.bench_cli"):
         try:
             module = __import__(module_name, fromlist=["register_cli"])
         except ImportError:
