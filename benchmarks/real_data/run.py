@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
 
-from sstoken.evaluation import DEFAULT_TASKS, default_home  # noqa: E402
+from sstoken.evaluation import DEFAULT_TASKS, default_home, paired_bootstrap  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
 NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning"}
@@ -193,31 +193,6 @@ def evaluate(model, tokenizer, held_out: list[dict], tasks_dir: Path, tasks: lis
 
 
 # --------------------------------------------------------------------------------------------- statistics
-def paired_bootstrap(method: list[list[float]], reference: list[list[float]], iters: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Mean paired difference (method − reference) and its 95% interval, resampling seeds and items.
-
-    Both are [seed][item] arrays on the same items; a method without seeds (base) is given as one row and is
-    paired with every seed of the reference.
-    """
-    import numpy as np
-
-    a = np.asarray(method, dtype=float)
-    b = np.asarray(reference, dtype=float)
-    if a.shape[0] == 1 and b.shape[0] > 1:
-        a = np.repeat(a, b.shape[0], axis=0)
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    n_seeds, n_items = diff.shape
-    samples = np.empty(iters)
-    for i in range(iters):
-        s = rng.integers(0, n_seeds, n_seeds)
-        j = rng.integers(0, n_items, n_items)
-        samples[i] = np.nanmean(diff[np.ix_(s, j)])
-    low, high = np.nanpercentile(samples, [2.5, 97.5])
-    return float(np.nanmean(diff)), float(low), float(high)
-
-
 def _per_seed(results: list[dict], key) -> list[list[float]]:
     return [key(r) for r in sorted(results, key=lambda r: r["seed"])]
 

@@ -25,6 +25,7 @@ examples:
   sstoken cache --config recipe.yaml             # precompute the base model's NLL (history_cache)
   sstoken train --help-config                    # every configuration key
   sstoken eval runs/demo                         # score a run with lm-eval-harness on local tasks
+  sstoken compare --config recipe.yaml --methods full sstoken --eval_data held_out.jsonl
 """
 
 
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live in their own modules (report, inspect, bench), registered if present."""
     registrars = []
-    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.bench_cli"):
+    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.compare_cli", "sstoken.bench_cli"):
         try:
             module = __import__(module_name, fromlist=["register_cli"])
         except ImportError:
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "cache": cmd_cache}.get(ns.command) or getattr(ns, "handler", None)
     if handler is None:
         parser.error(f"unknown command {ns.command}")
-    if rest and ns.command not in ("train", "cache"):
+    if rest and ns.command not in ("train", "cache") and not getattr(ns, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(handler(ns, rest) or 0)
