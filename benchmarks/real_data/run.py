@@ -329,7 +329,8 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- main
-def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: Path, tasks: list[str]) -> None:
+def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: Path, tasks: list[str],
+        caches_only: bool = False) -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -371,7 +372,11 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
             build_cache(reference, tokenizer, rows["train"], caches / "reference", size)
             print(f"reference model trained and cached in {time.time() - started:.0f}s", flush=True)
             del reference
+    if caches_only:
+        return
     for method, seed in todo:
+        if not _claim(out / "runs", method, seed):
+            continue  # another worker (--workers, or a second process on the same folder) has it
         started = time.time()
         print(f"--- {method} seed {seed}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -389,11 +394,36 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
         path = out / "runs" / _run_name(method, seed)
         path.with_suffix(".tmp").write_text(json.dumps(result))
         path.with_suffix(".tmp").replace(path)
+        _release(out / "runs", method, seed)
         average = sum(v["score"] for v in scores["tasks"].values()) / len(scores["tasks"])
         print(f"    average {average:.4f}  held-out NLL {sum(scores['held_out_nll']) / len(scores['held_out_nll']):.4f}"
               f"  ({result['train_s']:.0f}s training, {result['wall_s']:.0f}s in all)", flush=True)
         del model
         gc.collect()
+
+
+def _claim(folder: Path, method: str, seed: int) -> bool:
+    """Take a (method, seed) for this process; False when it is done or a live process holds it."""
+    if (folder / _run_name(method, seed)).exists():
+        return False
+    claim = folder / (_run_name(method, seed) + ".claim")
+    try:
+        holder = int(claim.read_text())
+        os.kill(holder, 0)
+        return holder == os.getpid()
+    except (OSError, ValueError):
+        pass  # no claim, or its process is gone
+    claim.unlink(missing_ok=True)
+    try:
+        with open(claim, "x") as handle:
+            handle.write(str(os.getpid()))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _release(folder: Path, method: str, seed: int) -> None:
+    (folder / (_run_name(method, seed) + ".claim")).unlink(missing_ok=True)
 
 
 def _run_name(method: str, seed: int) -> str:
@@ -410,6 +440,25 @@ def _device_name() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
+def _run_workers(ns, argv: list[str]) -> None:
+    """One process prepares the shared caches, then ``ns.workers`` single-threaded processes share the runs.
+
+    On a small CPU, N one-thread processes beat one N-thread process: OpenMP threads that wait on each other
+    lose most of their time as soon as anything else runs on the machine.
+    """
+    import subprocess
+
+    args = [a for a in argv if not a.startswith("--workers")]
+    if "--workers" in argv:
+        i = argv.index("--workers")
+        args = argv[:i] + argv[i + 2:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run([sys.executable, __file__, *args, "--caches-only"], env=env, check=True)
+    workers = [subprocess.Popen([sys.executable, __file__, *args, "--worker"], env=env) for _ in range(ns.workers)]
+    if any(w.wait() != 0 for w in workers):
+        raise SystemExit("a worker failed; rerun to continue where it stopped")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -419,12 +468,19 @@ def main(argv=None) -> int:
     parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/real-<size>)")
     parser.add_argument("--report-only", action="store_true", help="aggregate saved results, train nothing")
+    parser.add_argument("--caches-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the work, one thread each (on a CPU: one per core)")
     ns = parser.parse_args(argv)
     out = ns.out or REPO / "bench" / "results" / f"real-{ns.size}"
     home = (ns.home or default_home()).expanduser()
-    if not ns.report_only:
-        run(ns.size, ns.methods, ns.seeds, home, out, ns.tasks)
-    report(out, ns.size, ns.tasks)
+    if not ns.report_only and ns.workers > 1:
+        _run_workers(ns, argv if argv is not None else sys.argv[1:])
+    elif not ns.report_only:
+        run(ns.size, ns.methods, ns.seeds, home, out, ns.tasks, caches_only=ns.caches_only)
+    if not (ns.caches_only or ns.worker):
+        report(out, ns.size, ns.tasks)
     return 0
 
 
