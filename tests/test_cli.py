@@ -134,3 +134,19 @@ def test_yaml11_boolean_words_stay_strings_in_overrides(tmp_path, tiny_dir):
     assert parse_overrides(["--save_strategy", "no"]) == {"save_strategy": "no"}
     _, config = split_recipe({"save_strategy": False, "data": "x"})  # `save_strategy: no` in a YAML file
     assert config["save_strategy"] == "no"
+
+
+def test_examples_recipe_trains(tmp_path, tiny_dir):
+    """examples/recipe.yaml, which the README points to, is valid and trains (on the tiny model here)."""
+    from pathlib import Path
+
+    from sstoken.cli import _prepare
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "recipe.yaml"
+    run, config = _prepare(str(recipe), [])
+    assert Path(run["data"]).is_file() and config.selection_method == "sstoken"
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(recipe), "--model", str(tiny_dir / "model"), "--max_steps", "1",
+                 "--output_dir", str(out), "--report_to", "none", "--save_strategy", "no", "--plots", "false",
+                 "--max_seq_length", "96"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
