@@ -67,6 +67,8 @@ def test_train_writes_adapter_and_summary(tmp_path, tiny_dir, capsys):
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in key and adapter[key].abs().sum() > 0 for key in adapter)
     assert "sstoken summary" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "sstoken" in card and "2510.18250" in card  # the model card is tagged and cites the paper
 
 
 def test_cache_then_train_with_cache(tmp_path, tiny_dir):

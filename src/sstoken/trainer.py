@@ -132,6 +132,23 @@ class SSTokenTrainer(SFTTrainer):
     """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector."""
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the kept count of the whole accumulated step
+    # Read by TRL when it writes the model card (README.md of the output folder).
+    _tag_names = ["trl", "sft", "sstoken"]
+    _name = "SFT with ssToken token selection"
+    _paper = {
+        "title": "ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning",
+        "id": "2510.18250",
+        "citation": (
+            "@inproceedings{qin2026sstoken,\n"
+            "    title     = {{ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning}},\n"
+            "    author    = {Qin, X. and Wang, X. and Liao, N. and Zhang, C. and Zhang, X. and Feng, M. and "
+            "Wang, J. and Yan, J.},\n"
+            "    booktitle = {The Fourteenth International Conference on Learning Representations (ICLR)},\n"
+            "    year      = 2026,\n"
+            "    eprint    = {arXiv:2510.18250},\n"
+            "}"
+        ),
+    }
 
     def __init__(self, *args, **kwargs):
         sst_args = kwargs.get("args")
@@ -348,6 +365,14 @@ class SSTokenTrainer(SFTTrainer):
         record_selection_snapshot(self, signals, keep, response)
 
     # ---------------------------------------------------------------------------------------------- state
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        # PEFT's save writes a generic adapter card; the final save gets TRL's card, tagged `sstoken` and citing
+        # the paper, as TRL's checkpoints do.
+        if not _internal_call and (output_dir is None or os.path.abspath(output_dir) ==
+                                   os.path.abspath(self.args.output_dir)):
+            self.create_model_card(model_name=os.path.basename(os.path.abspath(self.args.output_dir)))
+
     def _save_checkpoint(self, model, trial):
         # Our state goes in first: transformers writes trainer_state.json last, so a checkpoint that has it is
         # complete (the CLI resumes only from those), and checkpoint rotation, which runs inside super(),
