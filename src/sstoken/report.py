@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+from sstoken.batch import pad_rows
 from sstoken.errors import ConfigError, SSTokenError
 
 logger = logging.getLogger("sstoken")
@@ -130,23 +131,6 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _pad_batch(rows: list[dict], pad_id: int):
-    import torch
-
-    from sstoken.scoring import IGNORE_INDEX
-
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        attention[i, :n] = 1
-    return ids, labels, attention
-
-
 def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int):
     """Signals and keep mask of a batch of encoded rows, as the trainer computes them; tensors are B×T.
 
@@ -159,7 +143,7 @@ def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_hist
     from sstoken.history import base_weights, history_forward_nll
     from sstoken.selection import Signals
 
-    ids, labels, attention = _pad_batch(rows, pad_id)
+    ids, labels, attention = pad_rows(rows, pad_id)
     valid = attention.bool()
     response = scoring.response_mask_from_labels(labels) & valid
     context = (labels == scoring.IGNORE_INDEX) & valid
