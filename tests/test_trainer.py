@@ -279,3 +279,29 @@ def test_readme_python_example_with_a_model_path(tmp_path):
                              peft_config=lora())
     assert any(label == -100 for label in trainer.train_dataset[0]["labels"])
     assert trainer.train().global_step == 1
+
+
+def test_raw_alpaca_eval_dataset_is_encoded_like_training_data(tmp_path):
+    train = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"{i} plus {i} equals {2 * i}."}]} for i in range(8)]
+    evaluation = [{"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} equals {2 * i}."}
+                  for i in range(4)]
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
+                             train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
+                             processing_class=tiny_tokenizer(), peft_config=lora())
+    example = trainer.eval_dataset[0]
+    trained = tiny_tokenizer().decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+    assert example["labels"][0] == -100 and trained.startswith("0 plus 0 equals 0.")
+    # The evaluation loss is the mean NLL of the response tokens only.
+    rows = [trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))]
+    model = trainer.model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            labels = torch.tensor([row["labels"]])
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
+            nll = scoring.token_nll(logits, labels)
+            mask = scoring.response_mask_from_labels(labels)
+            total += float(nll[mask].sum())
+            count += int(mask.sum())
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-4)

@@ -160,6 +160,15 @@ class SSTokenTrainer(SFTTrainer):
         processing_class = kwargs.get("processing_class")
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
+        # An evaluation set is encoded exactly like the training set (assistant-only labels), so that its loss
+        # is the response NLL; TRL alone would train on / score whole sequences for raw rows.
+        eval_dataset = kwargs.get("eval_dataset")
+        if isinstance(eval_dataset, dict):
+            kwargs["eval_dataset"] = {
+                name: _encode_dataset(part, processing_class, sst_args, kwargs.get("model"))
+                if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
+        elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
+            kwargs["eval_dataset"] = _encode_dataset(eval_dataset, processing_class, sst_args, kwargs.get("model"))
         super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
