@@ -74,6 +74,14 @@ class SSTokenConfig(SFTConfig):
     ema_interval: int = field(default=1, metadata={"help": "EMA history: optimizer steps between updates."})
     nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
+    # TRL defaults the deprecated alias `gradient_checkpointing` to True, which makes transformers 5 emit a
+    # FutureWarning on every run; the same default under the current name keeps the behaviour without it.
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
 
     def __post_init__(self):
         # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
