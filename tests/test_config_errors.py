@@ -139,7 +139,7 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
         (dict(rho=0), "rho must be in (0, 1], got 0"),
         (dict(rho=1.5), "rho must be in (0, 1], got 1.5"),
         (dict(rho=-0.2), "rho must be in (0, 1]"),
-        (dict(rho=float("nan")), "rho must be in (0, 1], got nan"),
+        (dict(rho=float("nan")), "rho must be a finite number, got nan"),
         (dict(rho="abc"), "rho must be a number, got 'abc'"),
         (dict(rho=True), "rho must be a number, got True"),
         (dict(gamma=-0.1), "gamma must be in [0, 1], got -0.1"),
@@ -347,8 +347,8 @@ def mamba_dir(tmp_path_factory):
 def test_model_without_attention_is_refused_before_training(tmp_path, mamba_dir, good_data, guard, capsys):
     out = tmp_path / "out"
     settings = dict(model=mamba_dir, data=good_data, output_dir=str(out), attn_implementation="eager")
-    # Full fine-tuning reaches the attention probe.
-    recipe = write_recipe(tmp_path / "r.yaml", lora=None, **settings)
+    # Full fine-tuning with attention-only selection (no history needed) reaches the attention probe.
+    recipe = write_recipe(tmp_path / "r.yaml", lora=None, selection_method="attn", **settings)
     assert "MambaForCausalLM has no attention module" in run_cli(capsys, "train", "--config", str(recipe))
     # With LoRA on every linear layer, PEFT refuses Mamba's out_proj first: still one line, naming lora.
     recipe = write_recipe(tmp_path / "r.yaml", lora={"r": 4}, **settings)

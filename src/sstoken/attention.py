@@ -118,6 +118,21 @@ class ShareCapture:
     chunk_size: int
     share: torch.Tensor | None = None
 
+    def required_share(self) -> torch.Tensor:
+        """``share``, or an error when the forward pass never went through the hooked attention function.
+
+        That happens when the layer does not call transformers' AttentionInterface, or when the model's attention
+        implementation was switched after the probe was installed; selecting with zeros instead would silently
+        train on REL alone.
+        """
+        if self.share is None:
+            raise ConfigError(
+                "the attention share was not captured: the forward pass did not go through sstoken's attention "
+                "hook (the layer bypasses transformers' AttentionInterface, or attn_implementation was changed "
+                "after the trainer was built)"
+            )
+        return self.share
+
 
 def _eager_function_of(module):
     """The model file's own ``eager_attention_forward``: eager has no entry in ALL_ATTENTION_FUNCTIONS, each

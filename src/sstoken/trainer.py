@@ -31,6 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken import scoring
 from sstoken.errors import ConfigError
+from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import (
     CacheFingerprints,
     EMAHistory,
@@ -119,6 +120,18 @@ def validate_selection_args(args) -> None:
         raise ConfigError("selection_method 'tokencleaning' needs history_cache (the base model's NLL cache)")
     if args.history == "ema" and args.history_cache:
         raise ConfigError("history 'ema' changes during training and cannot use history_cache; remove one of them")
+    if args.selection_method == "tokencleaning" and args.packing:
+        raise ConfigError("selection_method 'tokencleaning' fits its threshold on whole samples before training and "
+                          "cannot run on packed sequences; set packing: false")
+
+
+def check_history_source(args, trains_an_adapter: bool) -> None:
+    """History 'base' without a cache is the model with its adapter switched off: full fine-tuning has none."""
+    selector = make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
+    if selector.needs_history and args.history == "base" and not args.history_cache and not trains_an_adapter:
+        raise ConfigError("full fine-tuning (no lora) with history 'base' needs history_cache: the base model's NLL "
+                          "must be computed before its weights change; build it with `sstoken cache`, or use "
+                          "history: ema, or train a LoRA adapter")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -169,6 +182,8 @@ class SSTokenTrainer(SFTTrainer):
             self.add_callback(_EMACallback(self))
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
+        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
+        self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
@@ -280,7 +295,7 @@ class SSTokenTrainer(SFTTrainer):
             with self._attention_probe().capture(context, inputs.get("attention_mask"),
                                                  inputs.get("position_ids")) as captured:
                 outputs = model(**model_inputs)
-            context_share = captured.share
+            context_share = captured.required_share()
         else:
             outputs = model(**model_inputs)
             context_share = None
@@ -419,4 +434,4 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
     return Dataset.from_list(rows)
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "validate_selection_args"]
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "check_history_source", "validate_selection_args"]
