@@ -164,7 +164,12 @@ class SSTokenTrainer(SFTTrainer):
         processing_class = kwargs.get("processing_class")
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():
+            # PEFT (0.21) reads the deprecated `model.is_gradient_checkpointing` while wrapping the model (peft_model.py,
+            # PeftModel.__init__): a FutureWarning on every LoRA run that no setting of ours can avoid.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             # e.g. `accelerate launch` on a CPU-only machine without use_cpu: N independent runs would
