@@ -384,6 +384,46 @@ def test_all_padding_rows_give_finite_loss_and_gradients(tmp_path):
     assert torch.isfinite(share).all() and (share[1] == 0).all()
 
 
+def test_a_step_that_makes_weights_non_finite_stops_the_run_before_it_is_saved(tmp_path):
+    """Issue 15: with an infinite learning rate the loss of step 1 is finite but its update is not. The run must
+    stop right after that optimizer step, before transformers checkpoints it, instead of saving NaN weights
+    behind a normal summary (skipped_nonfinite_steps counts only non-finite losses)."""
+    from sstoken.guards import TrainingDiverged
+
+    trainer = make_trainer(tmp_path, make_rows(8), learning_rate=float("inf"), save_strategy="steps", save_steps=1)
+    with pytest.raises(TrainingDiverged, match=r"optimizer step 1 made trainable weights NaN or inf \(.*lora_"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and trainer.skipped_nonfinite_steps == 0
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").glob("checkpoint-*")) == []
+
+
+def test_attention_hook_that_never_fires_stops_the_step(tmp_path):
+    """Issue 15: attention switched to a plain implementation after the trainer was built bypasses the hook.
+    Selecting with an attention share of zeros would silently train on REL alone; the step must fail instead."""
+    trainer = make_trainer(tmp_path, make_rows(8), max_steps=1)
+    trainer.model.get_base_model().set_attn_implementation("sdpa")
+    before = trainable(trainer)
+    with pytest.raises(ConfigError, match="attention share was not captured"):
+        trainer.train()
+    after = trainable(trainer)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_cache_built_before_the_trainer_aligned_special_token_ids_is_accepted(tmp_path):
+    """Issue 15: the Trainer copies the tokenizer's pad id into the model config when it is built. A cache built
+    from Python before that (config without pad_token_id) is still this model's cache."""
+    rows = make_rows(8)
+    model, tokenizer = tiny_model("llama", pad_token_id=None), tiny_tokenizer()
+    build_nll_cache(model, tokenizer, rows, tmp_path / "cache", 64, progress=False)
+    trainer = make_trainer(tmp_path, rows, model=model, history_cache=str(tmp_path / "cache"), max_steps=1)
+    assert model.config.pad_token_id == tokenizer.pad_token_id  # the trainer did change the config
+    trainer.train()
+    assert trainer.state.global_step == 1
+    # A different model is still told apart.
+    with pytest.raises(ConfigError, match="built for a different model"):
+        make_trainer(tmp_path, rows, model=tiny_model("llama", seed=1), history_cache=str(tmp_path / "cache"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # History cache: checksums and rebuilding only what is broken
 # --------------------------------------------------------------------------------------------------------------
