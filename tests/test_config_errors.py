@@ -159,12 +159,67 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
         (dict(attention_layer=-3), "attention layer -3 is out of range for a model with 2 layers"),
         (dict(resume_from_checkpoint=True), "no complete checkpoint in"),
         (dict(resume_from_checkpoint="nowhere/checkpoint-4"), "nowhere/checkpoint-4 does not exist"),
+        # Issue 15: values that trained silently wrong or failed with a traceback, often after the model loaded.
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
+        (dict(learning_rate=float("nan")), "learning_rate must be a finite number, got nan"),
+        (dict(learning_rate=-1e-4), "learning_rate must be >= 0, got -0.0001"),
+        (dict(learning_rate="1e-4x"), "learning_rate must be a number, got '1e-4x'"),
+        (dict(num_train_epochs=-1), "num_train_epochs must be > 0, got -1"),
+        (dict(num_train_epochs=0, max_steps=-1), "num_train_epochs must be > 0, got 0"),
+        (dict(max_steps=-5), "max_steps must be >= 1, or -1 to train for num_train_epochs, got -5"),
+        (dict(max_steps=0), "max_steps must be >= 1, or -1"),
+        (dict(max_steps=10**30), "max_steps is too large"),
+        (dict(max_steps=2.5), "max_steps must be an integer, got 2.5"),
+        (dict(seed=-1), "seed must be >= 0, got -1"),
+        (dict(seed=2**40), "seed is too large"),
+        (dict(selection_seed=-3), "selection_seed must be >= 0, got -3"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm must be a finite number"),
+        (dict(gradient_accumulation_steps=-2), "gradient_accumulation_steps must be >= 1"),
+        (dict(save_steps=0), "save_steps must be > 0"),
+        (dict(dataloader_num_workers=-1), "dataloader_num_workers must be >= 0"),
+        (dict(ema_decay=float("inf"), history="ema"), "ema_decay must be a finite number"),
+        (dict(dtype="float8"), "dtype must be one of auto, float32, float16, bfloat16, got 'float8'"),
+        (dict(dtype="bfloat"), "(did you mean 'bfloat16'?)"),
+        (dict(dtype=16), "dtype must be one of"),
+        (dict(attn_implementation=["sdpa"]), "attn_implementation must be a name"),
+        (dict(trust_remote_code="yes"), "trust_remote_code must be true or false, got 'yes'"),
+        (dict(plots=2), "plots must be true or false, got 2"),
+        (dict(cache_batch_size=0), "cache_batch_size must be an integer >= 1, got 0"),
+        (dict(max_seq_length=10**12), "max_seq_length must be an integer >= 2"),
+        (dict(max_seq_length=True), "max_seq_length must be an integer >= 2, got True"),
+        (dict(lora={"r": 4.5}), "lora r must be an integer, got 4.5"),
+        (dict(lora={"r": "four"}), "lora r must be an integer, got 'four'"),
+        (dict(lora={"r": 0}), "lora r must be in [1, 65536], got 0"),
+        (dict(lora={"alpha": -8}), "lora alpha must be in [1, 1048576], got -8"),
+        (dict(lora={"dropout": 1.5}), "lora dropout must be in [0, 1), got 1.5"),
+        (dict(lora={"dropout": 1}), "lora dropout must be in [0, 1), got 1"),
+        (dict(lora={"dropout": "high"}), "lora dropout must be a number, got 'high'"),
+        (dict(lora={"target_modules": []}), "lora target_modules must be a module name"),
+        (dict(lora={"target_modules": [1, 2]}), "lora target_modules must be a module name"),
+        (dict(lora=["r", 4]), "lora must be a mapping"),
+        (dict(lora=None, history="base"), "full fine-tuning (no lora) with history 'base' needs history_cache"),
+        (dict(lora=None, selection_method="rel"), "full fine-tuning (no lora) with history 'base' needs"),
+        (dict(data=["a.jsonl", "b.jsonl"]), "data must be a path (text), got ['a.jsonl', 'b.jsonl']"),
+        (dict(data=42), "data must be a path (text), got 42"),
+        (dict(eval_data={"path": "x"}), "eval_data must be a path (text)"),
+        (dict(eval_data="absent-eval.jsonl"), "evaluation data absent-eval.jsonl does not exist"),
+        (dict(output_dir=["out"]), "output_dir must be a path (text), got ['out']"),
+        (dict(output_dir=""), "output_dir must be a path (text), got ''"),
+        (dict(model=3), "model must be a path (text), got 3"),
+        (dict(history_cache=7), "history_cache must be a path (text), got 7"),
+        (dict(reference_cache="nowhere", selection_method="rho1"), "reference_cache nowhere does not exist"),
+        (dict(run_name=["a"]), "run_name must be text, got ['a']"),
+        (dict(packing=True, selection_method="tokencleaning", reference_cache="r", history_cache="h"),
+         "cannot run on packed sequences; set packing: false"),
+        (dict(input_ids=[1, 2]), "unknown config key 'input_ids'"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
 )
 def test_bad_setting_fails_before_the_model_loads(settings, expected, tmp_path, model_a, good_data, guard, capsys):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(out), **settings)
+    recipe = write_recipe(tmp_path / "r.yaml", **{"model": model_a, "data": good_data, "output_dir": str(out),
+                                                  **settings})
     line = run_cli(capsys, "train", "--config", str(recipe))
     assert expected in line
     assert guard.models_loaded == 0
@@ -199,14 +254,79 @@ def test_numbers_written_without_a_dot_are_read_as_numbers(tmp_path):
         ("- rho: 0.5\n- gamma: 0.5\n", "the recipe must be a mapping"),
         ("just a sentence\n", "the recipe must be a mapping"),
         (b"rho: 0.5 # caf\xe9\n", "not UTF-8"),
+        ("rho: 0.5\ngamma: 0.2\nrho: 0.7\n", "key 'rho' appears twice (line 3); keep one of them"),
+        ("lora:\n  r: 4\n  r: 8\n", "key 'r' appears twice (line 3)"),
+        ("1: 0.5\n", "keys must be text, got 1 (line 1)"),
+        ("rho: 0.5\ntrue: 1\n", "keys must be text, got True (line 2)"),
+        ("lora: {2: 8}\n", "keys must be text, got 2 (line 1)"),
+        ("? [a, b]\n: 1\n", "keys must be text, got a list (line 1)"),
+        ("max_steps: 1" + "0" * 5000 + "\n", "not a usable recipe: a number has too many digits"),
+        ("rho: " + "[" * 5000 + "\n", "not"),
     ],
-    ids=["invalid-yaml", "list", "scalar", "latin-1"],
+    ids=["invalid-yaml", "list", "scalar", "latin-1", "duplicate-key", "duplicate-lora-key", "number-key",
+         "boolean-key", "number-lora-key", "list-key", "huge-integer", "deep-nesting"],
 )
 def test_unreadable_recipe(text, expected, tmp_path, guard, capsys):
     path = tmp_path / "r.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     line = run_cli(capsys, "train", "--config", str(path))
     assert str(path) in line and expected in line
+    assert guard.models_loaded == 0
+
+
+def test_yaml_alias_bomb_gives_one_short_line(tmp_path, model_a, good_data, guard, capsys):
+    """Nine levels of nine aliases: a value of 9**9 strings that PyYAML builds cheaply (shared lists), but that
+    printed in the message was hundreds of MB on one line (issue 15)."""
+    levels = ["&l0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"model: {model_a}\ndata: {good_data}\noutput_dir: {tmp_path / 'out'}\n"
+                    f"learning_rate: [{', '.join(levels)}]\n")
+    line = run_cli(capsys, "train", "--config", str(path))
+    assert "learning_rate must be a number, got [" in line
+    assert len(line) < 400
+    assert guard.models_loaded == 0
+
+
+def test_a_directory_given_as_config_is_refused(tmp_path, guard, capsys):
+    line = run_cli(capsys, "train", "--config", str(tmp_path))
+    assert f"config {tmp_path} is a directory, not a YAML file" in line
+
+
+def test_control_characters_in_names_are_escaped(tmp_path, model_a, guard, capsys):
+    """A file name can carry terminal escape sequences; the message shows them escaped, on one line."""
+    line = run_cli(capsys, "train", "--config", str(tmp_path / "red\x1b[31m\nrecipe.yaml"))
+    assert "\x1b" not in line and "red\\x1b[31m recipe.yaml does not exist" in line  # the newline: a space
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(tmp_path / "bell\x07.jsonl"),
+                          output_dir=str(tmp_path / "out"))
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "\x07" not in line and "bell\\x07.jsonl does not exist" in line
+
+
+def test_huge_integer_on_the_command_line(tmp_path, model_a, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"))
+    line = run_cli(capsys, "train", "--config", str(recipe), "--max_steps", "9" * 5000)
+    assert "too many digits" in line and len(line) < 400
+    line = run_cli(capsys, "train", "--config", str(recipe), "--max_steps", "9" * 40)
+    assert "max_steps is too large" in line
+
+
+def test_home_is_expanded_in_every_path(tmp_path, model_a, good_data, guard, capsys, monkeypatch):
+    """`~` was expanded by transformers in output_dir only; data and caches took it literally."""
+    from sstoken.recipe import load_recipe, split_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Path(good_data).replace(tmp_path / "train.jsonl") if False else (tmp_path / "train.jsonl").write_text(
+        Path(good_data).read_text())
+    path = tmp_path / "sub" / "r.yaml"
+    path.parent.mkdir()
+    write_recipe(path, model=model_a, data="~/train.jsonl", eval_data="~/train.jsonl", output_dir="~/out",
+                 history_cache="~/nll")
+    run, config = split_recipe(load_recipe(path))
+    assert run["data"] == run["eval_data"] == str(tmp_path / "train.jsonl")
+    assert config["output_dir"] == str(tmp_path / "out") and config["history_cache"] == str(tmp_path / "nll")
+    line = run_cli(capsys, "train", "--config", str(path))
+    assert f"history_cache {tmp_path / 'nll'} does not exist" in line
     assert guard.models_loaded == 0
 
 
@@ -349,7 +469,9 @@ def test_model_without_attention_is_refused_before_training(tmp_path, mamba_dir,
     settings = dict(model=mamba_dir, data=good_data, output_dir=str(out), attn_implementation="eager")
     # Full fine-tuning with attention-only selection (no history needed) reaches the attention probe.
     recipe = write_recipe(tmp_path / "r.yaml", lora=None, selection_method="attn", **settings)
-    assert "MambaForCausalLM has no attention module" in run_cli(capsys, "train", "--config", str(recipe))
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "layer 1 of MambaForCausalLM is 'linear_attention', whose attention share sstoken does not compute" in line
+    assert "this model has none" in line
     # With LoRA on every linear layer, PEFT refuses Mamba's out_proj first: still one line, naming lora.
     recipe = write_recipe(tmp_path / "r.yaml", lora={"r": 4}, **settings)
     line = run_cli(capsys, "train", "--config", str(recipe))

@@ -225,7 +225,9 @@ def _unwrap(model):
 
 def _layers_of_type(layer_types: list) -> str:
     usable = [i for i, t in enumerate(layer_types) if t in ("full_attention", "sliding_attention")]
-    return f" (here: {', '.join(map(str, usable[:8]))}{', ...' if len(usable) > 8 else ''})" if usable else ""
+    if not usable:
+        return " (this model has none: use a selection_method without attention, such as rel, rho1 or random)"
+    return f" (here: {', '.join(map(str, usable[:8]))}{', ...' if len(usable) > 8 else ''})"
 
 
 class ContextShareProbe:

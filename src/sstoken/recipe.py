@@ -48,20 +48,22 @@ _SEED_MAX = 2**32 - 1  # numpy's limit; transformers seeds numpy with it
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key written twice in one mapping is an error instead of "the last wins"."""
+    """PyYAML's safe loader, but a key written twice in one mapping is an error instead of "the last wins", and
+    keys must be text."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`
+                kind = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+                raise ConfigError(f"keys must be text, got {kind} (line {line})")
             key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it as a YAML error
-                break
-            if duplicate:
-                raise ConfigError(f"key {shown(key)} appears twice (line {key_node.start_mark.line + 1}); "
-                                  f"keep one of them")
+            if not isinstance(key, str):  # `1: x`, `true: x`: no setting is named like that
+                raise ConfigError(f"keys must be text, got {shown(key)} (line {line})")
+            if key in seen:
+                raise ConfigError(f"key {shown(key)} appears twice (line {line}); keep one of them")
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -100,7 +102,6 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the recipe must be a mapping of keys to values")
     recipe = dict(data)
-    _check_keys_are_text(recipe, "the recipe")
     base = path.parent
     for key in ("data", "eval_data"):  # relative data paths are relative to the recipe
         if isinstance(recipe.get(key), str):
@@ -112,12 +113,6 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     if path == DEMO_RECIPE and isinstance(recipe.get("data"), str):
         recipe["data"] = str(base / recipe["data"])
     return recipe
-
-
-def _check_keys_are_text(mapping: dict, where: str) -> None:
-    for key in mapping:
-        if not isinstance(key, str):
-            raise ConfigError(f"keys of {where} must be text, got {shown(key)}")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -150,7 +145,7 @@ def _scalar(raw: str) -> Any:
     if raw == "" or raw.strip().lower() in _YAML11_BOOLEAN_WORDS:
         return raw
     try:
-        return yaml.safe_load(raw)
+        return _parse_yaml(raw)
     except yaml.YAMLError:
         return raw
     except ValueError:  # an integer longer than Python converts
@@ -160,7 +155,6 @@ def _scalar(raw: str) -> Any:
 def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run settings with defaults filled in, SSTokenConfig kwargs); unknown keys and bad run values are errors."""
     fields = config_fields()
-    _check_keys_are_text(recipe, "the recipe")
     run = {key: value for key, value in RUN_KEYS.items()}
     run["lora"] = dict(RUN_KEYS["lora"])
     config: dict[str, Any] = {}
@@ -209,18 +203,16 @@ def _lora(value: Any) -> dict | None:
         value = {}
     if not isinstance(value, dict):
         raise ConfigError("lora must be a mapping (r, alpha, dropout, target_modules), or null for full fine-tuning")
-    _check_keys_are_text(value, "lora")
     unknown = set(value) - LORA_KEYS
     if unknown:
         bad = sorted(unknown)[0]
         raise ConfigError(f"unknown lora key {shown(bad)}{did_you_mean(bad, LORA_KEYS)}")
     lora = {**RUN_KEYS["lora"], **value}
-    if not _is_int(lora["r"]) or not 1 <= lora["r"] <= 65536:
-        raise ConfigError(f"lora r must be an integer from 1 to 65536, got {shown(lora['r'])}")
-    if not _is_int(lora["alpha"]) or not 1 <= lora["alpha"] <= 2**20:
-        raise ConfigError(f"lora alpha must be a positive integer, got {shown(lora['alpha'])}")
-    if not _is_number(lora["dropout"]) or not 0 <= lora["dropout"] < 1:
-        raise ConfigError(f"lora dropout must be a number in [0, 1), got {shown(lora['dropout'])}")
+    for key, kind, low, high in (("r", int, 1, 65536), ("alpha", int, 1, 2**20), ("dropout", float, 0, 1)):
+        lora[key] = _converted(f"lora {key}", lora[key], kind)  # numeric strings as for the other settings
+        if not low <= lora[key] <= high or (key == "dropout" and lora[key] == 1):
+            raise ConfigError(f"lora {key} must be in {'[0, 1)' if key == 'dropout' else f'[{low}, {high}]'}, "
+                              f"got {shown(lora[key])}")
     targets = lora["target_modules"]
     if not (isinstance(targets, str) and targets.strip()) and not (
             isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
