@@ -112,6 +112,8 @@ def test_bad_input_file_fails_with_file_and_line(name, tmp_path, model_a, guard,
     assert line.startswith("sstoken: error: " + where), line
     for part in case["contains"]:
         assert part in line
+    for part in case.get("excludes", []):
+        assert part not in line
     assert guard.models_loaded == 0  # data is checked before the weights load
     assert not out.exists()
 
@@ -360,6 +362,67 @@ def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, model_a, go
                           resume_from_checkpoint=True)
     assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
+
+
+def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, model_a, good_data, guard, capsys,
+                                                             monkeypatch):
+    """Issue 15: `output_dir: .` overwrote the user's README.md with the model card."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my project\n")
+    (project / "notes.txt").write_text("mine\n")
+    monkeypatch.chdir(project)
+    for output_dir in (".", str(project)):
+        recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=output_dir)
+        line = run_cli(capsys, "train", "--config", str(recipe))
+        assert "is not empty and is not an earlier sstoken result (it holds README.md, notes.txt)" in line
+        assert "choose a new or empty folder" in line
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "notes.txt"]
+    assert (project / "README.md").read_text() == "my project\n"
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(project / "notes.txt"))
+    assert f"output_dir {project / 'notes.txt'} is a file" in run_cli(capsys, "train", "--config", str(recipe))
+    assert guard.models_loaded == 0
+
+
+@pytest.mark.parametrize("marker", ["summary.json", "checkpoint-2", "adapter_model.safetensors"])
+def test_earlier_run_folder_is_accepted(marker, tmp_path, model_a, good_data, guard):
+    out = tmp_path / "out"
+    out.mkdir()
+    if marker.startswith("checkpoint-"):
+        (out / marker).mkdir()
+    else:
+        (out / marker).write_text("{}")
+    (out / "README.md").write_text("model card of the earlier run\n")
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(out))
+    with pytest.raises(AssertionError, match="training started"):  # the guard: every check passed
+        main(["train", "--config", str(recipe)])
+
+
+def test_resume_folder_without_weights_is_refused(tmp_path, model_a, good_data, guard, capsys):
+    folder = tmp_path / "out" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 4}')
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          resume_from_checkpoint=str(folder))
+    assert "is incomplete (no adapter or model weights)" in run_cli(capsys, "train", "--config", str(recipe))
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          resume_from_checkpoint=True)
+    assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
+    assert guard.models_loaded == 0
+
+
+def test_cache_command_checks_its_paths_before_loading(tmp_path, model_a, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, history_cache=str(tmp_path / "nll"))
+    line = run_cli(capsys, "cache", "--config", str(recipe), "--adapter", str(tmp_path / "no-adapter"))
+    assert f"--adapter {tmp_path / 'no-adapter'} is not a PEFT adapter folder" in line
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("1,2\n")
+    line = run_cli(capsys, "cache", "--config", str(recipe), "--out", str(tmp_path / "mine"))
+    assert "cache folder" in line and "is not empty and is not an earlier sstoken result" in line
+    line = run_cli(capsys, "cache", "--config", str(recipe), "--out", str(tmp_path / "mine" / "data.csv"))
+    assert "is a file" in line
+    assert guard.models_loaded == 0
+    assert (tmp_path / "mine" / "data.csv").read_text() == "1,2\n"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -395,6 +395,8 @@ def test_bad_input_corpus(name, tok):
     assert message.startswith(prefix), message
     for part in expected["contains"]:
         assert part in message, f"{part!r} not in {message!r}"
+    for part in expected.get("excludes", []):  # e.g. a did-you-mean that points the wrong way
+        assert part not in message, f"{part!r} in {message!r}"
     assert "\n" not in message  # one line for the CLI
 
 
