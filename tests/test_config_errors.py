@@ -318,8 +318,7 @@ def test_home_is_expanded_in_every_path(tmp_path, model_a, good_data, guard, cap
     from sstoken.recipe import load_recipe, split_recipe
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    Path(good_data).replace(tmp_path / "train.jsonl") if False else (tmp_path / "train.jsonl").write_text(
-        Path(good_data).read_text())
+    (tmp_path / "train.jsonl").write_text(Path(good_data).read_text())
     path = tmp_path / "sub" / "r.yaml"
     path.parent.mkdir()
     write_recipe(path, model=model_a, data="~/train.jsonl", eval_data="~/train.jsonl", output_dir="~/out",
