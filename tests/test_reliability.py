@@ -99,15 +99,17 @@ class Child:
             [sys.executable, str(HANG_HELPER), str(self.marker), hang_at, "--", "train", "--config", str(recipe)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
-    def kill_when_hanging(self, timeout: float = 300.0) -> None:
-        """Wait until the child reports reaching its point, then SIGKILL it: no handler, no cleanup runs."""
-        deadline = time.monotonic() + timeout
+    def kill_when_hanging(self) -> None:
+        """Wait until the child reports reaching its point, then SIGKILL it: no handler, no cleanup runs.
+
+        No deadline: on a loaded machine the child may take minutes, and a fixed timeout made this test fail
+        for slowness alone. The wait still ends, because the child either reaches the point or exits (a run
+        that misses the point finishes training and exits, which fails the test with its log)."""
         while not self.marker.exists():
             assert self.proc.poll() is None, "child exited early:\n" + self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"child never reached {self.hang_at}"
             time.sleep(0.05)
         self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=60) == -signal.SIGKILL
+        assert self.proc.wait() == -signal.SIGKILL  # SIGKILL cannot be caught: the wait ends
 
     def stop(self) -> None:
         """Whatever happened in the test, leave no process behind."""
