@@ -215,6 +215,9 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
         (dict(packing=True, selection_method="tokencleaning", reference_cache="r", history_cache="h"),
          "cannot run on packed sequences; set packing: false"),
         (dict(input_ids=[1, 2]), "unknown config key 'input_ids'"),
+        # transformers reads a number here as a file descriptor: open(1) would close the process's stdout.
+        (dict(accelerator_config=1), "accelerator_config must be text or a mapping, got 1"),
+        (dict(accelerator_config="absent.json"), "invalid training setting"),
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
 )

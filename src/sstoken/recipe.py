@@ -276,6 +276,24 @@ def _scalar_type(hint) -> tuple[type | None, bool]:
     return (rest[0] if len(rest) == 1 and rest[0] in _TYPE_WORDS else None), allows_none
 
 
+def _takes_numbers(hint) -> bool:
+    """Whether a field annotated ``hint`` can hold a number or a boolean (unknown annotations: assume so)."""
+    import enum
+    import types
+    import typing
+
+    if hint is None or hint is Any:
+        return True
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arg in args:
+        origin = typing.get_origin(arg) or arg
+        if arg is Any or (isinstance(origin, type) and (issubclass(origin, (int, float, bool))
+                                                        or (issubclass(origin, enum.Enum) and
+                                                            not issubclass(origin, str)))):
+            return True
+    return False
+
+
 def _converted(key: str, value: Any, expected: type) -> Any:
     """``value`` as ``expected`` (numeric strings become numbers), or ConfigError."""
     if expected is str:
@@ -319,6 +337,9 @@ def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             continue  # true: the newest complete checkpoint (the CLI resolves it)
         expected, allows_none = _scalar_type(hints.get(key))
+        if expected is None and isinstance(value, (bool, int, float)) and not _takes_numbers(hints.get(key)):
+            # e.g. `accelerator_config: 1` (a path or a mapping): transformers would open file descriptor 1
+            raise ConfigError(f"{key} must be text or a mapping, got {shown(value)}")
         if expected is None or (value is None and allows_none):
             continue
         out[key] = _converted(key, value, expected)
@@ -342,5 +363,5 @@ def build_config(config_kwargs: dict[str, Any]):
         return SSTokenConfig(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, ImportError) as exc:  # e.g. a missing config file or package
         raise ConfigError(f"invalid training setting: {exc}") from exc
