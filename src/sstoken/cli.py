@@ -121,7 +121,11 @@ def cmd_train(ns, overrides: list[str]) -> int:
         if run["lora"] and _raised_inside(exc, "peft"):
             raise ConfigError(f"lora: {exc}") from None
         raise
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (SSTokenError, KeyboardInterrupt):
+        print(file=sys.stderr)  # end the progress bar's line, so that the message below is a line of its own
+        raise
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
