@@ -43,6 +43,9 @@ def config_fields() -> dict[str, dataclasses.Field]:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Recipe values that name files or folders: text, with `~` expanded (transformers expands it in output_dir only).
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "logging_dir", "history_cache", "reference_cache")
+# Deprecated aliases in transformers 5, read under their current names.
+_RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 _INT64_MAX = 2**63 - 1
 _SEED_MAX = 2**32 - 1  # numpy's limit; transformers seeds numpy with it
 
@@ -158,6 +161,11 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     run = {key: value for key, value in RUN_KEYS.items()}
     run["lora"] = dict(RUN_KEYS["lora"])
     config: dict[str, Any] = {}
+    for old, new in _RENAMED.items():  # TRL recipes use the old names; transformers 5 warns on every run for them
+        if old in recipe:
+            if new in recipe:
+                raise ConfigError(f"{old} and {new} are the same setting; keep {new}")
+            recipe = {(new if key == old else key): value for key, value in recipe.items()}
     for key, value in recipe.items():
         if key in PATH_KEYS:
             value = _path(key, value)
