@@ -87,9 +87,7 @@ def _peft_config(lora: dict | None):
 def cmd_train(ns, overrides: list[str]) -> int:
     from sstoken.data import to_hf_dataset
     from sstoken.models import load_model, load_tokenizer
-    from sstoken.trainer import SSTokenTrainer
-
-    from sstoken.trainer import check_history_source
+    from sstoken.trainer import SSTokenTrainer, check_history_source
 
     run, config = _prepare(ns.config, overrides)
     for key in ("history_cache", "reference_cache"):
