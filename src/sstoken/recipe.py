@@ -136,7 +136,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         else:
             raw = "true"
             i += 1
-        overrides[key] = _scalar(raw)
+        try:
+            overrides[key] = _scalar(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"--{key}: {exc}") from None
     return overrides
 
 
@@ -152,7 +155,7 @@ def _scalar(raw: str) -> Any:
     except yaml.YAMLError:
         return raw
     except ValueError:  # an integer longer than Python converts
-        raise ConfigError(f"--value {shown(raw)} is not a usable number (too many digits)") from None
+        raise ConfigError(f"{shown(raw)} has too many digits to be a number") from None
 
 
 def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -231,9 +234,9 @@ def _lora(value: Any) -> dict | None:
 
 def _check_run_values(run: dict[str, Any]) -> None:
     """The run's own keys (model, data, dtype, ...); SSTokenConfig's fields are checked by check_value_types."""
-    length = run["max_seq_length"]
-    if not _is_int(length) or not 2 <= length <= 2**24:
-        raise ConfigError(f"max_seq_length must be an integer >= 2, got {shown(length)}")
+    run["max_seq_length"] = length = _converted("max_seq_length", run["max_seq_length"], int)
+    if not 2 <= length <= 2**24:
+        raise ConfigError(f"max_seq_length must be from 2 to {2**24}, got {shown(length)}")
     if run["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {shown(run['dtype'])}"
                           f"{did_you_mean(run['dtype'], DTYPES)}")
@@ -243,8 +246,9 @@ def _check_run_values(run: dict[str, Any]) -> None:
     for key in ("trust_remote_code", "plots"):
         if not isinstance(run[key], bool):
             raise ConfigError(f"{key} must be true or false, got {shown(run[key])}")
-    if not _is_int(run["cache_batch_size"]) or not 1 <= run["cache_batch_size"] <= 2**20:
-        raise ConfigError(f"cache_batch_size must be an integer >= 1, got {shown(run['cache_batch_size'])}")
+    run["cache_batch_size"] = _converted("cache_batch_size", run["cache_batch_size"], int)
+    if not 1 <= run["cache_batch_size"] <= 2**20:
+        raise ConfigError(f"cache_batch_size must be from 1 to {2**20}, got {shown(run['cache_batch_size'])}")
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
