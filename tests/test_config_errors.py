@@ -294,9 +294,14 @@ def test_yaml_alias_bomb_gives_one_short_line(tmp_path, model_a, good_data, guar
     assert guard.models_loaded == 0
 
 
-def test_a_directory_given_as_config_is_refused(tmp_path, guard, capsys):
+def test_a_directory_device_or_huge_file_given_as_config_is_refused(tmp_path, guard, capsys):
     line = run_cli(capsys, "train", "--config", str(tmp_path))
     assert f"config {tmp_path} is a directory, not a YAML file" in line
+    assert "config /dev/zero is not a regular file" in run_cli(capsys, "train", "--config", "/dev/zero")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    assert "a recipe is a YAML file of at most 1048576 bytes" in run_cli(capsys, "train", "--config", str(big))
+    assert guard.models_loaded == 0
 
 
 def test_control_characters_in_names_are_escaped(tmp_path, model_a, guard, capsys):

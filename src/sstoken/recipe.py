@@ -40,6 +40,7 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(SSTokenConfig) if f.init}
 
 
+MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few dozen lines; anything near this size is the wrong file
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Recipe values that name files or folders: text, with `~` expanded (transformers expands it in output_dir only).
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "logging_dir", "history_cache", "reference_cache")
@@ -84,8 +85,13 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    if not path.is_file():
+    if path.is_dir():
         raise ConfigError(f"config {path} is a directory, not a YAML file; pass the recipe file itself")
+    if not path.is_file():  # a FIFO or a device such as /dev/zero would be read forever
+        raise ConfigError(f"config {path} is not a regular file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"config {path} is {path.stat().st_size} bytes; a recipe is a YAML file of at most "
+                          f"{MAX_RECIPE_BYTES} bytes")
     try:
         text = path.read_text(encoding="utf-8")
         data = _parse_yaml(text)
