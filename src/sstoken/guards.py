@@ -29,6 +29,8 @@ def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank must stop together, or the others wait forever in the next collective.
         agreed = all_finite.to(torch.int32)
+        if torch.distributed.get_backend() == "nccl":  # NCCL reduces GPU tensors only (CPU-offloaded weights)
+            agreed = agreed.to(torch.device("cuda", torch.cuda.current_device()))
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
         all_finite = agreed.bool()
     if bool(all_finite):
