@@ -165,8 +165,8 @@ class SSTokenTrainer(SFTTrainer):
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
         with warnings.catch_warnings():
-            # PEFT (0.21) reads the deprecated `model.is_gradient_checkpointing` while wrapping the model (peft_model.py,
-            # PeftModel.__init__): a FutureWarning on every LoRA run that no setting of ours can avoid.
+            # PEFT (0.21) reads the deprecated `model.is_gradient_checkpointing` while wrapping the model
+            # (PeftModel.__init__): a FutureWarning on every LoRA run that no setting of ours can avoid.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             super().__init__(*args, **kwargs)
@@ -176,6 +176,7 @@ class SSTokenTrainer(SFTTrainer):
             # silently write to the same output_dir.
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
+        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
         self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
                                       sst_args.attention_warmup, sst_args.selection_seed)
         self._probe = None
@@ -187,7 +188,6 @@ class SSTokenTrainer(SFTTrainer):
             self.add_callback(_EMACallback(self))
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
-        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
         if self.selector.needs_attention:
