@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sstoken.errors import ConfigError, SSTokenError, one_line
+from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
 
 logger = logging.getLogger("sstoken")
 
@@ -70,7 +70,7 @@ def _load_rows(path: str, tokenizer, max_seq_length: int):
 
     rows, stats = load_training_rows(path, tokenizer, max_seq_length)
     logger.info("data %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                path, stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
+                escaped(path), stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
     return rows, stats
 
 
@@ -202,7 +202,7 @@ def _resolve_resume(resume, output_dir) -> str | None:
             problem = _checkpoint_problem(folder)
             if problem is None:
                 return str(folder)
-            logger.warning("skipping %s: incomplete (%s)", folder, problem)
+            logger.warning("skipping %s: incomplete (%s)", escaped(folder), problem)
         raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {out} to resume from")
     folder = Path(str(resume)).expanduser()
     if not folder.is_dir():
