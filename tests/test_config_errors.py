@@ -216,6 +216,7 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
         (dict(packing=True, selection_method="tokencleaning", reference_cache="r", history_cache="h"),
          "cannot run on packed sequences; set packing: false"),
         (dict(input_ids=[1, 2]), "unknown config key 'input_ids'"),
+        (dict(attn_implementation="flex_attention"), "attn_implementation flex_attention cannot train on CPU"),
         # transformers reads a number here as a file descriptor: open(1) would close the process's stdout.
         (dict(accelerator_config=1), "accelerator_config must be text or a mapping, got 1"),
         (dict(accelerator_config="absent.json"), "invalid training setting"),
@@ -370,6 +371,19 @@ def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, model_a, go
                           resume_from_checkpoint=True)
     assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
+
+
+def test_attention_kernel_that_is_not_installed(tmp_path, model_a, good_data, guard, capsys):
+    """transformers raises ImportError while loading the model: one line, before training."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+                          attn_implementation="flash_attention_2")
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "cannot load model" in line and "FlashAttention2" in line
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, model_a, good_data, guard, capsys,

@@ -96,6 +96,9 @@ def cmd_train(ns, overrides: list[str]) -> int:
                               f"`sstoken cache --config {ns.config or '<recipe>'}`")
     _check_output_folder(config.output_dir, "output_dir", _RUN_MARKERS)
     check_history_source(config, trains_an_adapter=bool(run["lora"]))
+    if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
+        # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
+        raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
