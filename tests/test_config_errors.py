@@ -216,6 +216,10 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
         (dict(packing=True, selection_method="tokencleaning", reference_cache="r", history_cache="h"),
          "cannot run on packed sequences; set packing: false"),
         (dict(input_ids=[1, 2]), "unknown config key 'input_ids'"),
+        (dict(report_to="wandbx"), "report_to 'wandbx' is not one of none, all, azure_ml"),
+        (dict(report_to="tensorbord"), "(did you mean 'tensorboard'?)"),
+        (dict(report_to=[1]), "report_to must be a logger name or a list of names, got [1]"),
+        (dict(eval_strategy="steps", eval_steps=5), "eval_strategy steps needs eval_data"),
         (dict(attn_implementation="flex_attention"), "attn_implementation flex_attention cannot train on CPU"),
         # transformers reads a number here as a file descriptor: open(1) would close the process's stdout.
         (dict(accelerator_config=1), "accelerator_config must be text or a mapping, got 1"),

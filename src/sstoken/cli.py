@@ -40,6 +40,9 @@ def _prepare(args_config: str | None, overrides: list[str]):
         if run[key] and not Path(run[key]).exists():
             raise ConfigError(f"{'training' if key == 'data' else 'evaluation'} data {run[key]} does not exist")
     config = build_config(config_kwargs)
+    if config.eval_strategy != "no" and not run["eval_data"]:
+        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a JSONL file like data), "
+                          f"or set eval_strategy: no")
     return run, config
 
 
@@ -121,6 +124,10 @@ def cmd_train(ns, overrides: list[str]) -> int:
         # ValueError while the trainer wraps the model: a fix in the recipe's `lora:` section, not a bug.
         if run["lora"] and _raised_inside(exc, "peft"):
             raise ConfigError(f"lora: {exc}") from None
+        # transformers and TRL check some settings only here (report_to names, an eval_strategy without
+        # eval_data): the same kind of mistake as the ones the recipe catches earlier.
+        if _raised_inside(exc, "transformers") or _raised_inside(exc, "trl"):
+            raise ConfigError(f"invalid training setting: {exc}") from None
         raise
     try:
         result = trainer.train(resume_from_checkpoint=resume)

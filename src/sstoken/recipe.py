@@ -365,10 +365,27 @@ def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
         value = out.get(key)
         if _is_number(value) and (value < bound if inclusive else value <= bound):
             raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {bound}, got {shown(value)}")
+    if "report_to" in out:
+        _check_report_to(out["report_to"])
     max_steps = out.get("max_steps")
     if _is_int(max_steps) and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {max_steps}")
     return out
+
+
+def _check_report_to(value: Any) -> None:
+    """Logger names, checked here rather than when the trainer is built, after the model has loaded."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if value is None:
+        return
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"report_to must be a logger name or a list of names, got {shown(value)}")
+    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"report_to {shown(name)} is not one of {', '.join(known)}{did_you_mean(name, known)}")
 
 
 def build_config(config_kwargs: dict[str, Any]):
