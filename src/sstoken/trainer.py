@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken import scoring
-from sstoken.errors import ConfigError
+from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import (
     CacheFingerprints,
@@ -98,7 +98,8 @@ class SSTokenConfig(SFTConfig):
 def validate_selection_args(args) -> None:
     """Check the selection fields before any model is loaded; raises ConfigError with the fix."""
     if args.selection_method not in SELECTORS:
-        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}")
+        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}"
+                          f"{did_you_mean(args.selection_method, SELECTORS)}")
     if not (isinstance(args.rho, (int, float)) and 0.0 < args.rho <= 1.0):
         raise ConfigError(f"rho must be in (0, 1], got {args.rho}")
     if not (isinstance(args.gamma, (int, float)) and 0.0 <= args.gamma <= 1.0):
@@ -106,7 +107,8 @@ def validate_selection_args(args) -> None:
     if not 0.0 <= args.attention_warmup < 1.0:
         raise ConfigError(f"attention_warmup must be in [0, 1), got {args.attention_warmup}")
     if args.history not in HISTORY_MODES:
-        raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}")
+        raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}"
+                          f"{did_you_mean(args.history, HISTORY_MODES)}")
     if args.history == "ema" and not 0.0 <= args.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.ema_interval < 1:
