@@ -41,7 +41,7 @@ def escaped(text: str) -> str:
 def one_line(message: str) -> str:
     """A message as one escaped line of bounded length (for ``sstoken: error: ...``)."""
     text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    text = escaped(text)
+    text = escaped(text[: 2 * MAX_MESSAGE_CHARS])  # cut first: escaping goes character by character
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
