@@ -570,3 +570,15 @@ def test_model_without_attention_is_refused_before_training(tmp_path, mamba_dir,
     assert line.startswith("sstoken: error: lora: ") and "out_proj" in line
     assert guard.models_loaded == 2
     assert_nothing_written(out)
+
+
+def test_message_helpers_bound_escape_and_suggest_only_close_words():
+    from sstoken.errors import MAX_MESSAGE_CHARS, did_you_mean, one_line, shown
+
+    assert len(one_line("x" * 10**6)) == MAX_MESSAGE_CHARS and one_line("x" * 10**6).endswith("...")
+    assert one_line("a\nb\x1b[2J\u202e") == "a b\\x1b[2J\\u202e"
+    assert shown(10**5000) == "<an integer of about 5000 digits>"
+    assert len(shown(["y" * 10**6] * 10**3)) <= 200
+    assert did_you_mean("input_ids", ["input", "instruction"]) == ""  # pre-tokenized data is not `input`
+    assert did_you_mean("Assistant", ["assistant"]) == " (did you mean 'assistant'?)"
+    assert did_you_mean("rhoo", ["rho", "gamma"]) == " (did you mean 'rho'?)"
