@@ -171,6 +171,21 @@ def test_building_a_lora_trainer_warns_about_no_deprecated_setting(tmp_path, tin
     assert not [m for m in deprecated if "checkpointing" in m], deprecated
 
 
+def test_checkpointing_keeps_trl_default_and_a_value_under_either_name(tmp_path):
+    from sstoken.trainer import SSTokenConfig
+
+    def config(**kwargs):
+        return SSTokenConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default needs no deprecated name
+        assert config().activation_checkpointing is True
+        assert config(activation_checkpointing=False).activation_checkpointing is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name still works, with transformers' warning
+        assert config(gradient_checkpointing=False).activation_checkpointing is False
+
+
 def test_old_and_new_checkpointing_names_are_one_setting():
     _, config = split_recipe({"gradient_checkpointing": False})
     assert config["activation_checkpointing"] is False and "gradient_checkpointing" not in config

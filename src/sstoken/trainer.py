@@ -76,15 +76,18 @@ class SSTokenConfig(SFTConfig):
     nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
     # TRL defaults the deprecated alias `gradient_checkpointing` to True, which makes transformers 5 emit a
-    # FutureWarning on every run; the same default under the current name keeps the behaviour without it.
+    # FutureWarning on every run. Both default to None here; __post_init__ applies TRL's default under the current
+    # name when neither is given, so the behaviour is TRL's and a value passed under either name is kept.
     activation_checkpointing: bool | None = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's default)."}
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (default on)."}
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
         if self.loss_type not in ("nll",):
             raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
