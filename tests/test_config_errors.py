@@ -400,13 +400,14 @@ def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, model_a, 
     project.mkdir()
     (project / "README.md").write_text("my project\n")
     (project / "notes.txt").write_text("mine\n")
+    (project / "checkpoint-old").mkdir()  # not a checkpoint-N of an earlier run
     monkeypatch.chdir(project)
     for output_dir in (".", str(project)):
         recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=output_dir)
         line = run_cli(capsys, "train", "--config", str(recipe))
-        assert "is not empty and is not an earlier sstoken result (it holds README.md, notes.txt)" in line
+        assert "is not empty and is not an earlier sstoken result (it holds README.md, checkpoint-old, notes.txt)" in line
         assert "choose a new or empty folder" in line
-    assert sorted(p.name for p in project.iterdir()) == ["README.md", "notes.txt"]
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "checkpoint-old", "notes.txt"]
     assert (project / "README.md").read_text() == "my project\n"
     recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(project / "notes.txt"))
     assert f"output_dir {project / 'notes.txt'} is a file" in run_cli(capsys, "train", "--config", str(recipe))

@@ -60,12 +60,19 @@ def _check_output_folder(path, what: str, markers: tuple[str, ...]) -> None:
         raise ConfigError(f"{what} {folder} is a file; choose a folder for the results")
     if not folder.is_dir():
         return
-    names = sorted(p.name for p in folder.iterdir())
-    if not names or any(n in markers or (n.startswith("checkpoint-") and (folder / n).is_dir()) for n in names):
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder} cannot be read: {exc.strerror or exc}") from None
+    if not names or any(n in markers or (_is_checkpoint_name(n) and (folder / n).is_dir()) for n in names):
         return
     raise ConfigError(f"{what} {folder} is not empty and is not an earlier sstoken result (it holds "
                       f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); its files could be overwritten, "
                       f"so choose a new or empty folder")
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
 def _load_rows(path: str, tokenizer, max_seq_length: int):
@@ -207,7 +214,7 @@ def _resolve_resume(resume, output_dir) -> str | None:
         return None
     if resume is True:
         out = Path(output_dir)
-        numbered = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+        numbered = [p for p in out.glob("checkpoint-*") if p.is_dir() and _is_checkpoint_name(p.name)]
         for folder in sorted(numbered, key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True):
             problem = _checkpoint_problem(folder)
             if problem is None:
