@@ -399,6 +399,33 @@ def test_a_step_that_makes_weights_non_finite_stops_the_run_before_it_is_saved(t
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").glob("checkpoint-*")) == []
 
 
+def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path, tiny_dir, monkeypatch, capsys):
+    """The CLI side of the guard: exit 2, one error line of its own after the progress bar, the checkpoints of
+    the finite steps kept, and no final adapter or summary.json that would look like a normal result."""
+    import sstoken.guards
+
+    real_check = sstoken.guards.first_non_finite_parameter
+    steps = {"n": 0}
+
+    def diverges_at_step_2(model):
+        steps["n"] += 1
+        return "base_model.model.lm_head.weight" if steps["n"] == 2 else real_check(model)
+
+    monkeypatch.setattr(sstoken.guards, "first_non_finite_parameter", diverges_at_step_2)
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, data, out, max_steps=4, save_steps=1)
+    capsys.readouterr()
+    assert train_in_process("--config", str(recipe)) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "sstoken: error:" in line]
+    assert error_lines == ["sstoken: error: optimizer step 2 made trainable weights NaN or inf "
+                           "(base_model.model.lm_head.weight) although the loss was finite; training stopped and "
+                           "nothing from this step was saved. Lower learning_rate (now 0.01) or set max_grad_norm"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
+
+
 def test_attention_hook_that_never_fires_stops_the_step(tmp_path):
     """Issue 15: attention switched to a plain implementation after the trainer was built bypasses the hook.
     Selecting with an attention share of zeros would silently train on REL alone; the step must fail instead."""
