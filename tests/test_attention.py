@@ -254,3 +254,37 @@ def test_works_with_peft_lora():
     share = context_share(model, ids, attn, ctx)  # LoRA B starts at zero: same outputs as the base model
     assert model.get_base_model().config._attn_implementation == "sstoken_sdpa"
     assert_close_on_valid(share, ref, attn)
+
+
+# ------------------------------------------------------------------------------------------------ other attention kinds
+
+GPT_OSS = dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=3, head_dim=8,
+               layer_types=["sliding_attention", "full_attention"])
+
+
+@pytest.mark.parametrize("layer", [0, -1], ids=["sliding", "full"])
+def test_attention_sinks_take_their_share_of_the_softmax(layer):
+    """gpt-oss adds a per-head sink logit to every softmax (s_aux): the context share is taken of the whole mass,
+    sink included, as in eager attention. Leaving the sink out was off by up to 0.5 (issue 15)."""
+    ids, attn, ctx = make_batch("right")
+    model = tiny_model("gpt_oss", attn_implementation="eager", **GPT_OSS)
+    with torch.no_grad():
+        for decoder_layer in model.model.layers:
+            decoder_layer.self_attn.sinks.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
+        out = model(input_ids=ids, attention_mask=attn, output_attentions=True, use_cache=False)
+    probs = out.attentions[layer].float()
+    assert (probs.sum(-1)[attn.bool()[:, None].expand(-1, probs.shape[1], -1)] < 0.99).any()  # the sinks matter
+    ref = (probs * ctx[:, None, None, :].float()).sum(-1).mean(1)
+    share = context_share(model, ids, attn, ctx, layer=layer)
+    assert_close_on_valid(share, ref, attn)
+
+
+def test_chunked_attention_layers_are_refused_with_the_usable_ones():
+    """Llama 4's chunked layers see only their own chunk, a mask the share does not reproduce (error 0.7-0.8)."""
+    model = tiny_model("llama4_text", attention_chunk_size=4, no_rope_layers=[1, 0], intermediate_size_mlp=64,
+                       num_local_experts=1, head_dim=8)
+    assert model.config.layer_types == ["chunked_attention", "full_attention"]
+    usable = r"full or sliding attention layer \(here: 1\)"
+    with pytest.raises(ConfigError, match=r"layer 0 .* 'chunked_attention'.*" + usable):
+        ContextShareProbe(model, layer=0)
+    assert ContextShareProbe(model, layer=1).layer_index == 1

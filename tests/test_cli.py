@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +157,57 @@ def test_examples_recipe_trains(tmp_path, tiny_dir):
                  "--output_dir", str(out), "--report_to", "none", "--save_strategy", "no", "--plots", "false",
                  "--max_seq_length", "96"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_an_error_is_the_only_line_on_stderr(tmp_path, tiny_dir):
+    """In a real process, where Python prints warnings: transformers 5 used to add a two-line FutureWarning
+    about `gradient_checkpointing` (TRL's default, and the old name in recipes) before every error."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, rho=2)  # the recipe also sets gradient_checkpointing
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-m", "sstoken.cli", "train", "--config", recipe], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "sstoken: error: rho must be in (0, 1], got 2\n"
+
+
+def test_building_a_lora_trainer_warns_about_no_deprecated_setting(tmp_path, tiny_dir):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from sstoken.testing import tiny_model, tiny_tokenizer
+    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}] * 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SSTokenTrainer(model=tiny_model(), args=SSTokenConfig(output_dir=str(tmp_path / "out"), use_cpu=True,
+                                                              report_to="none", max_steps=1),
+                       train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+                       peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not [m for m in deprecated if "checkpointing" in m], deprecated
+
+
+def test_checkpointing_keeps_trl_default_and_a_value_under_either_name(tmp_path):
+    from sstoken.trainer import SSTokenConfig
+
+    def config(**kwargs):
+        return SSTokenConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default needs no deprecated name
+        assert config().activation_checkpointing is True
+        assert config(activation_checkpointing=False).activation_checkpointing is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name still works, with transformers' warning
+        assert config(gradient_checkpointing=False).activation_checkpointing is False
+
+
+def test_old_and_new_checkpointing_names_are_one_setting():
+    _, config = split_recipe({"gradient_checkpointing": False})
+    assert config["activation_checkpointing"] is False and "gradient_checkpointing" not in config
+    from sstoken.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="are the same setting; keep activation_checkpointing"):
+        split_recipe({"gradient_checkpointing": False, "activation_checkpointing": True})

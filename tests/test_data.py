@@ -234,6 +234,44 @@ def test_skip_when_prompt_fills_the_window(tok):
     assert encode_row({"messages": [U(prompt), A("Paris.")]}, tok, 512) is not None
 
 
+def chat(pairs: int) -> dict:
+    messages = []
+    for i in range(pairs):
+        messages += [U(f"question {i}?"), A(f"answer {i}.")]
+    return {"messages": messages}
+
+
+def test_long_chat_costs_work_linear_in_its_turns(tok, monkeypatch):
+    """Issue 15: a row of thousands of turns hung the data check (each turn re-renders all before it). Turns
+    past max_seq_length are not located, so the messages rendered grow with the row, not with its square."""
+    import sstoken.data as data
+
+    rendered = {"messages": 0}
+    real_render = data._render
+
+    def counting_render(tokenizer, messages, add_generation_prompt):
+        rendered["messages"] += len(messages)
+        return real_render(tokenizer, messages, add_generation_prompt)
+
+    monkeypatch.setattr(data, "_render", counting_render)
+    long_row = chat(5000)
+    enc = encode_row(long_row, tok, 128)
+    assert rendered["messages"] < 2 * len(long_row["messages"])  # quadratic would be ~ 10000**2
+    # Cutting the conversation short changes nothing inside the window.
+    assert enc.as_dict() == encode_row(chat(40), tok, 128).as_dict()
+    assert enc.truncated and enc.num_trained > 0
+
+
+def test_too_many_assistant_turns_inside_the_window_is_a_data_error(tok, monkeypatch):
+    import sstoken.data as data
+
+    monkeypatch.setattr(data, "MAX_ASSISTANT_TURNS", 3)
+    assert encode_row(chat(3), tok, 4096) is not None
+    with pytest.raises(DataError, match=r"messages\[7\]: more than 3 assistant turns .* split the conversation"):
+        encode_row(chat(4), tok, 4096)
+    assert encode_row(chat(4), tok, 24) is not None  # the 4th turn is cut off by truncation: not counted
+
+
 def test_load_counts_skips_and_truncations(tok, tmp_path):
     long_prompt = "What is the capital of France? " * 10
     lines = [
@@ -357,6 +395,8 @@ def test_bad_input_corpus(name, tok):
     assert message.startswith(prefix), message
     for part in expected["contains"]:
         assert part in message, f"{part!r} not in {message!r}"
+    for part in expected.get("excludes", []):  # e.g. a did-you-mean that points the wrong way
+        assert part not in message, f"{part!r} in {message!r}"
     assert "\n" not in message  # one line for the CLI
 
 

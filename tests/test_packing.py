@@ -8,7 +8,6 @@ attention mask and no KV cache, transformers derives a block-diagonal mask from 
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from sstoken.history import NLLCache, build_nll_cache
 from sstoken.testing import tiny_model, tiny_tokenizer
 from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+# Scoped to this module's tests (a module-level filter would silence them for the whole session).
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 ATOL = 1e-5
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,8 @@ from sstoken.report import (
 )
 from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+# Scoped to this module's tests (a module-level filter would silence them for the whole session).
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 RHO = 0.6
 GAMMA = 0.5

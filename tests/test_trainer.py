@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from sstoken.history import build_nll_cache
 from sstoken.testing import tiny_model, tiny_tokenizer
 from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+# Scoped to this module's tests (a module-level filter would silence them for the whole session).
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
 def make_rows(n=16, seed=0):
@@ -263,9 +262,9 @@ def test_full_fine_tuning_with_cached_history(tmp_path):
 
 
 def test_full_fine_tuning_online_base_needs_cache(tmp_path):
-    trainer = make_trainer(tmp_path, rows=make_rows(4), peft=False, max_steps=1)
-    with pytest.raises(ConfigError, match="sstoken cache"):
-        trainer.train()
+    """Refused when the trainer is built, not inside the first step (issue 15)."""
+    with pytest.raises(ConfigError, match="full fine-tuning .* needs history_cache.*sstoken cache"):
+        make_trainer(tmp_path, rows=make_rows(4), peft=False, max_steps=1)
 
 
 def test_readme_python_example_with_a_model_path(tmp_path):

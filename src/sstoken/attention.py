@@ -50,6 +50,7 @@ def context_share_from_qk(
     sliding_window: int | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of each query's attention on its visible context keys, mean over query heads. Returns B x T float32.
 
@@ -57,7 +58,8 @@ def context_share_from_qk(
     segment_ids: B x T. Key j is visible to query i when j <= i, key_valid[j], same segment, and (if a sliding
     window W is given) i - j < W, as in transformers' masks. Per head, share = exp(LSE over visible context keys -
     LSE over all visible keys). Queries that are padding, or that see no context key, get 0 (never NaN).
-    Extra memory is O(B * Hq * chunk_size * T).
+    ``sinks`` (Hq,): per-head attention-sink logits (gpt-oss ``s_aux``), a key that every query sees and that
+    takes part of the softmax mass: the denominator's LSE then includes it. Extra memory is O(B * Hq * chunk_size * T).
     """
     bsz, n_q_heads, seq_len, head_dim = query.shape
     n_kv_heads = key.shape[1]
@@ -74,6 +76,10 @@ def context_share_from_qk(
     positions = torch.arange(seq_len, device=device)
     neg_inf = torch.tensor(float("-inf"), device=device)
     zero = torch.zeros((), device=device)
+
+    sink_logits = None
+    if sinks is not None:
+        sink_logits = sinks.detach().float().to(device).reshape(1, n_kv_heads, group, 1)  # like q's head layout
 
     with torch.no_grad():
         # GQA without copying k: query head h uses kv head h // group, so view q as (B, Hkv, group, T, d).
@@ -96,6 +102,8 @@ def context_share_from_qk(
             visible_ctx = visible & context_mask[:, None, :]
 
             lse_all = torch.where(visible[:, None, None], scores, neg_inf).logsumexp(-1)
+            if sink_logits is not None:
+                lse_all = torch.logaddexp(lse_all, sink_logits)
             lse_ctx = torch.where(visible_ctx[:, None, None], scores, neg_inf).logsumexp(-1)
             has_ctx = visible_ctx.any(-1)[:, None, None]  # implies a finite lse_all
             per_head = torch.where(has_ctx, (lse_ctx - lse_all).exp(), zero)
@@ -117,6 +125,21 @@ class ShareCapture:
     segment_ids: torch.Tensor | None
     chunk_size: int
     share: torch.Tensor | None = None
+
+    def required_share(self) -> torch.Tensor:
+        """``share``, or an error when the forward pass never went through the hooked attention function.
+
+        That happens when the layer does not call transformers' AttentionInterface, or when the model's attention
+        implementation was switched after the probe was installed; selecting with zeros instead would silently
+        train on REL alone.
+        """
+        if self.share is None:
+            raise ConfigError(
+                "the attention share was not captured: the forward pass did not go through sstoken's attention "
+                "hook (the layer bypasses transformers' AttentionInterface, or attn_implementation was changed "
+                "after the trainer was built)"
+            )
+        return self.share
 
 
 def _eager_function_of(module):
@@ -160,6 +183,7 @@ def _make_wrapper(base: str):
                 sliding_window=sliding_window,
                 chunk_size=cap.chunk_size,
                 softcap=kwargs.get("softcap"),
+                sinks=kwargs.get("s_aux"),
             )
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -199,6 +223,13 @@ def _unwrap(model):
     return model
 
 
+def _layers_of_type(layer_types: list) -> str:
+    usable = [i for i, t in enumerate(layer_types) if t in ("full_attention", "sliding_attention")]
+    if not usable:
+        return " (this model has none: use a selection_method without attention, such as rel, rho1 or random)"
+    return f" (here: {', '.join(map(str, usable[:8]))}{', ...' if len(usable) > 8 else ''})"
+
+
 class ContextShareProbe:
     """Installs the wrapper on ``model`` (idempotent) and captures the context share of one layer on demand."""
 
@@ -213,6 +244,16 @@ class ContextShareProbe:
         if not 0 <= resolved < n_layers:
             raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
         self.layer_index: int = resolved
+        layer_types = getattr(self.model.config.get_text_config(), "layer_types", None) or []
+        layer_type = layer_types[resolved] if resolved < len(layer_types) else None
+        if layer_type not in (None, "full_attention", "sliding_attention"):
+            # e.g. Llama 4's chunked attention: each query sees only its own chunk, a mask the share does not
+            # reproduce, so its value would be wrong rather than approximate.
+            raise ConfigError(
+                f"attention layer {resolved} of {type(self.model).__name__} is {layer_type!r}, whose attention share "
+                f"sstoken does not compute; set attention_layer to a full or sliding attention layer"
+                f"{_layers_of_type(layer_types)}"
+            )
 
         modules = [
             m

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sstoken.errors import ConfigError, SSTokenError
+from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
 
 logger = logging.getLogger("sstoken")
 
@@ -38,10 +38,43 @@ def _prepare(args_config: str | None, overrides: list[str]):
     run, config_kwargs = split_recipe(recipe)
     if not run["data"]:
         raise ConfigError("no training data: set `data:` in the recipe or pass --data path.jsonl")
-    if not Path(run["data"]).exists():
-        raise ConfigError(f"training data {run['data']} does not exist")
+    for key in ("data", "eval_data"):
+        if run[key] and not Path(run[key]).exists():
+            raise ConfigError(f"{'training' if key == 'data' else 'evaluation'} data {run[key]} does not exist")
     config = build_config(config_kwargs)
+    if config.eval_strategy != "no" and not run["eval_data"]:
+        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a JSONL file like data), "
+                          f"or set eval_strategy: no")
     return run, config
+
+
+# What a folder holds once sstoken has trained into it (train) or written a cache (cache).
+_RUN_MARKERS = ("summary.json", "log_history.json", "adapter_config.json", "adapter_model.safetensors",
+                "model.safetensors", "model.safetensors.index.json", "trainer_state.json")
+_CACHE_MARKERS = ("index.json",)
+
+
+def _check_output_folder(path, what: str, markers: tuple[str, ...]) -> None:
+    """Refuse to write into a file, or into a non-empty folder that is not sstoken's own: the run would overwrite
+    the user's files there (the model card is README.md). An earlier result is fine: it is resumed or replaced."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is a file; choose a folder for the results")
+    if not folder.is_dir():
+        return
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder} cannot be read: {exc.strerror or exc}") from None
+    if not names or any(n in markers or (_is_checkpoint_name(n) and (folder / n).is_dir()) for n in names):
+        return
+    raise ConfigError(f"{what} {folder} is not empty and is not an earlier sstoken result (it holds "
+                      f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); its files could be overwritten, "
+                      f"so choose a new or empty folder")
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
 def _load_rows(path: str, tokenizer, max_seq_length: int):
@@ -49,7 +82,7 @@ def _load_rows(path: str, tokenizer, max_seq_length: int):
 
     rows, stats = load_training_rows(path, tokenizer, max_seq_length)
     logger.info("data %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                path, stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
+                escaped(path), stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
     return rows, stats
 
 
@@ -66,12 +99,18 @@ def _peft_config(lora: dict | None):
 def cmd_train(ns, overrides: list[str]) -> int:
     from sstoken.data import to_hf_dataset
     from sstoken.models import load_model, load_tokenizer
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.trainer import SSTokenTrainer, check_history_source
 
     run, config = _prepare(ns.config, overrides)
-    if config.history_cache and not Path(config.history_cache).exists():
-        raise ConfigError(f"history_cache {config.history_cache} does not exist; build it first with "
-                          f"`sstoken cache --config {ns.config or '<recipe>'}`")
+    for key in ("history_cache", "reference_cache"):
+        if getattr(config, key) and not Path(getattr(config, key)).is_dir():
+            raise ConfigError(f"{key} {getattr(config, key)} does not exist; build it first with "
+                              f"`sstoken cache --config {ns.config or '<recipe>'}`")
+    _check_output_folder(config.output_dir, "output_dir", _RUN_MARKERS)
+    check_history_source(config, trains_an_adapter=bool(run["lora"]))
+    if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
+        # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
+        raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
@@ -94,8 +133,16 @@ def cmd_train(ns, overrides: list[str]) -> int:
         # ValueError while the trainer wraps the model: a fix in the recipe's `lora:` section, not a bug.
         if run["lora"] and _raised_inside(exc, "peft"):
             raise ConfigError(f"lora: {exc}") from None
+        # transformers and TRL check some settings only here (report_to names, an eval_strategy without
+        # eval_data): the same kind of mistake as the ones the recipe catches earlier.
+        if _raised_inside(exc, "transformers") or _raised_inside(exc, "trl"):
+            raise ConfigError(f"invalid training setting: {exc}") from None
         raise
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (SSTokenError, KeyboardInterrupt):
+        print(file=sys.stderr)  # end the progress bar's line, so that the message below is a line of its own
+        raise
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
@@ -139,13 +186,20 @@ def _check_cache_covers(path: str, rows: list[dict]) -> None:
                           f"`sstoken cache`")
 
 
-def _checkpoint_complete(folder: Path) -> bool:
-    """transformers writes trainer_state.json last (sstoken's state file comes before it), in place."""
+_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                 "adapter_model.bin", "pytorch_model.bin")
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None. transformers writes trainer_state.json last (sstoken's
+    state file comes before it), in place."""
     try:
         json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return True
+        return "no readable trainer_state.json; the run stopped while saving it"
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        return "no adapter or model weights"
+    return None
 
 
 def _resolve_resume(resume, output_dir) -> str | None:
@@ -162,18 +216,20 @@ def _resolve_resume(resume, output_dir) -> str | None:
         return None
     if resume is True:
         out = Path(output_dir)
-        numbered = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()]
+        numbered = [p for p in out.glob("checkpoint-*") if p.is_dir() and _is_checkpoint_name(p.name)]
         for folder in sorted(numbered, key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True):
-            if _checkpoint_complete(folder):
+            problem = _checkpoint_problem(folder)
+            if problem is None:
                 return str(folder)
-            logger.warning("skipping %s: incomplete (the run stopped while saving it)", folder)
+            logger.warning("skipping %s: incomplete (%s)", escaped(folder), problem)
         raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {out} to resume from")
-    folder = Path(str(resume))
+    folder = Path(str(resume)).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"resume_from_checkpoint: {folder} does not exist")
-    if not _checkpoint_complete(folder):
-        raise ConfigError(f"resume_from_checkpoint: {folder} is incomplete (no readable trainer_state.json; the "
-                          f"run stopped while saving it); resume from an earlier checkpoint")
+    problem = _checkpoint_problem(folder)
+    if problem is not None:
+        raise ConfigError(f"resume_from_checkpoint: {folder} is incomplete ({problem}); resume from an earlier "
+                          f"checkpoint")
     return str(folder)
 
 
@@ -266,13 +322,17 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     out = ns.out or (config.reference_cache if ns.reference else config.history_cache)
     if not out:
         raise ConfigError("where should the cache go? set history_cache in the recipe or pass --out DIR")
+    out = str(Path(out).expanduser())
+    _check_output_folder(out, "cache folder", _CACHE_MARKERS)
+    if ns.adapter and not (Path(ns.adapter).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {ns.adapter} is not a PEFT adapter folder (no adapter_config.json there)")
     tokenizer = load_tokenizer(model_name, run["trust_remote_code"])
     rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"])
     if ns.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, ns.adapter)
+        model = PeftModel.from_pretrained(model, str(Path(ns.adapter).expanduser()))
     started = time.time()
     cache = build_nll_cache(model, tokenizer, rows, out, run["max_seq_length"], batch_size=run["cache_batch_size"])
     print(f"sstoken cache: {len(cache)} samples written to {out} in {time.time() - started:.1f}s")
@@ -362,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(ns, rest) or 0)
     except SSTokenError as exc:
-        # One line whatever the message holds (YAML and PEFT errors span several).
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"sstoken: error: {message}", file=sys.stderr)
+        # One line whatever the message holds: YAML and PEFT errors span several, file names can hold control
+        # characters, and a quoted value can be huge.
+        print(f"sstoken: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sstoken: interrupted", file=sys.stderr)

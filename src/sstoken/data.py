@@ -29,20 +29,21 @@ Rules (see ``docs/data.md`` for the long version):
 
 from __future__ import annotations
 
+import bisect
 import codecs
-import difflib
 import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sstoken.errors import ConfigError, DataError
+from sstoken.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "FORMATS",
     "IGNORE_INDEX",
+    "MAX_ASSISTANT_TURNS",
     "MAX_LINE_BYTES",
     "METADATA_KEYS",
     "EncodedRow",
@@ -59,6 +60,11 @@ IGNORE_INDEX = -100
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Default limit on one JSONL line, in bytes, newline excluded (16 MiB)."""
+
+MAX_ASSISTANT_TURNS = 512
+"""Limit on the assistant turns of one row that fall inside ``max_seq_length`` (turns beyond it are cut off
+and not counted). Locating turn k costs time proportional to k, so this bounds the check of one row to
+seconds instead of letting a pathological conversation stall the data check."""
 
 ROLES = ("system", "user", "assistant")
 METADATA_KEYS = frozenset({"id", "meta", "metadata", "source"})
@@ -290,19 +296,12 @@ def _field_name(key: Any) -> str:
     return key if key.isidentifier() else repr(key)
 
 
-def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.7)
-    if not close:
-        close = [c for c in choices if c.lower() == word.lower()]
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _detect_format(row: Mapping[str, Any]) -> str:
     for key in row:
         if key not in _ALL_KEYS:
             raise _RowError(
                 _field_name(key),
-                f"unknown field{_did_you_mean(key, _ALL_KEYS)}; a row has 'messages', or 'prompt' and "
+                f"unknown field{did_you_mean(key, _ALL_KEYS)}; a row has 'messages', or 'prompt' and "
                 "'completion', or 'instruction', 'output' and optional 'input'/'system' (alpaca), plus "
                 "optional metadata 'id', 'meta', 'metadata', 'source'",
             )
@@ -371,7 +370,7 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             if key not in MESSAGE_KEYS:
                 raise _RowError(
                     f"{name}.{_field_name(key)}",
-                    f"unknown field in a message{_did_you_mean(key, MESSAGE_KEYS)}; a message has only "
+                    f"unknown field in a message{did_you_mean(key, MESSAGE_KEYS)}; a message has only "
                     "'role' and 'content'",
                 )
         for key in MESSAGE_KEYS:
@@ -382,7 +381,7 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             raise _RowError(f"{name}.role", f"must be a string, got {_json_type(role)}")
         if role not in ROLES:
             hint = f" (use {_ROLE_HINTS[role.lower()]!r})" if role.lower() in _ROLE_HINTS else ""
-            hint = hint or _did_you_mean(role, ROLES)
+            hint = hint or did_you_mean(role, ROLES)
             raise _RowError(f"{name}.role", f"unknown role {role!r}{hint}; expected 'system', 'user' or 'assistant'")
         content = _text(
             message["content"],
@@ -434,22 +433,44 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
 
 
 def _encode_conversation(
-    messages: list[dict[str, str]], names: list[str], train_from: int, tokenizer: Any
+    messages: list[dict[str, str]], names: list[str], train_from: int, tokenizer: Any, max_tokens: int
 ) -> tuple[list[int], list[int]]:
-    """Tokenize a rendered conversation; train the assistant turns with index >= ``train_from``."""
+    """Tokenize a rendered conversation; train the assistant turns with index >= ``train_from``.
+
+    Locating a turn renders the conversation up to it, which costs time proportional to the turns before it.
+    Turns that start past the first ``max_tokens`` tokens are cut off by truncation anyway, so they are not
+    located: the work stays bounded by the turns inside the window, not by the length of the conversation.
+    """
     full = _render(tokenizer, messages, False)
-    spans: list[tuple[int, int]] = []
+    encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
+    input_ids = list(encoding["input_ids"])
+    offsets = list(encoding["offset_mapping"])
+    # Characters after this offset belong only to tokens that truncation removes.
+    window_end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(full)
+    starts: list[int] = []
+    ends: list[int] = []
+    checked_generation_prompt = False
     for k, message in enumerate(messages):
         if k < train_from or message["role"] != "assistant":
             continue
         prefix = _render(tokenizer, messages[:k], True)
-        if prefix == _render(tokenizer, messages[:k], False):
+        if len(prefix) >= window_end:
+            break
+        if len(starts) == MAX_ASSISTANT_TURNS:
             raise _RowError(
-                None,
-                "the chat template renders no generation prompt (add_generation_prompt=True changes "
-                "nothing), so assistant turns cannot be located; use a chat template with a generation "
-                "prompt",
+                names[k],
+                f"more than {MAX_ASSISTANT_TURNS} assistant turns within max_seq_length={max_tokens} tokens "
+                "(MAX_ASSISTANT_TURNS); split the conversation into several rows",
             )
+        if not checked_generation_prompt:  # a property of the template: checking one turn is enough
+            if prefix == _render(tokenizer, messages[:k], False):
+                raise _RowError(
+                    None,
+                    "the chat template renders no generation prompt (add_generation_prompt=True changes "
+                    "nothing), so assistant turns cannot be located; use a chat template with a generation "
+                    "prompt",
+                )
+            checked_generation_prompt = True
         upto = _render(tokenizer, messages[: k + 1], False)
         if not upto.startswith(prefix) or not full.startswith(upto):
             raise _RowError(
@@ -459,16 +480,18 @@ def _encode_conversation(
             )
         start, end = len(prefix), len(upto.rstrip())
         if end > start:
-            spans.append((start, end))
-    encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
-    input_ids = list(encoding["input_ids"])
+            starts.append(start)
+            ends.append(end)
+    # The spans are ordered and disjoint (each turn's rendering is a prefix of the next), so the only span a
+    # token can overlap is the last one starting before the token ends: a binary search instead of a scan.
     labels = []
-    for token_id, (s, e) in zip(input_ids, encoding["offset_mapping"]):
-        trained = False
-        for start, end in spans:
-            if (s < end and e > start) or (s == e and start <= s < end):
-                trained = True
-                break
+    for token_id, (s, e) in zip(input_ids, offsets):
+        if s == e:  # an empty token is trained when its position lies inside a span
+            i = bisect.bisect_right(starts, s) - 1
+            trained = i >= 0 and s < ends[i]
+        else:
+            i = bisect.bisect_left(starts, e) - 1
+            trained = i >= 0 and s < ends[i]
         labels.append(token_id if trained else IGNORE_INDEX)
     return input_ids, labels
 
@@ -503,7 +526,7 @@ def _alpaca_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def _encode_fields(row: Mapping[str, Any], tokenizer: Any) -> tuple[str, list[int], list[int]]:
+def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> tuple[str, list[int], list[int]]:
     fmt = _detect_format(row)
     if fmt == "messages":
         messages = _messages(row["messages"], "messages")
@@ -511,7 +534,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any) -> tuple[str, list[in
         _check_system_first(messages, names)
         if not any(m["role"] == "assistant" for m in messages):
             raise _RowError("messages", "has no assistant turn (nothing to train on)")
-        return fmt, *_encode_conversation(messages, names, 0, tokenizer)
+        return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens)
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
@@ -527,7 +550,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any) -> tuple[str, list[in
             _check_system_first(messages, names)
             if not any(m["role"] == "assistant" for m in completion_messages):
                 raise _RowError("completion", "has no assistant message (nothing to train on)")
-            return fmt, *_encode_conversation(messages, names, len(prompt_messages), tokenizer)
+            return fmt, *_encode_conversation(messages, names, len(prompt_messages), tokenizer, max_tokens)
         for name, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, (str, list)):
                 raise _RowError(name, f"must be a string or a list of messages, got {_json_type(value)}")
@@ -538,7 +561,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any) -> tuple[str, list[in
         )
     messages = _alpaca_messages(row)
     names = [{"system": "system", "user": "instruction", "assistant": "output"}[m["role"]] for m in messages]
-    return fmt, *_encode_conversation(messages, names, 0, tokenizer)
+    return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens)
 
 
 def encode_row(
@@ -555,7 +578,7 @@ def encode_row(
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {_json_type(row)}")
     try:
-        fmt, input_ids, labels = _encode_fields(row, tokenizer)
+        fmt, input_ids, labels = _encode_fields(row, tokenizer, max_seq_length)
     except _RowError as exc:
         raise DataError(exc.render(where)) from None
     truncated = len(input_ids) > max_seq_length

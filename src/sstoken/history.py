@@ -41,10 +41,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(base, "config", None)
     if config is not None:
-        cfg = config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "use_cache", "dtype",
-                         "torch_dtype", "quantization_config", "_attn_implementation_autoset"):
-            cfg.pop(volatile, None)
+        cfg = _without_volatile_keys(config.to_dict())
         digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
@@ -56,6 +53,22 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
             digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation", "use_cache", "dtype",
+                         "torch_dtype", "quantization_config", "_attn_implementation_autoset")
+
+
+def _without_volatile_keys(cfg):
+    """The config minus what does not change the NLL: loading details, and the special-token ids (bos/eos/pad),
+    which the Trainer rewrites to match the tokenizer when it is built, so a cache built before the trainer
+    existed would otherwise look like another model's. The tokenizer fingerprint covers the special tokens."""
+    if isinstance(cfg, dict):
+        return {key: _without_volatile_keys(value) for key, value in cfg.items()
+                if key not in _VOLATILE_CONFIG_KEYS and not (isinstance(key, str) and key.endswith("_token_id"))}
+    if isinstance(cfg, list):
+        return [_without_volatile_keys(value) for value in cfg]
+    return cfg
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -74,7 +74,7 @@ def load_model(name_or_path: str | None, dtype: str | None = None, attn_implemen
         model = AutoModelForCausalLM.from_pretrained(
             path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: e.g. flash_attention_2 not installed
         raise ConfigError(f"cannot load model {name_or_path!r}: {exc}") from exc
     if gguf:
         _forget_gguf_quantization(model)

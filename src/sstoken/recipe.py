@@ -8,13 +8,13 @@ the file, as with ``trl sft``: ``sstoken train --config r.yaml --rho 0.5 --max_s
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sstoken.errors import ConfigError
+from sstoken.errors import ConfigError, did_you_mean, shown
 
 DEMO_RECIPE = Path(__file__).parent / "demo" / "demo.yaml"
 
@@ -40,23 +40,72 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(SSTokenConfig) if f.init}
 
 
-def _did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few dozen lines; anything near this size is the wrong file
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Recipe values that name files or folders: text, with `~` expanded (transformers expands it in output_dir only).
+PATH_KEYS = ("model", "data", "eval_data", "output_dir", "logging_dir", "history_cache", "reference_cache")
+# Deprecated aliases in transformers 5, read under their current names.
+_RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+_INT64_MAX = 2**63 - 1
+_SEED_MAX = 2**32 - 1  # numpy's limit; transformers seeds numpy with it
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error instead of "the last wins", and
+    keys must be text."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`
+                kind = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+                raise ConfigError(f"keys must be text, got {kind} (line {line})")
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # `1: x`, `true: x`: no setting is named like that
+                raise ConfigError(f"keys must be text, got {shown(key)} (line {line})")
+            if key in seen:
+                raise ConfigError(f"key {shown(key)} appears twice (line {line}); keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str):
+    loader = _RecipeLoader(text)  # what yaml.safe_load does, with the duplicate-key check
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         path = DEMO_RECIPE
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file; pass the recipe file itself")
+    if not path.is_file():  # a FIFO or a device such as /dev/zero would be read forever
+        raise ConfigError(f"config {path} is not a regular file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"config {path} is {path.stat().st_size} bytes; a recipe is a YAML file of at most "
+                          f"{MAX_RECIPE_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = _parse_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # an integer longer than Python converts; nesting too deep
+        reason = "a number has too many digits" if "digits" in str(exc) else "nested too deeply"
+        raise ConfigError(f"{path}: not a usable recipe: {reason}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -64,10 +113,12 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     recipe = dict(data)
     base = path.parent
     for key in ("data", "eval_data"):  # relative data paths are relative to the recipe
-        if isinstance(recipe.get(key), str) and not Path(recipe[key]).is_absolute():
-            candidate = base / recipe[key]
-            if candidate.exists():
-                recipe[key] = str(candidate)
+        if isinstance(recipe.get(key), str):
+            value = str(Path(recipe[key]).expanduser())
+            candidate = base / value
+            if not Path(value).is_absolute() and candidate.exists():
+                value = str(candidate)
+            recipe[key] = value
     if path == DEMO_RECIPE and isinstance(recipe.get("data"), str):
         recipe["data"] = str(base / recipe["data"])
     return recipe
@@ -91,7 +142,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         else:
             raw = "true"
             i += 1
-        overrides[key] = _scalar(raw)
+        try:
+            overrides[key] = _scalar(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"--{key}: {exc}") from None
     return overrides
 
 
@@ -103,30 +157,30 @@ def _scalar(raw: str) -> Any:
     if raw == "" or raw.strip().lower() in _YAML11_BOOLEAN_WORDS:
         return raw
     try:
-        return yaml.safe_load(raw)
+        return _parse_yaml(raw)
     except yaml.YAMLError:
         return raw
+    except ValueError:  # an integer longer than Python converts
+        raise ConfigError(f"{shown(raw)} has too many digits to be a number") from None
 
 
 def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run settings with defaults filled in, SSTokenConfig kwargs); unknown keys are an error."""
+    """(run settings with defaults filled in, SSTokenConfig kwargs); unknown keys and bad run values are errors."""
     fields = config_fields()
     run = {key: value for key, value in RUN_KEYS.items()}
     run["lora"] = dict(RUN_KEYS["lora"])
     config: dict[str, Any] = {}
+    for old, new in _RENAMED.items():  # TRL recipes use the old names; transformers 5 warns on every run for them
+        if old in recipe:
+            if new in recipe:
+                raise ConfigError(f"{old} and {new} are the same setting; keep {new}")
+            recipe = {(new if key == old else key): value for key, value in recipe.items()}
     for key, value in recipe.items():
+        if key in PATH_KEYS:
+            value = _path(key, value)
         if key in RUN_KEYS:
-            if key == "lora" and value not in (None, False):
-                if value is True:
-                    value = {}
-                if not isinstance(value, dict):
-                    raise ConfigError("lora must be a mapping (r, alpha, dropout, target_modules), or null for "
-                                      "full fine-tuning")
-                unknown = set(value) - LORA_KEYS
-                if unknown:
-                    bad = sorted(unknown)[0]
-                    raise ConfigError(f"unknown lora key {bad!r}{_did_you_mean(bad, LORA_KEYS)}")
-                value = {**RUN_KEYS["lora"], **value}
+            if key == "lora":
+                value = _lora(value)
             run[key] = value
         elif key in fields:
             if isinstance(value, bool) and key.endswith("_strategy"):
@@ -135,20 +189,102 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         elif key in ("max_length",):
             run["max_seq_length"] = value
         else:
-            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, list(RUN_KEYS) + list(fields))}")
-    if not isinstance(run["max_seq_length"], int) or run["max_seq_length"] < 2:
-        raise ConfigError(f"max_seq_length must be an integer >= 2, got {run['max_seq_length']!r}")
+            raise ConfigError(f"unknown config key {shown(key)}{did_you_mean(key, list(RUN_KEYS) + list(fields))}")
+    _check_run_values(run)
     config["max_length"] = run["max_seq_length"]
     return run, config
 
 
-# Counts that transformers only checks deep inside the training loop (a DataLoader refuses batch_size=0).
-_POSITIVE_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+def _path(key: str, value: Any) -> Any:
+    """A path value: text (None where the key is optional), with `~` expanded."""
+    if value is None and key != "output_dir":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a path (text), got {shown(value)}")
+    return str(Path(value).expanduser()) if value.startswith("~") else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lora(value: Any) -> dict | None:
+    """The `lora:` section with defaults filled in, or None (full fine-tuning)."""
+    if value in (None, False):
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError("lora must be a mapping (r, alpha, dropout, target_modules), or null for full fine-tuning")
+    unknown = set(value) - LORA_KEYS
+    if unknown:
+        bad = sorted(unknown)[0]
+        raise ConfigError(f"unknown lora key {shown(bad)}{did_you_mean(bad, LORA_KEYS)}")
+    lora = {**RUN_KEYS["lora"], **value}
+    for key, kind, low, high in (("r", int, 1, 65536), ("alpha", int, 1, 2**20), ("dropout", float, 0, 1)):
+        lora[key] = _converted(f"lora {key}", lora[key], kind)  # numeric strings as for the other settings
+        if not low <= lora[key] <= high or (key == "dropout" and lora[key] == 1):
+            raise ConfigError(f"lora {key} must be in {'[0, 1)' if key == 'dropout' else f'[{low}, {high}]'}, "
+                              f"got {shown(lora[key])}")
+    targets = lora["target_modules"]
+    if not (isinstance(targets, str) and targets.strip()) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"lora target_modules must be a module name, a list of names or 'all-linear', got "
+                          f"{shown(targets)}")
+    return lora
+
+
+def _check_run_values(run: dict[str, Any]) -> None:
+    """The run's own keys (model, data, dtype, ...); SSTokenConfig's fields are checked by check_value_types."""
+    run["max_seq_length"] = length = _converted("max_seq_length", run["max_seq_length"], int)
+    if not 2 <= length <= 2**24:
+        raise ConfigError(f"max_seq_length must be from 2 to {2**24}, got {shown(length)}")
+    if run["dtype"] not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {shown(run['dtype'])}"
+                          f"{did_you_mean(run['dtype'], DTYPES)}")
+    if not isinstance(run["attn_implementation"], str) or not run["attn_implementation"].strip():
+        raise ConfigError(f"attn_implementation must be a name such as sdpa or eager, got "
+                          f"{shown(run['attn_implementation'])}")
+    for key in ("trust_remote_code", "plots"):
+        if not isinstance(run[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {shown(run[key])}")
+    run["cache_batch_size"] = _converted("cache_batch_size", run["cache_batch_size"], int)
+    if not 1 <= run["cache_batch_size"] <= 2**20:
+        raise ConfigError(f"cache_batch_size must be from 1 to {2**20}, got {shown(run['cache_batch_size'])}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+# Ranges that transformers checks late or never: a batch size of 0 fails inside the DataLoader, a negative
+# epoch count or learning rate trains nothing or diverges and still exits 0. (lower bound, bound included?)
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "num_train_epochs": (0, False),
+    "learning_rate": (0, True),
+    "weight_decay": (0, True),
+    "max_grad_norm": (0, True),
+    "warmup_steps": (0, True),
+    "adam_epsilon": (0, True),
+    "save_steps": (0, False),
+    "logging_steps": (0, False),
+    "eval_steps": (0, False),
+    "save_total_limit": (0, True),
+    "dataloader_num_workers": (0, True),
+    "seed": (0, True),
+    "data_seed": (0, True),
+    "selection_seed": (0, True),
+}
+_SEEDS = ("seed", "data_seed", "selection_seed")
 
 
 def _scalar_type(hint) -> tuple[type | None, bool]:
-    """(int, float or bool when that is the field's only non-None type, else None; whether None is allowed)."""
+    """(int, float, bool or str when that is the field's only non-None type, else None; whether None is allowed)."""
     import types
     import typing
 
@@ -158,12 +294,56 @@ def _scalar_type(hint) -> tuple[type | None, bool]:
     return (rest[0] if len(rest) == 1 and rest[0] in _TYPE_WORDS else None), allows_none
 
 
+def _takes_numbers(hint) -> bool:
+    """Whether a field annotated ``hint`` can hold a number or a boolean (unknown annotations: assume so)."""
+    import enum
+    import types
+    import typing
+
+    if hint is None or hint is Any:
+        return True
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arg in args:
+        origin = typing.get_origin(arg) or arg
+        if arg is Any or (isinstance(origin, type) and (issubclass(origin, (int, float, bool))
+                                                        or (issubclass(origin, enum.Enum) and
+                                                            not issubclass(origin, str)))):
+            return True
+    return False
+
+
+def _converted(key: str, value: Any, expected: type) -> Any:
+    """``value`` as ``expected`` (numeric strings become numbers), or ConfigError."""
+    if expected is str:
+        ok = isinstance(value, str)
+    elif isinstance(value, bool) or value is None:
+        ok = expected is bool and value is not None
+    elif expected is bool:
+        ok = False
+    elif isinstance(value, str):
+        try:
+            value = expected(value.strip())
+            ok = True
+        except ValueError:
+            ok = False
+    else:
+        ok = isinstance(value, int) if expected is int else isinstance(value, (int, float))
+    if not ok:
+        raise ConfigError(f"{key} must be {_TYPE_WORDS[expected]}, got {shown(value)}")
+    if expected in (int, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {shown(value)}")
+    if expected is int and abs(value) > (_SEED_MAX if key in _SEEDS else _INT64_MAX):
+        raise ConfigError(f"{key} is too large: {shown(value)}")
+    return value
+
+
 def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Check recipe numbers and booleans against SSTokenConfig's annotations; returns converted kwargs.
+    """Check recipe values against SSTokenConfig's annotations and ranges; returns converted kwargs.
 
     YAML hands over whatever was written: ``max_steps: abc`` or ``learning_rate: [1]`` would otherwise reach
-    transformers' training loop and fail there with a traceback, and ``rho: true`` would silently mean 1.
-    PyYAML reads ``1e-4`` (no dot) as a string, so numeric strings are converted for number fields.
+    transformers' training loop and fail there with a traceback, ``rho: true`` would silently mean 1, and
+    ``learning_rate: .inf`` would train an adapter full of NaN. PyYAML reads ``1e-4`` (no dot) as a string, so
+    numeric strings are converted for number fields.
     """
     import typing
 
@@ -172,29 +352,40 @@ def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(SSTokenConfig)
     out = dict(config_kwargs)
     for key, value in config_kwargs.items():
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            continue  # true: the newest complete checkpoint (the CLI resolves it)
         expected, allows_none = _scalar_type(hints.get(key))
+        if expected is None and isinstance(value, (bool, int, float)) and not _takes_numbers(hints.get(key)):
+            # e.g. `accelerator_config: 1` (a path or a mapping): transformers would open file descriptor 1
+            raise ConfigError(f"{key} must be text or a mapping, got {shown(value)}")
         if expected is None or (value is None and allows_none):
             continue
-        converted = value
-        if isinstance(value, bool) or value is None:
-            ok = expected is bool and value is not None
-        elif expected is bool:
-            ok = False
-        elif isinstance(value, str):
-            try:
-                converted = expected(value.strip())
-                ok = True
-            except ValueError:
-                ok = False
-        else:
-            ok = isinstance(value, int) if expected is int else isinstance(value, (int, float))
-        if not ok:
-            raise ConfigError(f"{key} must be {_TYPE_WORDS[expected]}, got {value!r}")
-        out[key] = converted
-    for key in _POSITIVE_INTS:
-        if key in out and out[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {out[key]}")
+        out[key] = _converted(key, value, expected)
+    for key, (bound, inclusive) in _LOWER_BOUNDS.items():
+        value = out.get(key)
+        if _is_number(value) and (value < bound if inclusive else value <= bound):
+            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {bound}, got {shown(value)}")
+    if "report_to" in out:
+        _check_report_to(out["report_to"])
+    max_steps = out.get("max_steps")
+    if _is_int(max_steps) and max_steps != -1 and max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {max_steps}")
     return out
+
+
+def _check_report_to(value: Any) -> None:
+    """Logger names, checked here rather than when the trainer is built, after the model has loaded."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if value is None:
+        return
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"report_to must be a logger name or a list of names, got {shown(value)}")
+    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"report_to {shown(name)} is not one of {', '.join(known)}{did_you_mean(name, known)}")
 
 
 def build_config(config_kwargs: dict[str, Any]):
@@ -207,5 +398,5 @@ def build_config(config_kwargs: dict[str, Any]):
         return SSTokenConfig(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, ImportError) as exc:  # e.g. a missing config file or package
         raise ConfigError(f"invalid training setting: {exc}") from exc

@@ -30,7 +30,8 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken import scoring
-from sstoken.errors import ConfigError
+from sstoken.errors import ConfigError, did_you_mean
+from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import (
     CacheFingerprints,
     EMAHistory,
@@ -74,8 +75,19 @@ class SSTokenConfig(SFTConfig):
     ema_interval: int = field(default=1, metadata={"help": "EMA history: optimizer steps between updates."})
     nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
+    # TRL defaults the deprecated alias `gradient_checkpointing` to True, which makes transformers 5 emit a
+    # FutureWarning on every run. Both default to None here; __post_init__ applies TRL's default under the current
+    # name when neither is given, so the behaviour is TRL's and a value passed under either name is kept.
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (default on)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
         if self.loss_type not in ("nll",):
             raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
@@ -89,7 +101,8 @@ class SSTokenConfig(SFTConfig):
 def validate_selection_args(args) -> None:
     """Check the selection fields before any model is loaded; raises ConfigError with the fix."""
     if args.selection_method not in SELECTORS:
-        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}")
+        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}"
+                          f"{did_you_mean(args.selection_method, SELECTORS)}")
     if not (isinstance(args.rho, (int, float)) and 0.0 < args.rho <= 1.0):
         raise ConfigError(f"rho must be in (0, 1], got {args.rho}")
     if not (isinstance(args.gamma, (int, float)) and 0.0 <= args.gamma <= 1.0):
@@ -97,7 +110,8 @@ def validate_selection_args(args) -> None:
     if not 0.0 <= args.attention_warmup < 1.0:
         raise ConfigError(f"attention_warmup must be in [0, 1), got {args.attention_warmup}")
     if args.history not in HISTORY_MODES:
-        raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}")
+        raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}"
+                          f"{did_you_mean(args.history, HISTORY_MODES)}")
     if args.history == "ema" and not 0.0 <= args.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.ema_interval < 1:
@@ -111,6 +125,18 @@ def validate_selection_args(args) -> None:
         raise ConfigError("selection_method 'tokencleaning' needs history_cache (the base model's NLL cache)")
     if args.history == "ema" and args.history_cache:
         raise ConfigError("history 'ema' changes during training and cannot use history_cache; remove one of them")
+    if args.selection_method == "tokencleaning" and args.packing:
+        raise ConfigError("selection_method 'tokencleaning' fits its threshold on whole samples before training and "
+                          "cannot run on packed sequences; set packing: false")
+
+
+def check_history_source(args, trains_an_adapter: bool) -> None:
+    """History 'base' without a cache is the model with its adapter switched off: full fine-tuning has none."""
+    selector = make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
+    if selector.needs_history and args.history == "base" and not args.history_cache and not trains_an_adapter:
+        raise ConfigError("full fine-tuning (no lora) with history 'base' needs history_cache: the base model's NLL "
+                          "must be computed before its weights change; build it with `sstoken cache`, or use "
+                          "history: ema, or train a LoRA adapter")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -169,13 +195,19 @@ class SSTokenTrainer(SFTTrainer):
                 if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
         elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
             kwargs["eval_dataset"] = _encode_dataset(eval_dataset, processing_class, sst_args, kwargs.get("model"))
-        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():
+            # PEFT (0.21) reads the deprecated `model.is_gradient_checkpointing` while wrapping the model
+            # (PeftModel.__init__): a FutureWarning on every LoRA run that no setting of ours can avoid.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             # e.g. `accelerate launch` on a CPU-only machine without use_cpu: N independent runs would
             # silently write to the same output_dir.
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
+        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
         self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
                                       sst_args.attention_warmup, sst_args.selection_seed)
         self._probe = None
@@ -187,6 +219,7 @@ class SSTokenTrainer(SFTTrainer):
             self.add_callback(_EMACallback(self))
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
+        self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
@@ -298,7 +331,7 @@ class SSTokenTrainer(SFTTrainer):
             with self._attention_probe().capture(context, inputs.get("attention_mask"),
                                                  inputs.get("position_ids")) as captured:
                 outputs = model(**model_inputs)
-            context_share = captured.share
+            context_share = captured.required_share()
         else:
             outputs = model(**model_inputs)
             context_share = None
@@ -445,4 +478,4 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
     return Dataset.from_list(rows)
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "validate_selection_args"]
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "check_history_source", "validate_selection_args"]
