@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from sstoken import scoring
+from sstoken import lm_head, scoring
 from sstoken.errors import ConfigError
 from sstoken.history import (
     CacheFingerprints,
@@ -162,6 +162,12 @@ class SSTokenTrainer(SFTTrainer):
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
         self.skipped_nonfinite_steps = 0
+        # SFTTrainer's own fused head also computes entropy and top-1 for its metrics; ours needs log_probs only.
+        self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
+        if self.full_logits_reason is None:
+            lm_head.add_fused_head(self.model)
+        else:
+            lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
 
@@ -226,16 +232,33 @@ class SSTokenTrainer(SFTTrainer):
             return None
         return cache.lookup(inputs["input_ids"], valid, segment_ids)
 
-    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids):
+    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids, scored_labels):
         if not self.selector.needs_history:
             return None
         if self.history_cache is not None:
             return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
         inner = _unwrap(model)
+        fused = self.full_logits_reason is None
         if self.ema is not None:
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size, self.ema)
+            return history_forward_nll(inner, model_inputs, scored_labels, self.args.nll_chunk_size, self.ema,
+                                       fused=fused)
         with base_weights(inner):
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
+            return history_forward_nll(inner, model_inputs, scored_labels, self.args.nll_chunk_size, fused=fused)
+
+    def _forward(self, model, model_inputs, scored_labels):
+        """(outputs, B×T per-token NLL): with gradient through the fused head, or without from the full logits."""
+        if self.full_logits_reason is None:
+            return lm_head.fused_forward(model, model_inputs, scored_labels)
+        outputs = model(**model_inputs)
+        return outputs, scoring.token_nll(outputs.logits.detach(), scored_labels, self.args.nll_chunk_size)
+
+    def _kept_nll_sum(self, outputs, token_nll, labels, keep):
+        if self.full_logits_reason is None:
+            return scoring.kept_nll_sum(token_nll, keep)
+        rows, cols = keep.nonzero(as_tuple=True)
+        kept_logits = outputs.logits[rows, cols - 1].float()
+        return F.cross_entropy(kept_logits, labels[rows, cols], reduction="sum",
+                               label_smoothing=self.args.label_smoothing_factor)
 
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -263,21 +286,23 @@ class SSTokenTrainer(SFTTrainer):
         valid, response, segment_ids = self._batch_layout(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
-        # The history pass (no grad) runs before the training forward: its full-vocabulary logits are freed
-        # before the training logits and activations exist, so it does not raise the step's peak memory.
-        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids) if mode == "train" else None
+        # Only response tokens are scored: the fused head then projects nothing else (on a GPU).
+        scored_labels = torch.where(response, labels, scoring.IGNORE_INDEX)
+        # The history pass (no grad) runs before the training forward, so its buffers are freed before the
+        # training activations exist and it does not raise the step's peak memory.
+        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids, scored_labels) \
+            if mode == "train" else None
 
         if mode == "train" and self.selector.needs_attention:
             context = (labels == scoring.IGNORE_INDEX) & valid
             with self._attention_probe().capture(context, inputs.get("attention_mask"),
                                                  inputs.get("position_ids")) as captured:
-                outputs = model(**model_inputs)
+                outputs, token_nll = self._forward(model, model_inputs, scored_labels)
             context_share = captured.share
         else:
-            outputs = model(**model_inputs)
+            outputs, token_nll = self._forward(model, model_inputs, scored_labels)
             context_share = None
-        logits = outputs.logits
-        current_nll = scoring.token_nll(logits.detach(), labels, self.args.nll_chunk_size)
+        current_nll = token_nll.detach()
 
         if mode == "train":
             signals = Signals(
@@ -294,9 +319,7 @@ class SSTokenTrainer(SFTTrainer):
             signals = None
             keep = response  # evaluation reports the plain NLL of every response token
 
-        rows, cols = keep.nonzero(as_tuple=True)
-        kept_logits = logits[rows, cols - 1].float()
-        loss_sum = F.cross_entropy(kept_logits, labels[rows, cols], reduction="sum")
+        loss_sum = self._kept_nll_sum(outputs, token_nll, labels, keep)
         if num_items_in_batch is None:
             denominator = keep.sum().clamp(min=1)
         else:
@@ -312,6 +335,11 @@ class SSTokenTrainer(SFTTrainer):
             self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         self._log_selection(mode, signals, keep, response, current_nll)
+        if return_outputs and self.full_logits_reason is None:
+            # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which the
+            # fused head never built: one more no-grad forward, as TRL's SFTTrainer does.
+            with torch.no_grad():
+                outputs = model(**model_inputs)
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:
