@@ -8,6 +8,8 @@ A TRL user switches by changing the class::
 One training step: forward once (the attention share of one layer is captured inside that forward) →
 per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
 adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
+Every per-token NLL comes from TRL's fused LM head (:mod:`sstoken.lm_head`), so no B×T×V logits are built;
+label smoothing, or a model whose LM head it cannot use, falls back to the full logits (logged once).
 
 Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
 step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
@@ -72,7 +74,8 @@ class SSTokenConfig(SFTConfig):
     )
     ema_decay: float = field(default=0.99, metadata={"help": "EMA history: theta_his <- a*theta_his + (1-a)*theta."})
     ema_interval: int = field(default=1, metadata={"help": "EMA history: optimizer steps between updates."})
-    nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
+    nll_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions per chunk of per-token NLL from full logits (fallback path only)."})
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
 
     def __post_init__(self):
