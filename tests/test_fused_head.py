@@ -204,3 +204,18 @@ def test_a_setting_that_needs_full_logits_falls_back_and_logs_it_once(tmp_path, 
     trainer.args.label_smoothing_factor = 0.0
     plain = trainer.compute_loss(trainer.model, dict(batch))
     assert smoothed.item() != pytest.approx(plain.item(), rel=1e-4), "the smoothing is applied, not ignored"
+
+
+def test_fused_head_is_added_once_and_stays_outermost():
+    model = tiny_model("llama")
+    lm_head.add_fused_head(model)
+    ours = model.forward
+    lm_head.add_fused_head(model)
+    assert model.forward is ours, "a second call does not wrap again"
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))  # what SFTTrainer does to the model it trains
+    lm_head.add_fused_head(model)
+    ids = torch.randint(3, 300, (1, 6))
+    outputs = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert outputs.entropy is None, "the outermost head is ours, computing log_probs only"

@@ -58,12 +58,13 @@ def add_fused_head(model: torch.nn.Module) -> None:
     other instance-level wrappers of ``forward``, such as accelerate's device-map hooks.
     """
     base = _base(model)
-    if getattr(base, "_sstoken_fused_head", False):
+    # Ours must be the outermost patch: SFTTrainer may have wrapped its own around one added for `sstoken cache`.
+    if vars(base).get("forward") is getattr(base, "_sstoken_fused_forward", None) is not None:
         return
     from trl.trainer.utils import add_fused_lm_head
 
     add_fused_lm_head(base, outputs=FUSED_OUTPUTS)
-    base._sstoken_fused_head = True
+    base._sstoken_fused_forward = vars(base)["forward"]
 
 
 def log_full_logits_fallback(reason: str, where: str) -> None:
