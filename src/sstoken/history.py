@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sstoken.errors import ConfigError
-from sstoken.lm_head import add_fused_head, forward_nll, full_logits_reason, log_full_logits_fallback
+from sstoken.lm_head import add_fused_head, full_logits_reason, log_full_logits_fallback, output_nll
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -286,18 +286,17 @@ def base_weights(model: torch.nn.Module):
 
 @torch.no_grad()
 def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torch.Tensor, chunk_size: int = 1024,
-                        ema: "EMAHistory | None" = None, fused: bool = False):
+                        ema: "EMAHistory | None" = None):
     """Per-token NLL of the history model, in eval mode (no dropout): the model as it stands (call it inside
     :func:`base_weights` for the base model), or with the EMA weights substituted when ``ema`` is given.
 
-    ``fused``: through the model's fused LM head (:mod:`sstoken.lm_head`), without the full logits."""
+    ``model_inputs`` with ``labels`` and ``fused_lm_head=True`` go through the fused LM head
+    (:mod:`sstoken.lm_head`) and never build the full logits."""
     was_training = model.training
     model.eval()
     try:
-        def call(**inputs):
-            return ema.forward(model, inputs) if ema is not None else model(**inputs)
-
-        return forward_nll(call, model_inputs, labels, fused, chunk_size)
+        outputs = ema.forward(model, model_inputs) if ema is not None else model(**model_inputs)
+        return output_nll(outputs, labels, chunk_size)
     finally:
         model.train(was_training)
 
@@ -436,8 +435,10 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     ids[r, :n] = torch.tensor(by_key[key]["input_ids"])
                     labels[r, :n] = torch.tensor(by_key[key]["labels"])
                     mask[r, :n] = 1
-                nll = forward_nll(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                                          "use_cache": False}, labels.to(device), fused, chunk_size).cpu()
+                model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+                if fused:
+                    model_inputs.update(labels=labels.to(device), fused_lm_head=True)
+                nll = output_nll(model(**model_inputs), labels.to(device), chunk_size).cpu()
                 for r, key in enumerate(batch_keys):
                     values[key] = nll[r, :lengths[r]].clone()
                 bar.update(len(batch_keys))

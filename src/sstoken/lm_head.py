@@ -14,7 +14,6 @@ model's own full logits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
@@ -71,20 +70,13 @@ def log_full_logits_fallback(reason: str, where: str) -> None:
     logger.warning("sstoken %s: per-token NLL from the full B×T×V logits, because %s", where, reason)
 
 
-def fused_forward(call: Callable[..., object], model_inputs: dict, scored_labels: torch.Tensor):
-    """``call(**model_inputs)`` through the fused head: (outputs, B×T per-token NLL with gradient).
+def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """B×T float32 per-token NLL, aligned to the predicted token, from a causal LM's outputs.
 
-    ``scored_labels`` marks the positions whose NLL is wanted (others -100, NLL 0); on a GPU the head projects
-    only those.
+    A forward called with ``fused_lm_head=True`` returns ``log_probs`` (gradient kept; positions whose label was
+    -100 are 0); any other returns logits, whose NLL is taken in chunks without gradient.
     """
-    outputs = call(**model_inputs, labels=scored_labels, fused_lm_head=True)
-    return outputs, scoring.nll_from_shifted_log_probs(outputs.log_probs)
-
-
-@torch.no_grad()
-def forward_nll(call: Callable[..., object], model_inputs: dict, labels: torch.Tensor, fused: bool,
-                chunk_size: int = 1024) -> torch.Tensor:
-    """B×T float32 per-token NLL of a no-grad pass ``call(**model_inputs)``, fused or from the full logits."""
-    if fused:
-        return fused_forward(call, model_inputs, labels)[1]
-    return scoring.token_nll(call(**model_inputs).logits, labels, chunk_size)
+    log_probs = getattr(outputs, "log_probs", None)
+    if log_probs is not None:
+        return scoring.nll_from_shifted_log_probs(log_probs)
+    return scoring.token_nll(outputs.logits.detach(), labels, chunk_size)

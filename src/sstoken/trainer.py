@@ -235,25 +235,16 @@ class SSTokenTrainer(SFTTrainer):
             return None
         return cache.lookup(inputs["input_ids"], valid, segment_ids)
 
-    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids, scored_labels):
+    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids):
         if not self.selector.needs_history:
             return None
         if self.history_cache is not None:
             return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
         inner = _unwrap(model)
-        fused = self.full_logits_reason is None
         if self.ema is not None:
-            return history_forward_nll(inner, model_inputs, scored_labels, self.args.nll_chunk_size, self.ema,
-                                       fused=fused)
+            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size, self.ema)
         with base_weights(inner):
-            return history_forward_nll(inner, model_inputs, scored_labels, self.args.nll_chunk_size, fused=fused)
-
-    def _forward(self, model, model_inputs, scored_labels):
-        """(outputs, B×T per-token NLL): with gradient through the fused head, or without from the full logits."""
-        if self.full_logits_reason is None:
-            return lm_head.fused_forward(model, model_inputs, scored_labels)
-        outputs = model(**model_inputs)
-        return outputs, scoring.token_nll(outputs.logits.detach(), scored_labels, self.args.nll_chunk_size)
+            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
 
     def _kept_nll_sum(self, outputs, token_nll, labels, keep):
         if self.full_logits_reason is None:
@@ -289,22 +280,24 @@ class SSTokenTrainer(SFTTrainer):
         valid, response, segment_ids = self._batch_layout(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
-        # Only response tokens are scored: the fused head then projects nothing else (on a GPU).
-        scored_labels = torch.where(response, labels, scoring.IGNORE_INDEX)
+        if self.full_logits_reason is None:
+            # Every forward of this step returns per-token log_probs instead of logits. Only response tokens are
+            # scored: the fused head then projects nothing else (on a GPU).
+            model_inputs.update(labels=torch.where(response, labels, scoring.IGNORE_INDEX), fused_lm_head=True)
         # The history pass (no grad) runs before the training forward, so its buffers are freed before the
         # training activations exist and it does not raise the step's peak memory.
-        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids, scored_labels) \
-            if mode == "train" else None
+        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids) if mode == "train" else None
 
         if mode == "train" and self.selector.needs_attention:
             context = (labels == scoring.IGNORE_INDEX) & valid
             with self._attention_probe().capture(context, inputs.get("attention_mask"),
                                                  inputs.get("position_ids")) as captured:
-                outputs, token_nll = self._forward(model, model_inputs, scored_labels)
+                outputs = model(**model_inputs)
             context_share = captured.share
         else:
-            outputs, token_nll = self._forward(model, model_inputs, scored_labels)
+            outputs = model(**model_inputs)
             context_share = None
+        token_nll = lm_head.output_nll(outputs, labels, self.args.nll_chunk_size)  # gradient: fused head only
         current_nll = token_nll.detach()
 
         if mode == "train":
@@ -342,7 +335,7 @@ class SSTokenTrainer(SFTTrainer):
             # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which the
             # fused head never built: one more no-grad forward, as TRL's SFTTrainer does.
             with torch.no_grad():
-                outputs = model(**model_inputs)
+                outputs = model(**{k: v for k, v in model_inputs.items() if k not in ("labels", "fused_lm_head")})
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:
