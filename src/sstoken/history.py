@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sstoken.errors import ConfigError
-from sstoken.lm_head import add_fused_head, full_logits_reason, log_full_logits_fallback, output_nll
+from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, log_full_logits_fallback, output_nll
+from sstoken.scoring import response_mask_from_labels
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -290,8 +291,8 @@ def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torc
     """Per-token NLL of the history model, in eval mode (no dropout): the model as it stands (call it inside
     :func:`base_weights` for the base model), or with the EMA weights substituted when ``ema`` is given.
 
-    ``model_inputs`` with ``labels`` and ``fused_lm_head=True`` go through the fused LM head
-    (:mod:`sstoken.lm_head`) and never build the full logits."""
+    ``model_inputs`` with ``sstoken_head=HeadRequest(...)`` go through sstoken's head (:mod:`sstoken.lm_head`),
+    which projects only the requested (response) positions and never builds the full logits."""
     was_training = model.training
     model.eval()
     try:
@@ -395,8 +396,8 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     shard_size: int = 1024, progress: bool = True, chunk_size: int = 1024) -> NLLCache:
     """Run ``model`` once over ``rows`` (dicts with input_ids, labels) and store per-token NLLs at ``path``.
 
-    The NLL comes from a fused LM head (``model`` is patched with one, see :mod:`sstoken.lm_head`), so the batch's
-    full logits are never built.
+    The NLL of the response tokens comes from sstoken's head (``model`` is patched with it, see
+    :mod:`sstoken.lm_head`), so the batch's full logits are never built and the prompt is never projected.
 
     Resumable: an interrupted build keeps the shards it finished (checksummed) and computes only the rest.
     """
@@ -413,7 +414,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
     reason = full_logits_reason(model)
     fused = reason is None
     if fused:
-        add_fused_head(model)
+        add_sstoken_head(model)
     else:
         log_full_logits_fallback(reason, "cache")
     was_training = model.training
@@ -437,7 +438,8 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     mask[r, :n] = 1
                 model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
                 if fused:
-                    model_inputs.update(labels=labels.to(device), fused_lm_head=True)
+                    response = response_mask_from_labels(labels) & mask.bool()
+                    model_inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
                 nll = output_nll(model(**model_inputs), labels.to(device), chunk_size).cpu()
                 for r, key in enumerate(batch_keys):
                     values[key] = nll[r, :lengths[r]].clone()

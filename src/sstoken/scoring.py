@@ -58,21 +58,6 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
     return out
 
 
-def nll_from_shifted_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    """B×(T−1) log-probabilities of the next token (a fused LM head's output) → B×T NLL aligned to the predicted
-    token: entry ``[b, i]`` is −log p(token i), column 0 is 0. Keeps the gradient."""
-    return F.pad(-log_probs, (1, 0))
-
-
-def kept_nll_sum(token_nll: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Sum of the per-token NLL over the kept tokens; the gradient reaches kept tokens only.
-
-    Indexing rather than multiplying by the mask: a non-finite NLL at a dropped token must not turn the sum
-    (or its gradient) into NaN.
-    """
-    return token_nll[keep].sum()
-
-
 def retrospective_excess_loss(history_nll: torch.Tensor, current_nll: torch.Tensor) -> torch.Tensor:
     """REL = NLL under the history model − NLL under the current model (high: the model has learnt it lately)."""
     return history_nll - current_nll

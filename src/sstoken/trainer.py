@@ -8,8 +8,9 @@ A TRL user switches by changing the class::
 One training step: forward once (the attention share of one layer is captured inside that forward) →
 per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
 adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
-Every per-token NLL comes from TRL's fused LM head (:mod:`sstoken.lm_head`), so no B×T×V logits are built;
-label smoothing, or a model whose LM head it cannot use, falls back to the full logits (logged once).
+Every per-token NLL and the loss come from the hidden states through sstoken's head (:mod:`sstoken.lm_head`):
+no B×T×V logits, the prompt never projected, and the backward projecting only the kept tokens. Label smoothing,
+or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
 
 Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
 step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
@@ -20,6 +21,7 @@ accumulating 2 micro-batches of b samples gives the same gradient as one batch o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -165,10 +167,9 @@ class SSTokenTrainer(SFTTrainer):
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
         self.skipped_nonfinite_steps = 0
-        # SFTTrainer's own fused head also computes entropy and top-1 for its metrics; ours needs log_probs only.
         self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
         if self.full_logits_reason is None:
-            lm_head.add_fused_head(self.model)
+            lm_head.add_sstoken_head(self.model)
         else:
             lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
         if self.selector.needs_attention:
@@ -246,13 +247,11 @@ class SSTokenTrainer(SFTTrainer):
         with base_weights(inner):
             return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
 
-    def _kept_nll_sum(self, outputs, token_nll, labels, keep):
-        if self.full_logits_reason is None:
-            return scoring.kept_nll_sum(token_nll, keep)
-        rows, cols = keep.nonzero(as_tuple=True)
-        kept_logits = outputs.logits[rows, cols - 1].float()
-        return F.cross_entropy(kept_logits, labels[rows, cols], reduction="sum",
-                               label_smoothing=self.args.label_smoothing_factor)
+    def _nll_inputs(self, model_inputs: dict, labels, response) -> dict:
+        """Inputs of a no-grad pass that only needs the per-token NLL (the history model's)."""
+        if self.full_logits_reason is not None:
+            return model_inputs
+        return dict(model_inputs, sstoken_head=lm_head.HeadRequest(labels=labels, score_mask=response))
 
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -280,42 +279,50 @@ class SSTokenTrainer(SFTTrainer):
         valid, response, segment_ids = self._batch_layout(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
-        if self.full_logits_reason is None:
-            # Every forward of this step returns per-token log_probs instead of logits. Only response tokens are
-            # scored: the fused head then projects nothing else (on a GPU).
-            model_inputs.update(labels=torch.where(response, labels, scoring.IGNORE_INDEX), fused_lm_head=True)
         # The history pass (no grad) runs before the training forward, so its buffers are freed before the
         # training activations exist and it does not raise the step's peak memory.
-        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids) if mode == "train" else None
-
-        if mode == "train" and self.selector.needs_attention:
-            context = (labels == scoring.IGNORE_INDEX) & valid
-            with self._attention_probe().capture(context, inputs.get("attention_mask"),
-                                                 inputs.get("position_ids")) as captured:
-                outputs = model(**model_inputs)
-            context_share = captured.share
-        else:
-            outputs = model(**model_inputs)
-            context_share = None
-        token_nll = lm_head.output_nll(outputs, labels, self.args.nll_chunk_size)  # gradient: fused head only
-        current_nll = token_nll.detach()
-
+        history_nll = None
         if mode == "train":
-            signals = Signals(
-                response_mask=response,
-                current_nll=current_nll,
-                history_nll=history_nll,
-                reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
-                context_share=context_share,
-                segment_ids=segment_ids,
-                draw_key=self._draw_key(),
-            )
-            keep = self.selector.select(signals, self._progress())
-        else:
+            history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs, valid,
+                                            segment_ids)
+        captured = None
+        chosen = {}
+
+        def select(current_nll: torch.Tensor) -> torch.Tensor:
+            # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
             signals = None
             keep = response  # evaluation reports the plain NLL of every response token
+            if mode == "train":
+                signals = Signals(
+                    response_mask=response,
+                    current_nll=current_nll,
+                    history_nll=history_nll,
+                    reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
+                    context_share=None if captured is None else captured.share,
+                    segment_ids=segment_ids,
+                    draw_key=self._draw_key(),
+                )
+                keep = self.selector.select(signals, self._progress())
+            chosen.update(signals=signals, current_nll=current_nll, keep=keep)
+            return keep
 
-        loss_sum = self._kept_nll_sum(outputs, token_nll, labels, keep)
+        if self.full_logits_reason is None:
+            model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=response, select=select)
+        with contextlib.ExitStack() as stack:
+            if mode == "train" and self.selector.needs_attention:
+                context = (labels == scoring.IGNORE_INDEX) & valid
+                captured = stack.enter_context(self._attention_probe().capture(
+                    context, inputs.get("attention_mask"), inputs.get("position_ids")))
+            outputs = model(**model_inputs)
+        if self.full_logits_reason is None:
+            loss_sum = outputs.kept_nll_sum
+        else:
+            keep = select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
+            rows, cols = keep.nonzero(as_tuple=True)
+            loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
+                                       label_smoothing=self.args.label_smoothing_factor)
+        signals, current_nll, keep = chosen["signals"], chosen["current_nll"], chosen["keep"]
+
         if num_items_in_batch is None:
             denominator = keep.sum().clamp(min=1)
         else:
@@ -332,10 +339,10 @@ class SSTokenTrainer(SFTTrainer):
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         self._log_selection(mode, signals, keep, response, current_nll)
         if return_outputs and self.full_logits_reason is None:
-            # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which the
-            # fused head never built: one more no-grad forward, as TRL's SFTTrainer does.
+            # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
+            # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in model_inputs.items() if k not in ("labels", "fused_lm_head")})
+                outputs = model(**{k: v for k, v in model_inputs.items() if k != "sstoken_head"})
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:
