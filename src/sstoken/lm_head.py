@@ -233,7 +233,10 @@ def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0
         return "the LM head carries a PEFT adapter, which sstoken's head would ignore"
     if getattr(base, "base_model", base) is base:
         return f"{type(base).__name__} exposes no backbone (base_model) separate from its LM head"
-    return _probe_mismatch(base, head)
+    # Once per model: the architecture decides the answer, not the weights.
+    if "_sstoken_probe_mismatch" not in vars(base):
+        base._sstoken_probe_mismatch = _probe_mismatch(base, head)
+    return base._sstoken_probe_mismatch
 
 
 @torch.no_grad()
