@@ -10,7 +10,7 @@ the identity). sstoken needs two things from it, and neither needs the full logi
    (softmax − one-hot, through the softcap, times W) needs the kept rows' logits again, which the backward of
    :class:`_KeptRowsNLL` recomputes chunk by chunk from the log-sum-exp of (1).
 
-So the head costs one projection of the response rows forward and two of the kept rows backward (one with a
+So the head costs one projection of the response rows forward and two of the kept rows backward (three with a
 trainable W), against one of all B×T rows forward and one or two backward for the full logits: with the prompt
 and 40% of the response skipped, less. TRL's fused LM head (``add_fused_lm_head``) also avoids the logits, but
 projects every labelled row in the forward and again in the backward, with several passes per tile on a CPU.

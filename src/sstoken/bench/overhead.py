@@ -227,8 +227,8 @@ class _PartTimer:
         import sstoken.attention
 
         # Instance attributes shadow the methods compute_loss calls through ``self``; the module function is
-        # looked up at call time by the attention wrapper. The current model's NLL is not a part: the fused LM
-        # head computes it inside the training forward, as it computes stock TRL's loss.
+        # looked up at call time by the attention wrapper. The current model's NLL is not a part: sstoken's
+        # head computes it inside the training forward, as TRL's fused head computes stock TRL's loss.
         trainer._history_nll = self.wrap("history", trainer._history_nll)
         trainer._log_selection = self.wrap("logging", trainer._log_selection)
         trainer.selector.select = self.wrap("select", trainer.selector.select)
