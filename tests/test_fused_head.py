@@ -337,3 +337,22 @@ def test_sstoken_head_is_added_once_and_stays_outermost():
     outputs = model(input_ids=ids, sstoken_head=lm_head.HeadRequest(ids, torch.ones_like(ids, dtype=torch.bool)))
     assert isinstance(outputs, lm_head.HeadOutput) and outputs.token_nll[0, 1:].gt(0).all()
     assert model(input_ids=ids).logits.shape == (1, 6, model.config.vocab_size), "without the request: unchanged"
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_mixed_precision_gradient_is_the_autocast_full_logits_gradient(softcap):
+    # Under bf16 autocast the NLL and log-sum-exp come from bf16 logits, and the backward recomputes them under
+    # the same autocast: the result is the autocast full-logits gradient up to bf16 rounding of the matmuls.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 16, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(16, 300, bias=False)
+    targets = torch.randint(0, 300, (24,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.cross_entropy(lm_head.project(hidden, head.weight, None, softcap), targets, reduction="sum")
+        nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, head.weight, None, softcap, chunk_rows=5)
+        ours = lm_head.kept_rows_nll(hidden, targets, nll, lse, head.weight, None, softcap, chunk_rows=5).sum()
+    expected = torch.autograd.grad(reference, hidden)[0]
+    got = torch.autograd.grad(ours, hidden)[0]
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(got, expected, atol=3e-3, rtol=2e-2)
+    assert got.abs().max() > 0.05  # not a vanishing gradient passing the tolerance trivially

@@ -94,10 +94,20 @@ class _KeptRowsNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, nll, lse, softcap, chunk_rows):
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
+        # The backward must recompute the logits in the precision ``lse`` came from (bf16 under mixed precision),
+        # and autograd runs it outside the forward's autocast.
+        device_type = hidden.device.type
+        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type))
         return nll.clone()
 
     @staticmethod
     def backward(ctx, grad_nll):
+        with torch.autocast(**ctx.autocast):
+            return _KeptRowsNLL._backward(ctx, grad_nll)
+
+    @staticmethod
+    def _backward(ctx, grad_nll):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         softcap, chunk_rows = ctx.softcap, ctx.chunk_rows
