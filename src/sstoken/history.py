@@ -412,8 +412,8 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reason = full_logits_reason(model)
-    fused = reason is None
-    if fused:
+    own_head = reason is None
+    if own_head:
         add_sstoken_head(model)
     else:
         log_full_logits_fallback(reason, "cache")
@@ -437,7 +437,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     labels[r, :n] = torch.tensor(by_key[key]["labels"])
                     mask[r, :n] = 1
                 model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-                if fused:
+                if own_head:
                     response = response_mask_from_labels(labels) & mask.bool()
                     model_inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
                 nll = output_nll(model(**model_inputs), labels.to(device), chunk_size).cpu()

@@ -81,7 +81,7 @@ class SSTokenConfig(SFTConfig):
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
 
     def __post_init__(self):
-        # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
+        # TRL's chunked/fused loss paths compute the loss of every token inside the forward, unaware of selection.
         if self.loss_type not in ("nll",):
             raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
         if self.bf16 is None and not self.fp16:
@@ -317,8 +317,8 @@ class SSTokenTrainer(SFTTrainer):
         if self.full_logits_reason is None:
             loss_sum = outputs.kept_nll_sum
         else:
-            keep = select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
-            rows, cols = keep.nonzero(as_tuple=True)
+            select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
+            rows, cols = chosen["keep"].nonzero(as_tuple=True)
             loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
                                        label_smoothing=self.args.label_smoothing_factor)
         signals, current_nll, keep = chosen["signals"], chosen["current_nll"], chosen["keep"]
