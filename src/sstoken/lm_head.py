@@ -38,9 +38,9 @@ from sstoken import scoring
 logger = logging.getLogger(__name__)
 
 # Float32 logits of one chunk. Each chunk streams all of W (670 MB at vocab 262k, fp32), so too few rows make
-# the projection memory-bound: on a CPU, 128 MiB (128 rows at 262k, 680 at 49k) was ~15% faster than 32 MiB at
-# 262k, and its few chunk-sized temporaries stay well below the 1 GiB of full logits at T=1024 (and below the
-# tiles of TRL's fused head). Accelerators get bigger chunks, as their matmuls need more rows to be efficient
+# the projection memory-bound: on a CPU, 128 MiB (128 rows at 262k, 682 at 49k) instead of 32 MiB took the head
+# from 1.01× to 0.87× the full logits' time at 262k (BENCHMARKS.md), and its few chunk-sized temporaries stay well
+# below the 1 GiB of full logits at T=1024 (and below the tiles of TRL's fused head). Accelerators get bigger chunks, as their matmuls need more rows to be efficient
 # (reasoned, not yet measured).
 LOGITS_CHUNK_BYTES = {"cpu": 128 * 2**20}
 DEFAULT_LOGITS_CHUNK_BYTES = 512 * 2**20
