@@ -39,13 +39,17 @@ def test_quick_run_records_every_variant_with_ratios(quick_run):
     result, _ = quick_run
     records = result["records"]
     assert [(r["variant"], r["seq_len"]) for r in records] == [(v, 64) for v in overhead.VARIANTS]
+    assert overhead.VARIANTS[0] == overhead.BASELINE == "trl"
     for record in records:
         for key, kind in RECORD_KEYS.items():
             assert isinstance(record[key], kind), (key, record[key])
         assert record["step_s"] > 0 and record["peak_mem_bytes"] > 0
         assert record["time_metric"] == "cpu"
-    plain = records[0]
-    assert plain["time_ratio"] == 1.0 and plain["mem_ratio"] == 1.0 and plain["extra_mem_bytes"] == 0
+    stock_trl = records[0]
+    assert stock_trl["time_ratio"] == 1.0 and stock_trl["mem_ratio"] == 1.0 and stock_trl["extra_mem_bytes"] == 0
+    for record in records[1:]:  # every ratio is against stock TRL's step
+        assert record["mem_ratio"] == pytest.approx(record["peak_mem_bytes"] / stock_trl["peak_mem_bytes"], rel=1e-3)
+        assert record["cpu_time_ratio"] == pytest.approx(record["step_cpu_s"] / stock_trl["step_cpu_s"], rel=1e-3)
 
 
 @pytest.mark.slow
@@ -71,7 +75,32 @@ def test_quick_run_writes_its_table_under_overhead_only(quick_run):
     assert "## Quality\n\nkept as is" in markdown
     assert markdown.index("## Quality") < markdown.index("## Overhead")
     block = markdown.split("<!-- overhead-cpu:begin -->")[1].split("<!-- overhead-cpu:end -->")[0]
-    assert "| 64 | plain |" in block and "| 64 | reference-style |" in block
+    assert "| 64 | trl |" in block and "| 64 | plain |" in block and "| 64 | reference-style |" in block
+    assert "time × trl" in block
+
+
+@pytest.mark.slow
+def test_quick_large_vocab_run_trains_the_gemma3_architecture(tmp_path):
+    out = tmp_path / "overhead.json"
+    status = main(["bench", "overhead", "--quick", "--large-vocab", "--variants", "trl", "sstoken-online",
+                   "--parts", "steps", "--out", str(out), "--no-markdown"])
+    assert status == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert "Gemma3" in result["metadata"]["settings"]["model"]
+    assert [r["variant"] for r in result["records"]] == ["trl", "sstoken-online"]
+    assert all(r["peak_mem_bytes"] > 0 and r["mem_ratio"] > 0 for r in result["records"])
+
+
+def test_large_vocab_model_has_gemma_3_270m_shapes(tmp_path):
+    from transformers import AutoConfig
+
+    from sstoken.testing import save_tiny_model
+
+    tokenizer_dir = save_tiny_model(tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(common.large_vocab_checkpoint(tokenizer_dir, tmp_path, quick=False))
+    assert config.model_type == "gemma3_text"
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (262144, 640, 18)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 1, 256)
 
 
 def test_marked_block_is_replaced_not_duplicated(tmp_path):

@@ -269,7 +269,8 @@ def test_non_finite_logits_skip_the_step_and_never_reach_the_weights(tmp_path):
                 return torch.full_like(output, poison[calls["training_forwards"]])
         return output
 
-    model.lm_head.register_forward_hook(poison_training_forwards)
+    # The final norm's output is what the LM head projects: the fused head never calls lm_head as a module.
+    model.model.norm.register_forward_hook(poison_training_forwards)
     trainer = make_trainer(tmp_path, make_rows(16), model=model)  # sstoken, history = frozen base (online)
     before = trainable(trainer)
     with pytest.warns(UserWarning, match="non-finite loss") as caught:

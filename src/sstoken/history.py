@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sstoken.errors import ConfigError
-from sstoken.scoring import token_nll
+from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, log_full_logits_fallback, output_nll
+from sstoken.scoring import response_mask_from_labels
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -301,12 +302,15 @@ def base_weights(model: torch.nn.Module):
 def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torch.Tensor, chunk_size: int = 1024,
                         ema: "EMAHistory | None" = None):
     """Per-token NLL of the history model, in eval mode (no dropout): the model as it stands (call it inside
-    :func:`base_weights` for the base model), or with the EMA weights substituted when ``ema`` is given."""
+    :func:`base_weights` for the base model), or with the EMA weights substituted when ``ema`` is given.
+
+    ``model_inputs`` with ``sstoken_head=HeadRequest(...)`` go through sstoken's head (:mod:`sstoken.lm_head`),
+    which projects only the requested (response) positions and never builds the full logits."""
     was_training = model.training
     model.eval()
     try:
         outputs = ema.forward(model, model_inputs) if ema is not None else model(**model_inputs)
-        return token_nll(outputs.logits, labels, chunk_size)
+        return output_nll(outputs, labels, chunk_size)
     finally:
         model.train(was_training)
 
@@ -405,6 +409,9 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     shard_size: int = 1024, progress: bool = True, chunk_size: int = 1024) -> NLLCache:
     """Run ``model`` once over ``rows`` (dicts with input_ids, labels) and store per-token NLLs at ``path``.
 
+    The NLL of the response tokens comes from sstoken's head (``model`` is patched with it, see
+    :mod:`sstoken.lm_head`), so the batch's full logits are never built and the prompt is never projected.
+
     Resumable: an interrupted build keeps the shards it finished (checksummed) and computes only the rest.
     """
     from tqdm.auto import tqdm
@@ -417,6 +424,12 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
     todo = [i for i in range(len(shard_keys)) if shard_keys[i] and not cache.shard_done(i)]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    reason = full_logits_reason(model)
+    own_head = reason is None
+    if own_head:
+        add_sstoken_head(model)
+    else:
+        log_full_logits_fallback(reason, "cache")
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(shard_keys[i]) for i in todo), desc="sstoken cache", unit="sample", disable=not progress)
@@ -436,8 +449,11 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                     ids[r, :n] = torch.tensor(by_key[key]["input_ids"])
                     labels[r, :n] = torch.tensor(by_key[key]["labels"])
                     mask[r, :n] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                nll = token_nll(logits, labels.to(device), chunk_size).cpu()
+                model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+                if own_head:
+                    response = response_mask_from_labels(labels) & mask.bool()
+                    model_inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
+                nll = output_nll(model(**model_inputs), labels.to(device), chunk_size).cpu()
                 for r, key in enumerate(batch_keys):
                     values[key] = nll[r, :lengths[r]].clone()
                 bar.update(len(batch_keys))

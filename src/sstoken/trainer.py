@@ -8,6 +8,9 @@ A TRL user switches by changing the class::
 One training step: forward once (the attention share of one layer is captured inside that forward) →
 per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
 adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
+Every per-token NLL and the loss come from the hidden states through sstoken's head (:mod:`sstoken.lm_head`):
+no B×T×V logits, the prompt never projected, and the backward projecting only the kept tokens. Label smoothing,
+or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
 
 Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
 step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
@@ -18,6 +21,7 @@ accumulating 2 micro-batches of b samples gives the same gradient as one batch o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -29,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from sstoken import scoring
+from sstoken import lm_head, scoring
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import (
@@ -73,7 +77,8 @@ class SSTokenConfig(SFTConfig):
     )
     ema_decay: float = field(default=0.99, metadata={"help": "EMA history: theta_his <- a*theta_his + (1-a)*theta."})
     ema_interval: int = field(default=1, metadata={"help": "EMA history: optimizer steps between updates."})
-    nll_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing per-token NLL."})
+    nll_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions per chunk of per-token NLL from full logits (fallback path only)."})
     selection_seed: int = field(default=0, metadata={"help": "Seed of the random selector."})
     # TRL defaults the deprecated alias `gradient_checkpointing` to True, which makes transformers 5 emit a
     # FutureWarning on every run. Both default to None here; __post_init__ applies TRL's default under the current
@@ -88,7 +93,7 @@ class SSTokenConfig(SFTConfig):
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default
-        # TRL's chunked/fused loss paths compute the loss inside the forward, before any selection is known.
+        # TRL's chunked/fused loss paths compute the loss of every token inside the forward, unaware of selection.
         if self.loss_type not in ("nll",):
             raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
         if self.bf16 is None and not self.fp16:
@@ -221,6 +226,11 @@ class SSTokenTrainer(SFTTrainer):
             self._fit_tokencleaning()
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
+        self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
+        if self.full_logits_reason is None:
+            lm_head.add_sstoken_head(self.model)
+        else:
+            lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
 
@@ -296,6 +306,12 @@ class SSTokenTrainer(SFTTrainer):
         with base_weights(inner):
             return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
 
+    def _nll_inputs(self, model_inputs: dict, labels, response) -> dict:
+        """Inputs of a no-grad pass that only needs the per-token NLL (the history model's)."""
+        if self.full_logits_reason is not None:
+            return model_inputs
+        return dict(model_inputs, sstoken_head=lm_head.HeadRequest(labels=labels, score_mask=response))
+
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Kept tokens of the whole accumulated step (all ranks): the denominator of the loss."""
@@ -322,40 +338,50 @@ class SSTokenTrainer(SFTTrainer):
         valid, response, segment_ids = self._batch_layout(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
-        # The history pass (no grad) runs before the training forward: its full-vocabulary logits are freed
-        # before the training logits and activations exist, so it does not raise the step's peak memory.
-        history_nll = self._history_nll(model, model_inputs, inputs, valid, segment_ids) if mode == "train" else None
-
-        if mode == "train" and self.selector.needs_attention:
-            context = (labels == scoring.IGNORE_INDEX) & valid
-            with self._attention_probe().capture(context, inputs.get("attention_mask"),
-                                                 inputs.get("position_ids")) as captured:
-                outputs = model(**model_inputs)
-            context_share = captured.required_share()
-        else:
-            outputs = model(**model_inputs)
-            context_share = None
-        logits = outputs.logits
-        current_nll = scoring.token_nll(logits.detach(), labels, self.args.nll_chunk_size)
-
+        # The history pass (no grad) runs before the training forward, so its buffers are freed before the
+        # training activations exist and it does not raise the step's peak memory.
+        history_nll = None
         if mode == "train":
-            signals = Signals(
-                response_mask=response,
-                current_nll=current_nll,
-                history_nll=history_nll,
-                reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
-                context_share=context_share,
-                segment_ids=segment_ids,
-                draw_key=self._draw_key(),
-            )
-            keep = self.selector.select(signals, self._progress())
-        else:
+            history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs, valid,
+                                            segment_ids)
+        captured = None
+        chosen = {}
+
+        def select(current_nll: torch.Tensor) -> torch.Tensor:
+            # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
             signals = None
             keep = response  # evaluation reports the plain NLL of every response token
+            if mode == "train":
+                signals = Signals(
+                    response_mask=response,
+                    current_nll=current_nll,
+                    history_nll=history_nll,
+                    reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
+                    context_share=None if captured is None else captured.required_share(),
+                    segment_ids=segment_ids,
+                    draw_key=self._draw_key(),
+                )
+                keep = self.selector.select(signals, self._progress())
+            chosen.update(signals=signals, current_nll=current_nll, keep=keep)
+            return keep
 
-        rows, cols = keep.nonzero(as_tuple=True)
-        kept_logits = logits[rows, cols - 1].float()
-        loss_sum = F.cross_entropy(kept_logits, labels[rows, cols], reduction="sum")
+        if self.full_logits_reason is None:
+            model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=response, select=select)
+        with contextlib.ExitStack() as stack:
+            if mode == "train" and self.selector.needs_attention:
+                context = (labels == scoring.IGNORE_INDEX) & valid
+                captured = stack.enter_context(self._attention_probe().capture(
+                    context, inputs.get("attention_mask"), inputs.get("position_ids")))
+            outputs = model(**model_inputs)
+        if self.full_logits_reason is None:
+            loss_sum = outputs.kept_nll_sum
+        else:
+            select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
+            rows, cols = chosen["keep"].nonzero(as_tuple=True)
+            loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
+                                       label_smoothing=self.args.label_smoothing_factor)
+        signals, current_nll, keep = chosen["signals"], chosen["current_nll"], chosen["keep"]
+
         if num_items_in_batch is None:
             denominator = keep.sum().clamp(min=1)
         else:
@@ -371,6 +397,11 @@ class SSTokenTrainer(SFTTrainer):
             self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         self._log_selection(mode, signals, keep, response, current_nll)
+        if return_outputs and self.full_logits_reason is None:
+            # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
+            # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in model_inputs.items() if k != "sstoken_head"})
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:

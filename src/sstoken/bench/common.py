@@ -284,6 +284,50 @@ def hf_checkpoint(model_name: str | None, workdir: Path, quick: bool) -> str:
     return str(target)
 
 
+# google/gemma-3-270m's shapes: a 262k vocabulary on a small body, where the LM head dominates a step's memory.
+GEMMA3_270M_SHAPES = {
+    "vocab_size": 262144,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "max_position_embeddings": 32768,
+}
+# The same architecture at test size (--quick): a vocabulary still wider than one fused-head tile (32768).
+GEMMA3_TINY_SHAPES = {
+    "vocab_size": 40000,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "query_pre_attn_scalar": 8,
+    "sliding_window": 32,
+    "max_position_embeddings": 512,
+}
+
+
+def large_vocab_checkpoint(tokenizer_dir: str, workdir: Path, quick: bool) -> str:
+    """A directory with a Gemma3 text config of gemma-3-270m's shapes (no weights: load it with
+    ``random_init``) and the tokenizer of ``tokenizer_dir``, whose ids all fall inside the larger vocabulary."""
+    from transformers import AutoTokenizer, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    target = workdir / "large-vocab-model"
+    config = Gemma3TextConfig(**(GEMMA3_TINY_SHAPES if quick else GEMMA3_270M_SHAPES),
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config.architectures = ["Gemma3ForCausalLM"]
+    config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
 def load_bench_model(model_dir: str, random_init: bool = False, attn_implementation: str = "sdpa"):
     """The benchmark's model: the checkpoint in ``model_dir``, or (``random_init``) its architecture with random
     weights. Step time and memory depend on the architecture, not on the weight values, so a machine that cannot

@@ -1,10 +1,12 @@
-"""``sstoken bench overhead``: what token selection costs per training step, side by side with plain SFT.
+"""``sstoken bench overhead``: what token selection costs per training step, side by side with stock TRL.
 
 For each sequence length, one batch of demo samples concatenated to that length (real prompt/response
-structure, no padding) is trained on by five variants, each in its own worker process holding its own copy of
+structure, no padding) is trained on by six variants, each in its own worker process holding its own copy of
 the model with a LoRA adapter:
 
-* ``plain``: plain SFT on every response token (SDPA);
+* ``trl``: stock ``trl.SFTTrainer`` with its defaults (its fused LM head, which also computes the entropy and
+  top-1 accuracy it logs), what a user would run instead; every ratio is taken against it;
+* ``plain``: sstoken's own loss path with every response token kept (``SSTokenTrainer``, selection ``full``);
 * ``sstoken-cached``: ssToken, base-model NLL read from an ``sstoken cache`` store;
 * ``sstoken-online``: ssToken, base-model NLL from a no-grad pass with the adapter disabled, in the same step;
 * ``sstoken-ema``: ssToken, history NLL from a no-grad pass with the EMA adapter;
@@ -13,9 +15,8 @@ the model with a LoRA adapter:
   over prompt columns, full-vocabulary per-token NLL, and an online base-model pass.
 
 All variants share one loop (``Trainer.training_step`` = forward + backward, then the optimizer step; the
-EMA update where there is one), and ``plain`` computes exactly the final cross-entropy of
-``SSTokenTrainer.compute_loss`` with every response token kept, so a difference in time or memory is the cost
-of selection and nothing else. After a warm-up the parent asks the workers for one step each in turn
+EMA update where there is one), so a difference in time or memory is the cost of the loss path and of
+selection, and nothing else. After a warm-up the parent asks the workers for one step each in turn
 (A B C D E, B C D E A, ...), so drift in machine load hits every variant alike; medians are reported.
 
 Peak memory: per worker, the RSS high-water mark reset after set-up (CPU) or ``torch.cuda.max_memory_allocated``
@@ -36,7 +37,8 @@ from pathlib import Path
 
 from sstoken.bench import common
 
-VARIANTS = ("plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
+VARIANTS = ("trl", "plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
+BASELINE = "trl"
 DEFAULT_SEQ_LENS = (512, 1024, 2048)
 QUICK_SEQ_LENS = (64,)
 # The demo recipe's adapter (src/sstoken/demo/demo.yaml).
@@ -88,8 +90,8 @@ def _collate(rows: list[dict], device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- trainers
-def _trainer_classes():
-    """The two comparison trainers, built on SSTokenTrainer so that the loop around the loss is identical."""
+def _reference_style_trainer_class():
+    """The official release's approach, built on SSTokenTrainer so that the loop around the loss is identical."""
     import torch
     import torch.nn.functional as F
 
@@ -98,7 +100,6 @@ def _trainer_classes():
     from sstoken.trainer import SSTokenTrainer
 
     def kept_cross_entropy(logits, labels, keep):
-        # Same expression as the end of SSTokenTrainer.compute_loss.
         rows, cols = keep.nonzero(as_tuple=True)
         loss_sum = F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum")
         return loss_sum / keep.sum().clamp(min=1)
@@ -107,14 +108,6 @@ def _trainer_classes():
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
         model_inputs["use_cache"] = False
         return model_inputs
-
-    class PlainTrainer(SSTokenTrainer):
-        """Plain SFT: one forward, cross-entropy over every response token."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            _, response, _ = self._batch_layout(inputs)
-            logits = model(**model_inputs_of(inputs)).logits
-            return kept_cross_entropy(logits, inputs["labels"], response)
 
     def full_vocab_nll(logits, labels):
         # The straightforward per-token loss: log-softmax of every position over the whole vocabulary at once.
@@ -142,7 +135,7 @@ def _trainer_classes():
             keep = scoring.sstoken_mask(history, current, share, response, gamma=GAMMA, rho=RHO)
             return kept_cross_entropy(outputs.logits, labels, keep)
 
-    return PlainTrainer, ReferenceStyleTrainer
+    return ReferenceStyleTrainer
 
 
 def _build_trainer(spec: dict, rows: list[dict]):
@@ -151,14 +144,15 @@ def _build_trainer(spec: dict, rows: list[dict]):
 
     from sstoken.data import to_hf_dataset
     from sstoken.models import load_tokenizer
+    from trl import SFTConfig, SFTTrainer
+
     from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
     variant = spec["variant"]
     tokenizer = load_tokenizer(spec["model_dir"])
     model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False),
                                     attn_implementation="eager" if variant == "reference-style" else "sdpa")
-    plain_cls, reference_cls = _trainer_classes()
-    config = SSTokenConfig(
+    common_args = dict(
         output_dir=str(Path(spec["workdir"]) / f"out-{variant}"),
         use_cpu=spec["device"] == "cpu",
         report_to=[],
@@ -169,14 +163,22 @@ def _build_trainer(spec: dict, rows: list[dict]):
         learning_rate=1e-4,
         seed=spec["seed"],
         activation_checkpointing=spec["activation_checkpointing"],
-        # plain and reference-style compute their own loss; "full" keeps SSTokenTrainer from hooking attention.
-        selection_method="full" if variant in ("plain", "reference-style") else "sstoken",
-        rho=RHO,
-        gamma=GAMMA,
-        history="ema" if variant == "sstoken-ema" else "base",
-        history_cache=spec.get("cache_dir") if variant == "sstoken-cached" else None,
+        # Both trainers in the same precision (SFTConfig alone would ask for bf16 even where there is none).
+        bf16=spec["device"] == "cuda" and torch.cuda.is_bf16_supported(),
     )
-    cls = {"plain": plain_cls, "reference-style": reference_cls}.get(variant, SSTokenTrainer)
+    if variant == BASELINE:
+        config, cls = SFTConfig(**common_args), SFTTrainer
+    else:
+        config = SSTokenConfig(
+            **common_args,
+            # reference-style computes its own loss; "full" keeps SSTokenTrainer from hooking attention.
+            selection_method="full" if variant in ("plain", "reference-style") else "sstoken",
+            rho=RHO,
+            gamma=GAMMA,
+            history="ema" if variant == "sstoken-ema" else "base",
+            history_cache=spec.get("cache_dir") if variant == "sstoken-cached" else None,
+        )
+        cls = _reference_style_trainer_class() if variant == "reference-style" else SSTokenTrainer
     torch.manual_seed(spec["seed"])  # the same LoRA initialisation in every worker
     lora = LORA
     trainer = cls(model=model, args=config, train_dataset=to_hf_dataset(rows), processing_class=tokenizer,
@@ -194,13 +196,15 @@ def _build_trainer(spec: dict, rows: list[dict]):
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
     trainer.create_optimizer()
+    # Trainer.train() sets this before each step (SSTokenTrainer's loss ignores it); the loop here does not.
+    trainer.current_gradient_accumulation_steps = 1
     return trainer
 
 
 class _PartTimer:
     """CPU seconds spent, inside a step, in each piece of work that selection adds to plain SFT.
 
-    The end-to-end comparison with ``plain`` subtracts two long steps measured at different moments on a shared
+    The end-to-end comparison with ``trl`` subtracts two long steps measured at different moments on a shared
     machine; these parts are timed within the very step they belong to, so their share of that step is a
     paired measurement that load drift cannot move. CPU only: on a GPU the work is asynchronous and timing
     a part would need synchronisations the real step does not have.
@@ -221,14 +225,13 @@ class _PartTimer:
 
     def install(self, trainer) -> None:
         import sstoken.attention
-        import sstoken.scoring
 
-        # Instance attributes shadow the methods compute_loss calls through ``self``; the two module functions
-        # are looked up at call time by the trainer and by the attention wrapper.
+        # Instance attributes shadow the methods compute_loss calls through ``self``; the module function is
+        # looked up at call time by the attention wrapper. The current model's NLL is not a part: sstoken's
+        # head computes it inside the training forward, as TRL's fused head computes stock TRL's loss.
         trainer._history_nll = self.wrap("history", trainer._history_nll)
         trainer._log_selection = self.wrap("logging", trainer._log_selection)
         trainer.selector.select = self.wrap("select", trainer.selector.select)
-        sstoken.scoring.token_nll = self.wrap("current_nll", sstoken.scoring.token_nll)
         sstoken.attention.context_share_from_qk = self.wrap("attention_share",
                                                             sstoken.attention.context_share_from_qk)
         if trainer.ema is not None:
@@ -250,8 +253,9 @@ def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.state.global_step += 1
-    if trainer.ema is not None:  # what _EMACallback.on_step_end does in Trainer.train()
-        trainer.ema.update(trainer.state.global_step)
+    ema = getattr(trainer, "ema", None)  # stock SFTTrainer has none
+    if ema is not None:  # what _EMACallback.on_step_end does in Trainer.train()
+        ema.update(trainer.state.global_step)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - start_cpu
@@ -462,11 +466,11 @@ def _selection_share(cpu_times: list[float], parts: list[dict]) -> dict:
 
 
 def _add_ratios(records: list[dict], time_metric: str) -> None:
-    """Ratios to ``plain`` at the same length; ``time_ratio`` uses ``time_metric`` ("cpu" or "wall")."""
-    plain = {r["seq_len"]: r for r in records if r["variant"] == "plain"}
+    """Ratios to stock TRL at the same length; ``time_ratio`` uses ``time_metric`` ("cpu" or "wall")."""
+    baseline = {r["seq_len"]: r for r in records if r["variant"] == BASELINE}
     key = "step_cpu_s" if time_metric == "cpu" else "step_s"
     for record in records:
-        base = plain.get(record["seq_len"])
+        base = baseline.get(record["seq_len"])
         record["time_metric"] = time_metric
         if base is None:
             record["time_ratio"] = record["mem_ratio"] = None
@@ -475,7 +479,7 @@ def _add_ratios(records: list[dict], time_metric: str) -> None:
         record["wall_time_ratio"] = round(record["step_s"] / base["step_s"], 4)
         record["cpu_time_ratio"] = round(record["step_cpu_s"] / base["step_cpu_s"], 4)
         record["mem_ratio"] = round(record["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
-        # Beyond plain's peak, in bytes: the ratio alone hides how much of the peak is the model itself.
+        # Beyond stock TRL's peak, in bytes: the ratio alone hides how much of the peak is the model itself.
         record["extra_mem_bytes"] = record["peak_mem_bytes"] - base["peak_mem_bytes"]
 
 
@@ -484,8 +488,8 @@ def _log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-TARGETS = {  # issue 3, CPU, seq 1024 and 2048: (time ratio, memory ratio)
-    "sstoken-cached": (1.03, 1.03),
+TARGETS = {  # issue 12, against stock TRL, CPU, seq 1024 and 2048: (time ratio, memory ratio)
+    "sstoken-cached": (1.03, 1.02),
     "sstoken-online": (1.35, 1.05),
     "sstoken-ema": (1.40, 1.08),
 }
@@ -514,17 +518,18 @@ def markdown(result: dict) -> str:
         f"{meta['settings']['warmup']} more warm-up step(s), then {meta['settings']['repeats']} timed steps in "
         f"rotation with the other variants.",
         "",
-        f"Time ratio = median {'wall-clock' if meta['device'] == 'cuda' else 'CPU'} time of a step over plain's"
+        f"Time ratio = median {'wall-clock' if meta['device'] == 'cuda' else 'CPU'} time of a step over stock "
+        f"TRL's (`trl.SFTTrainer` with its defaults)"
         + ("" if meta["device"] == "cuda" else " (CPU seconds of the worker process: other agents' load on the "
            "shared machine stretches wall time, not the work a step does; wall-clock ratios are in the JSON)")
         + ".",
         "",
-        "In-step = the selection work's CPU seconds timed inside the same steps (history NLL, current NLL, "
+        "In-step = the selection work's CPU seconds timed inside the same steps (history NLL, "
         "attention share, top-ρ selection, logging, EMA update) and the ratio step / (step − selection) they imply: "
         "a paired measurement that machine load cannot shift (CPU runs only).",
         "",
-        "| seq | variant | step s wall | step s CPU | time × plain | in-step selection s | in-step × | peak MiB "
-        "| mem × plain | extra MiB | target (time, mem) |",
+        "| seq | variant | step s wall | step s CPU | time × trl | in-step selection s | in-step × | peak MiB "
+        "| mem × trl | extra MiB | target (time, mem) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["records"]:
@@ -570,12 +575,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed steps per variant after the first one (default 0: the first step of every "
                              "worker is already untimed; it measures the peak memory and warms up)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="variants to run; 'plain' is needed for the ratios")
+                        help=f"variants to run; '{BASELINE}' (stock TRL) is needed for the ratios")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights in the model's architecture (same step cost; for machines the "
                              "weights cannot be copied to)")
+    parser.add_argument("--large-vocab", action="store_true",
+                        help="random-init Gemma3 text model with gemma-3-270m's shapes (vocab 262144, hidden 640, 18 "
+                             "layers) and the --model's tokenizer: a vocabulary where the LM head dominates memory "
+                             "(with --quick: the same architecture at test size)")
     parser.add_argument("--data", default=None, help="JSONL data the rows are built from (default: the demo data)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default 1 on CPU: on a shared machine several threads "
@@ -622,6 +631,17 @@ def command_of(opts) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _model_description(opts) -> str:
+    if opts.large_vocab:
+        shapes = common.GEMMA3_TINY_SHAPES if opts.quick else common.GEMMA3_270M_SHAPES
+        return (f"Gemma3 text, {'test-size' if opts.quick else 'gemma-3-270m'} shapes (vocab {shapes['vocab_size']}, "
+                f"hidden {shapes['hidden_size']}, {shapes['num_hidden_layers']} layers), random weights, tokenizer of "
+                + ("the tiny test model" if opts.quick else opts.model or "SmolLM2-135M-Instruct"))
+    if opts.quick:
+        return "tiny random llama (sstoken.testing)"
+    return (opts.model or "SmolLM2-135M-Instruct (embedded)") + (", random weights" if opts.random_init else "")
+
+
 def run(opts) -> dict:
     started = time.time()
     command = command_of(opts)  # before the defaults below are filled in
@@ -643,6 +663,9 @@ def run(opts) -> dict:
     with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
         workdir = Path(tmp)
         model_dir = common.hf_checkpoint(opts.model, workdir, opts.quick)
+        if opts.large_vocab:
+            model_dir = common.large_vocab_checkpoint(model_dir, workdir, opts.quick)
+            opts.random_init = True
         if not opts.data:
             if opts.quick:  # short rows in the tiny tokenizer's vocabulary, so tiny lengths still hold responses
                 from sstoken.testing import write_tiny_jsonl
@@ -676,8 +699,7 @@ def run(opts) -> dict:
         "wall_s": round(time.time() - started, 1),
         "quick": bool(opts.quick),
         "settings": {
-            "model": "tiny random llama (sstoken.testing)" if opts.quick else (
-                (opts.model or "SmolLM2-135M-Instruct (embedded)") + (", random weights" if opts.random_init else "")),
+            "model": _model_description(opts),
             "data": "tiny generated rows (sstoken.testing)" if opts.quick and opts.data.endswith("tiny.jsonl")
             else ("demo.jsonl (sstoken/demo)" if opts.data == demo_data_path() else opts.data),
             "seq_lens": opts.seq_lens,

@@ -1,0 +1,92 @@
+"""CPU seconds of the LM head alone, forward + backward, for one T-token row (issue 12).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python bench/head_speed.py --vocab 49152 --hidden 576 --repeats 2
+
+What each variant does with the backbone's hidden states H (1×T×d, with gradient) and a frozen head W (V×d, as
+under LoRA), the first 25% of the row being prompt and ρ = 0.6 of the response kept (random, fixed seed):
+
+* ``full``: sstoken before issue 12, the model's own head: logits = H·Wᵀ for every position, the per-token NLL
+  without gradient from them (``scoring.token_nll``), cross-entropy of the kept rows with gradient;
+* ``trl-fused``: TRL's fused head as called on a CPU (``add_fused_lm_head``: every position scored, labels
+  outside the response −100), current NLL = −log_probs, loss = −Σ kept log_probs;
+* ``sstoken``: :func:`sstoken.lm_head.head_outputs` (response rows no-grad, kept rows' backward).
+
+Each variant runs once untimed, then ``--repeats`` times; prints one JSON line with the median CPU seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vocab", type=int, required=True)
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rho", type=float, default=0.6)
+    parser.add_argument("--prompt-fraction", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["full", "trl-fused", "sstoken"])
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    from sstoken import lm_head, scoring
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    length = args.seq_len
+    hidden = torch.randn(1, length, args.hidden, generator=gen).requires_grad_()
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(args.vocab, args.hidden, generator=gen) * 0.02)
+    head.weight.requires_grad_(False)
+    labels = torch.randint(0, args.vocab, (1, length), generator=gen)
+    labels[:, : int(args.prompt_fraction * length)] = scoring.IGNORE_INDEX
+    response = scoring.response_mask_from_labels(labels)
+    keep = scoring.random_mask(response, args.rho, torch.Generator().manual_seed(1))
+
+    def full():
+        logits = head(hidden)
+        scoring.token_nll(logits.detach(), labels)
+        rows, cols = keep.nonzero(as_tuple=True)
+        F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum").backward()
+
+    def trl_fused():
+        shifted = torch.where(response, labels, scoring.IGNORE_INDEX)[:, 1:]
+        mask = shifted != scoring.IGNORE_INDEX
+        log_probs = _ChunkedLogProbFunction.apply(
+            hidden[:, :-1].reshape(-1, args.hidden), head.weight, None, shifted.clamp(min=0).reshape(-1), 1.0,
+            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0].view(mask.shape).masked_fill(~mask, 0)
+        token_nll = F.pad(-log_probs, (1, 0))
+        token_nll.detach()
+        token_nll[keep].sum().backward()
+
+    def sstoken():
+        request = lm_head.HeadRequest(labels=labels, score_mask=response, select=lambda nll: keep)
+        lm_head.head_outputs(hidden, head, None, request).kept_nll_sum.backward()
+
+    variants = {"full": full, "trl-fused": trl_fused, "sstoken": sstoken}
+    result = {"vocab": args.vocab, "hidden": args.hidden, "seq_len": length, "rho": args.rho,
+              "prompt_fraction": args.prompt_fraction, "kept": int(keep.sum()), "response": int(response.sum()),
+              "repeats": args.repeats, "cpu_s": {}}
+    for name in args.variants:
+        variants[name]()  # untimed
+        times = []
+        for _ in range(args.repeats):
+            hidden.grad = None
+            start = time.process_time()
+            variants[name]()
+            times.append(time.process_time() - start)
+        result["cpu_s"][name] = round(statistics.median(times), 3)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Per-token NLL and the kept-token loss straight from the hidden states: no B×T×V logits, and no extra work.
+
+A causal LM's head is ``logits = softcap(H·Wᵀ + b)`` (softcap: Gemma 2/3's ``final_logit_softcapping``, else
+the identity). sstoken needs two things from it, and neither needs the full logits:
+
+1. the current NLL of the *response* tokens, without gradient, to select tokens: their rows of H are projected
+   a chunk at a time (at most :func:`rows_per_chunk` rows, at most 128 MiB of logits on a CPU), keeping the row's
+   log-sum-exp and its label's logit;
+2. the loss, the NLL of the *kept* tokens with gradient. Its value is already known from (1); its gradient
+   (softmax − one-hot, through the softcap, times W) needs the kept rows' logits again, which the backward of
+   :class:`_KeptRowsNLL` recomputes chunk by chunk from the log-sum-exp of (1).
+
+So the head costs one projection of the response rows forward and two of the kept rows backward (three with a
+trainable W), against one of all B×T rows forward and one or two backward for the full logits: with the prompt
+and 40% of the response skipped, less. TRL's fused LM head (``add_fused_lm_head``) also avoids the logits, but
+projects every labelled row in the forward and again in the backward, with several passes per tile on a CPU.
+
+The model is patched (:func:`add_sstoken_head`) so that ``model(..., sstoken_head=HeadRequest(...))`` does all
+this inside its forward: DDP sees the loss come out of the forward, and the selection (``HeadRequest.select``)
+runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
+and the caller uses the model's full logits instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from sstoken import scoring
+
+logger = logging.getLogger(__name__)
+
+# Float32 logits of one chunk. Each chunk streams all of W (670 MB at vocab 262k, fp32), so too few rows make
+# the projection memory-bound: on a CPU, 128 MiB (128 rows at 262k, 682 at 49k) instead of 32 MiB took the head
+# from 1.01× to 0.87× the full logits' time at 262k (BENCHMARKS.md), and its few chunk-sized temporaries stay well
+# below the 1 GiB of full logits at T=1024 (and below the tiles of TRL's fused head). Accelerators get bigger chunks, as their matmuls need more rows to be efficient
+# (reasoned, not yet measured).
+LOGITS_CHUNK_BYTES = {"cpu": 128 * 2**20}
+DEFAULT_LOGITS_CHUNK_BYTES = 512 * 2**20
+# Tokens of the one-off forward that checks this head reproduces the model's own logits.
+PROBE_TOKENS = 4
+
+
+# ----------------------------------------------------------------------------------------------- pure maths
+def rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
+    """Rows of float32 logits that fit in ``chunk_bytes`` (at least one)."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def chunk_rows_for(weight: torch.Tensor) -> int:
+    bytes_ = LOGITS_CHUNK_BYTES.get(weight.device.type, DEFAULT_LOGITS_CHUNK_BYTES)
+    return rows_per_chunk(weight.shape[0], bytes_)
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            softcap: float | None) -> torch.Tensor:
+    """Float32 logits of ``hidden`` rows, computed in the model's dtype exactly as its forward does."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+@torch.no_grad()
+def label_nll_and_lse(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, softcap: float | None,
+                      chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of ``targets``, log-sum-exp) per row of ``hidden`` (N×d), both float32, ``chunk_rows`` rows at a time."""
+    n = hidden.shape[0]
+    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_rows):
+        stop = start + chunk_rows
+        logits = project(hidden[start:stop], weight, bias, softcap)
+        lse[start:stop] = torch.logsumexp(logits, dim=-1)
+        nll[start:stop] = lse[start:stop] - logits.gather(1, targets[start:stop, None]).squeeze(1)
+    return nll, lse
+
+
+class _KeptRowsNLL(torch.autograd.Function):
+    """NLL of ``targets`` per row of ``hidden``, with gradient, from the values ``label_nll_and_lse`` returned.
+
+    The forward computes nothing (the NLL is known); the backward recomputes one chunk of logits at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, nll, lse, softcap, chunk_rows):
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
+        # The backward must recompute the logits in the precision ``lse`` came from (bf16 under mixed precision),
+        # and autograd runs it outside the forward's autocast.
+        device_type = hidden.device.type
+        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type))
+        return nll.clone()
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        with torch.autocast(**ctx.autocast):
+            return _KeptRowsNLL._backward(ctx, grad_nll)
+
+    @staticmethod
+    def _backward(ctx, grad_nll):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        softcap, chunk_rows = ctx.softcap, ctx.chunk_rows
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = start + chunk_rows
+            h = hidden[start:stop].to(weight.dtype)
+            # In place on the one chunk-sized buffer: at a 262k vocabulary the passes over it cost as much as
+            # the matmuls.
+            grad_logits = project(h, weight, bias, softcap)
+            # d(c·tanh(x/c))/dx = 1 − tanh²(x/c), and the capped logit is c·tanh(x/c)
+            softcap_slope = None if softcap is None else 1.0 - (grad_logits / softcap) ** 2
+            # d NLL / d logit = softmax − one-hot(target)
+            grad_logits.sub_(lse[start:stop, None]).exp_()
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[start:stop]] -= 1.0
+            grad_logits.mul_(grad_nll[start:stop, None])
+            if softcap_slope is not None:
+                grad_logits.mul_(softcap_slope)
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = (grad_logits @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h).float()
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def kept_rows_nll(hidden: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, lse: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+                  chunk_rows: int) -> torch.Tensor:
+    """``nll`` (from :func:`label_nll_and_lse` on the same rows) with the gradient of the cross-entropy."""
+    return _KeptRowsNLL.apply(hidden, weight, bias, targets, nll, lse, softcap, chunk_rows)
+
+
+# ----------------------------------------------------------------------------------------------- the model call
+@dataclass
+class HeadRequest:
+    """What ``model(..., sstoken_head=...)`` computes. B×T tensors aligned to the predicted token.
+
+    ``score_mask``: tokens whose NLL is computed (the response; column 0 is never scored). ``select``: given the
+    B×T no-grad NLL, the keep mask (a subset of ``score_mask``) whose summed NLL, with gradient, is the loss;
+    None computes the NLL only (history passes, ``sstoken cache``).
+    """
+
+    labels: torch.Tensor
+    score_mask: torch.Tensor
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class HeadOutput(ModelOutput):
+    token_nll: torch.Tensor | None = None  # B×T float32, no gradient; 0 outside score_mask
+    keep: torch.Tensor | None = None
+    kept_nll_sum: torch.Tensor | None = None  # with gradient
+
+
+def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None,
+                 request: HeadRequest) -> HeadOutput:
+    """Steps (1) and (2) of the module docstring on the backbone's B×T×d ``hidden`` states."""
+    weight, bias = head.weight, head.bias
+    device = weight.device
+    hidden = hidden.to(device)  # a model split across devices (device_map) may end elsewhere than its head
+    score_mask = request.score_mask.to(device).clone()
+    score_mask[:, 0] = False
+    batch_rows, positions = score_mask.nonzero(as_tuple=True)
+    targets = request.labels.to(device)[batch_rows, positions]
+    chunk_rows = chunk_rows_for(weight)
+    nll, lse = label_nll_and_lse(hidden.detach()[batch_rows, positions - 1], targets, weight, bias, softcap,
+                                 chunk_rows)
+    token_nll = torch.zeros(score_mask.shape, dtype=torch.float32, device=device)
+    token_nll[batch_rows, positions] = nll
+    if request.select is None:
+        return HeadOutput(token_nll=token_nll)
+    keep = request.select(token_nll).to(device)
+    if (keep & ~score_mask).any():
+        raise ValueError("the keep mask selects tokens whose NLL was not computed (outside score_mask)")
+    kept = keep[batch_rows, positions]
+    kept_nll = kept_rows_nll(hidden[batch_rows[kept], positions[kept] - 1], targets[kept], nll[kept], lse[kept],
+                             weight, bias, softcap, chunk_rows)
+    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum())
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)  # DDP
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _softcap(base: torch.nn.Module) -> float | None:
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    return getattr(text_config, "final_logit_softcapping", None)
+
+
+def add_sstoken_head(model: torch.nn.Module) -> None:
+    """Patch ``model`` (its base model under PEFT) so that ``sstoken_head=HeadRequest(...)`` runs the backbone
+    and :func:`head_outputs` instead of the LM head; without it the forward is the original one. Once.
+
+    Ours is the outermost patch: SFTTrainer wraps its own fused head around the forward, and an earlier patch
+    (e.g. from ``sstoken cache`` on the same model) stays underneath, as could accelerate's device-map hooks.
+    """
+    base = _base(model)
+    if vars(base).get("forward") is getattr(base, "_sstoken_forward", None) is not None:
+        return
+    original_forward = base.forward
+    softcap = _softcap(base)
+
+    @functools.wraps(type(base).forward)
+    def forward(self, *args, sstoken_head: HeadRequest | None = None, **kwargs):
+        if sstoken_head is None:
+            return original_forward(*args, **kwargs)
+        # Looked up on each call: PEFT and FSDP replace modules after patching.
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        return head_outputs(hidden, self.get_output_embeddings(), softcap, sstoken_head)
+
+    base.forward = types.MethodType(forward, base)
+    base._sstoken_forward = base.forward
+
+
+# ----------------------------------------------------------------------------------------------- when not to
+def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0.0) -> str | None:
+    """Why per-token NLL of ``model`` needs the full logits; None when :func:`head_outputs` gives it exactly."""
+    if label_smoothing_factor:
+        return f"label smoothing ({label_smoothing_factor}) spreads the loss over the whole vocabulary"
+    base = _base(model)
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return f"{type(base).__name__} has no standard LM head (a Linear output embedding)"
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        # The head multiplies by ``lm_head.weight``, the frozen base weight: the adapter would be ignored.
+        return "the LM head carries a PEFT adapter, which sstoken's head would ignore"
+    if getattr(base, "base_model", base) is base:
+        return f"{type(base).__name__} exposes no backbone (base_model) separate from its LM head"
+    # Once per model: the architecture decides the answer, not the weights.
+    if "_sstoken_probe_mismatch" not in vars(base):
+        base._sstoken_probe_mismatch = _probe_mismatch(base, head)
+    return base._sstoken_probe_mismatch
+
+
+@torch.no_grad()
+def _probe_mismatch(base: torch.nn.Module, head: torch.nn.Module) -> str | None:
+    """Compare the model's own logits with softcap(H·Wᵀ + b) on a few tokens: models that scale their logits
+    (Cohere, Granite, MiniCPM, Falcon-H1...) or do anything else to them are caught here, whatever the config
+    calls it."""
+    was_training = base.training
+    base.eval()
+    try:
+        device = base.get_input_embeddings().weight.device
+        ids = (torch.arange(PROBE_TOKENS, device=device) % head.weight.shape[0]).unsqueeze(0)
+        theirs = base(input_ids=ids, use_cache=False).logits[0].float()
+        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        ours = project(hidden.to(head.weight.device), head.weight, head.bias, _softcap(base)).to(theirs.device)
+    except Exception as exc:  # noqa: BLE001 - any failure means the head cannot be trusted on this model
+        return f"checking sstoken's head against {type(base).__name__}'s logits failed ({exc})"
+    finally:
+        base.train(was_training)
+    # Half-precision matmuls of 1 row or PROBE_TOKENS rows may round differently; a logit scale does not hide.
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    scale = max(1.0, float(theirs.abs().max()))
+    if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):
+        return (f"{type(base).__name__}'s logits are not softcap(hidden·Wᵀ + b) of its backbone's output "
+                f"(max difference {float((ours - theirs).abs().max()):.3g})")
+    return None
+
+
+def log_full_logits_fallback(reason: str, where: str) -> None:
+    logger.warning("sstoken %s: per-token NLL from the full B×T×V logits, because %s", where, reason)
+
+
+def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """B×T float32 per-token NLL without gradient, aligned to the predicted token, from either forward."""
+    if isinstance(outputs, HeadOutput):
+        return outputs.token_nll
+    return scoring.token_nll(outputs.logits.detach(), labels, chunk_size)
