@@ -101,20 +101,43 @@ def test_training_changes_weights_and_keeps_rho(tmp_path, method):
 
 def select_once(trainer, batch):
     """Run one training-mode compute_loss on ``batch``; return (loss, signals, keep) the selector saw."""
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["signals"], captured["keep"] = signals, original(signals, progress)
-        return captured["keep"]
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     try:
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch))
     finally:
-        trainer.selector.select = original
-    return loss, captured["signals"], captured["keep"]
+        trainer.selection_listeners.remove(events.append)
+    (event,) = events
+    return loss, event.signals, event.keep
+
+
+def test_selection_listeners_and_part_timer_see_every_training_micro_batch(tmp_path):
+    import contextlib
+
+    timed = []
+
+    @contextlib.contextmanager
+    def part_timer(name):
+        timed.append(name)
+        yield
+
+    events = []
+    rows = make_rows(8)
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, rho=0.5, max_steps=2),
+                             train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+                             peft_config=lora(), selection_listeners=[events.append], part_timer=part_timer)
+    trainer.train()
+    assert [e.step for e in events] == [1, 2]
+    assert [e.progress for e in events] == [0.0, 0.5]
+    for event in events:
+        assert event.trainer is trainer and event.keep.shape == event.inputs["input_ids"].shape
+        assert not (event.keep & ~event.signals.response_mask).any()
+        assert event.signals.history_nll is not None and event.signals.context_share is not None
+    assert set(timed) == {"history", "attention_share", "select", "logging"}
+    assert timed.count("select") == 2
+    # The snapshot listener, registered by the trainer itself, recorded both steps.
+    assert [s["step"] for s in trainer.selection_snapshots] == [1, 2]
 
 
 def test_selection_prefers_high_attention_tokens_at_gamma_zero(tmp_path):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 
@@ -125,6 +127,8 @@ class ShareCapture:
     segment_ids: torch.Tensor | None
     chunk_size: int
     share: torch.Tensor | None = None
+    # name -> context manager around the share's computation (SSTokenTrainer.part_timer); None = untimed
+    timer: Callable[[str], ContextManager] | None = None
 
     def required_share(self) -> torch.Tensor:
         """``share``, or an error when the forward pass never went through the hooked attention function.
@@ -173,18 +177,20 @@ def _make_wrapper(base: str):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
-            cap.share = context_share_from_qk(
-                query,
-                key,
-                scaling,
-                cap.context_mask,
-                cap.key_valid,
-                segment_ids=cap.segment_ids,
-                sliding_window=sliding_window,
-                chunk_size=cap.chunk_size,
-                softcap=kwargs.get("softcap"),
-                sinks=kwargs.get("s_aux"),
-            )
+            timed = contextlib.nullcontext() if cap.timer is None else cap.timer("attention_share")
+            with timed:
+                cap.share = context_share_from_qk(
+                    query,
+                    key,
+                    scaling,
+                    cap.context_mask,
+                    cap.key_valid,
+                    segment_ids=cap.segment_ids,
+                    sliding_window=sliding_window,
+                    chunk_size=cap.chunk_size,
+                    softcap=kwargs.get("softcap"),
+                    sinks=kwargs.get("s_aux"),
+                )
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     sstoken_attention.__name__ = f"{_PREFIX}{base}"
@@ -293,8 +299,10 @@ class ContextShareProbe:
         self.base_implementation = base
 
     @contextlib.contextmanager
-    def capture(self, context_mask, attention_mask=None, position_ids=None):
-        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32)."""
+    def capture(self, context_mask, attention_mask=None, position_ids=None, timer=None):
+        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32).
+
+        ``timer(name)``, when given, returns a context manager wrapped around the share's computation."""
         context_mask = torch.as_tensor(context_mask).bool()
         if attention_mask is None:
             key_valid = torch.ones_like(context_mask)
@@ -303,7 +311,7 @@ class ContextShareProbe:
         segment_ids = None if position_ids is None else segment_ids_from_position_ids(position_ids)
         if segment_ids is not None and segment_ids.shape[0] != context_mask.shape[0]:
             segment_ids = segment_ids.expand(context_mask.shape[0], -1)
-        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size)
+        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size, timer=timer)
 
         previous = getattr(self._module, _CAPTURE_ATTR, None)
         setattr(self._module, _CAPTURE_ATTR, cap)

@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live in their own modules (report, inspect, bench), registered if present."""
+    """Commands that live in their own modules (report, inspect, eval, compare), registered if present."""
     registrars = []
-    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.compare_cli", "sstoken.bench_cli"):
+    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.compare_cli"):
         try:
             module = __import__(module_name, fromlist=["register_cli"])
         except ImportError:

@@ -25,7 +25,9 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,7 @@ from sstoken.history import (
     history_forward_nll,
 )
 from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
+from sstoken.snapshots import SelectionSnapshots
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +153,43 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class SelectionEvent:
+    """One training micro-batch's selection, as passed to each selection listener."""
+
+    trainer: "SSTokenTrainer"
+    inputs: dict[str, Any]  # the batch as compute_loss received it (input_ids, labels, attention_mask, ...)
+    signals: Signals
+    keep: torch.Tensor  # B×T bool, the tokens that carry the loss
+    progress: float  # fraction of training done, as the selector saw it
+    step: int  # the optimizer step this micro-batch belongs to (1-based, as in log_history)
+
+
+SelectionListener = Callable[[SelectionEvent], None]
+PartTimer = Callable[[str], ContextManager]
+
+
 class _EMACallback(TrainerCallback):
     def __init__(self, trainer: "SSTokenTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
-            self.trainer.ema.update(state.global_step)
+            with self.trainer.timed_part("ema_update"):
+                self.trainer.ema.update(state.global_step)
 
 
 class SSTokenTrainer(SFTTrainer):
-    """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector."""
+    """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector.
+
+    Two public hooks, for tools that watch selection without changing it (``sstoken report``'s snapshots, the
+    benchmarks in ``benchmarks/``):
+
+    * ``selection_listeners=[fn, ...]`` (or :meth:`add_selection_listener`): ``fn(event)`` is called with a
+      :class:`SelectionEvent` after every training micro-batch's selection;
+    * ``part_timer=fn``: ``fn(name)`` returns a context manager wrapped around each piece of work selection adds
+      to a step (``history``, ``attention_share``, ``select``, ``logging``, ``ema_update``), e.g. to time them.
+    """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the kept count of the whole accumulated step
     # Read by TRL when it writes the model card (README.md of the output folder).
@@ -181,7 +210,8 @@ class SSTokenTrainer(SFTTrainer):
         ),
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, selection_listeners: list[SelectionListener] | None = None,
+                 part_timer: PartTimer | None = None, **kwargs):
         sst_args = kwargs.get("args")
         if sst_args is None and len(args) > 1:
             sst_args = args[1]
@@ -215,6 +245,10 @@ class SSTokenTrainer(SFTTrainer):
         check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
         self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
                                       sst_args.attention_warmup, sst_args.selection_seed)
+        self.part_timer = part_timer
+        # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
+        self._snapshots = SelectionSnapshots()
+        self.selection_listeners: list[SelectionListener] = [self._snapshots, *(selection_listeners or [])]
         self._probe = None
         self.history_cache = self._open_cache(sst_args.history_cache) if sst_args.history_cache else None
         self.reference_cache = self._open_cache(sst_args.reference_cache) if sst_args.reference_cache else None
@@ -233,6 +267,20 @@ class SSTokenTrainer(SFTTrainer):
             lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def add_selection_listener(self, listener: SelectionListener) -> None:
+        """Call ``listener(event)`` after every training micro-batch's selection (see :class:`SelectionEvent`)."""
+        self.selection_listeners.append(listener)
+
+    @property
+    def selection_snapshots(self) -> list[dict]:
+        """The REL / attention-share snapshots recorded so far (also in ``output_dir/selection_snapshots.json``)."""
+        return self._snapshots.snapshots
+
+    def timed_part(self, name: str) -> ContextManager:
+        """``part_timer(name)``, or a context that does nothing when no timer is set."""
+        return contextlib.nullcontext() if self.part_timer is None else self.part_timer(name)
 
     # ---------------------------------------------------------------------------------------------- signals
     def _attention_probe(self):
@@ -342,10 +390,12 @@ class SSTokenTrainer(SFTTrainer):
         # training activations exist and it does not raise the step's peak memory.
         history_nll = None
         if mode == "train":
-            history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs, valid,
-                                            segment_ids)
+            with self.timed_part("history"):
+                history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs,
+                                                valid, segment_ids)
         captured = None
         chosen = {}
+        progress = self._progress()
 
         def select(current_nll: torch.Tensor) -> torch.Tensor:
             # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
@@ -361,7 +411,8 @@ class SSTokenTrainer(SFTTrainer):
                     segment_ids=segment_ids,
                     draw_key=self._draw_key(),
                 )
-                keep = self.selector.select(signals, self._progress())
+                with self.timed_part("select"):
+                    keep = self.selector.select(signals, progress)
             chosen.update(signals=signals, current_nll=current_nll, keep=keep)
             return keep
 
@@ -371,7 +422,8 @@ class SSTokenTrainer(SFTTrainer):
             if mode == "train" and self.selector.needs_attention:
                 context = (labels == scoring.IGNORE_INDEX) & valid
                 captured = stack.enter_context(self._attention_probe().capture(
-                    context, inputs.get("attention_mask"), inputs.get("position_ids")))
+                    context, inputs.get("attention_mask"), inputs.get("position_ids"),
+                    timer=self.timed_part))
             outputs = model(**model_inputs)
         if self.full_logits_reason is None:
             loss_sum = outputs.kept_nll_sum
@@ -396,7 +448,13 @@ class SSTokenTrainer(SFTTrainer):
                           f"skipped (no gradient); {self.skipped_nonfinite_steps} skipped so far", stacklevel=2)
             self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
             loss = torch.zeros((), device=loss.device, requires_grad=True)
-        self._log_selection(mode, signals, keep, response, current_nll)
+        with self.timed_part("logging"):
+            self._log_selection(mode, signals, keep, response, current_nll)
+        if signals is not None and bool(response.any()):
+            event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
+                                   step=self.state.global_step + 1)
+            for listener in self.selection_listeners:
+                listener(event)
         if return_outputs and self.full_logits_reason is None:
             # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
             # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
@@ -432,10 +490,6 @@ class SSTokenTrainer(SFTTrainer):
             metrics["mean_rel"].append(scoring.masked_mean(rel, response))
         if signals.context_share is not None:
             metrics["mean_attention_share"].append(scoring.masked_mean(signals.context_share, response))
-        # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
-        from sstoken.report import record_selection_snapshot
-
-        record_selection_snapshot(self, signals, keep, response)
 
     # ---------------------------------------------------------------------------------------------- state
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -509,4 +563,4 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
     return Dataset.from_list(rows)
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "check_history_source", "validate_selection_args"]
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "check_history_source", "validate_selection_args"]

@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from sstoken.bench import common
+import common
 
 
 def _batches(rows, batch_size: int, pad_id: int):

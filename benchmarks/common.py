@@ -135,7 +135,7 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------------------- processes
 _PRELOAD = ["torch", "transformers", "peft", "trl", "sstoken.trainer", "sstoken.history", "sstoken.attention",
-            "sstoken.bench.overhead", "sstoken.bench.attention_memory", "sstoken.bench.cache_throughput"]
+            "overhead", "attention_memory", "cache_throughput"]
 
 
 def worker_context():
