@@ -100,17 +100,13 @@ def _reference_style_trainer_class():
 
     from sstoken import scoring
     from sstoken.history import base_weights
+    from sstoken.signals import BatchLayout, model_inputs_of
     from sstoken.trainer import SSTokenTrainer
 
     def kept_cross_entropy(logits, labels, keep):
         rows, cols = keep.nonzero(as_tuple=True)
         loss_sum = F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum")
         return loss_sum / keep.sum().clamp(min=1)
-
-    def model_inputs_of(inputs):
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
-        model_inputs["use_cache"] = False
-        return model_inputs
 
     def full_vocab_nll(logits, labels):
         # The straightforward per-token loss: log-softmax of every position over the whole vocabulary at once.
@@ -126,16 +122,16 @@ def _reference_style_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
-            valid, response, _ = self._batch_layout(inputs)
+            layout = BatchLayout.of(inputs)
             model_inputs = model_inputs_of(inputs)
             outputs = model(**model_inputs, output_attentions=True)
-            context = ((labels == scoring.IGNORE_INDEX) & valid).float()
+            context = layout.context.float()
             last = outputs.attentions[-1].detach().float().mean(dim=1)  # B×T×T, mean over heads
             share = (last * context[:, None, :]).sum(-1)  # attention mass on prompt columns
             current = full_vocab_nll(outputs.logits.detach(), labels)
             with torch.no_grad(), base_weights(model):
                 history = full_vocab_nll(model(**model_inputs).logits, labels)
-            keep = scoring.sstoken_mask(history, current, share, response, gamma=GAMMA, rho=RHO)
+            keep = scoring.sstoken_mask(history, current, share, layout.response, gamma=GAMMA, rho=RHO)
             return kept_cross_entropy(outputs.logits, labels, keep)
 
     return ReferenceStyleTrainer

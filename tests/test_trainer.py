@@ -327,3 +327,23 @@ def test_raw_alpaca_eval_dataset_is_encoded_like_training_data(tmp_path):
             total += float(nll[mask].sum())
             count += int(mask.sum())
     assert trainer.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_inspect_and_training_keep_the_same_tokens(tmp_path):
+    """`sstoken inspect` (report.score_batch) and a training step select through the same pipeline."""
+    from sstoken.attention import ContextShareProbe
+    from sstoken.batch import pad_rows
+    from sstoken.report import score_batch
+    from sstoken.selection import make_selector
+
+    rows = make_rows(4)
+    trainer = make_trainer(tmp_path, rows=rows, selection_method="sstoken", rho=0.5, gamma=0.5, max_steps=2)
+    trainer.train()  # the adapter moves away from the base model, so REL is not 0
+    ids, labels, attention = pad_rows(rows, pad_id=0)
+    _, signals, training_keep = select_once(trainer, {"input_ids": ids, "labels": labels,
+                                                      "attention_mask": attention})
+    assert (signals.current_nll - signals.history_nll)[signals.response_mask].abs().max() > 0
+    inspected = score_batch(trainer.model, rows, make_selector("sstoken", rho=0.5, gamma=0.5), 0.5,
+                            ContextShareProbe(trainer.model), has_history_model=True, pad_id=0)
+    assert torch.equal(inspected["keep"], training_keep)
+    assert 0 < int(training_keep.sum()) < int(signals.response_mask.sum())

@@ -108,40 +108,29 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int):
-    """Signals and keep mask of a batch of encoded rows, as the trainer computes them; tensors are B×T.
+    """Signals and keep mask of a batch of encoded rows, through the trainer's pipeline; tensors are B×T.
 
-    One forward pass of the current model captures the attention share; with ``has_history_model`` (a PEFT
-    adapter) the base weights give the history NLL, otherwise history == current and REL is 0.
+    :func:`sstoken.signals.select_tokens`, as in training: one forward pass of the current model captures the
+    attention share; with ``has_history_model`` (a PEFT adapter) the base weights give the history NLL,
+    otherwise history == current and REL is 0.
     """
     import torch
 
     from sstoken import scoring
-    from sstoken.history import base_weights, history_forward_nll
-    from sstoken.selection import Signals
+    from sstoken.signals import BaseModelHistory, CurrentModelHistory, SignalSources, select_tokens, use_sstoken_head
 
     ids, labels, attention = pad_rows(rows, pad_id)
-    valid = attention.bool()
-    response = scoring.response_mask_from_labels(labels) & valid
-    context = (labels == scoring.IGNORE_INDEX) & valid
-    inputs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
-    with torch.no_grad(), probe.capture(context, attention) as captured:
-        logits = model(**inputs).logits
-    if captured.share is None:
-        raise ReportError(f"the forward pass never reached attention layer {probe.layer_index}")
-    nll = scoring.token_nll(logits, labels)
-    share = captured.share
-    if has_history_model:
-        with base_weights(model):
-            history = history_forward_nll(model, inputs, labels)
-    else:
-        history = nll.clone()
+    inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    sources = SignalSources(history=BaseModelHistory() if has_history_model else CurrentModelHistory(),
+                            probe=probe, sstoken_head=use_sstoken_head(model, where="inspect"))
+    with torch.no_grad():
+        selection = select_tokens(model, inputs, selector, sources, progress=1.0)
+    signals, response = selection.signals, selection.layout.response
+    nll, history, share = signals.current_nll, signals.history_nll, signals.context_share
     rel = scoring.retrospective_excess_loss(history, nll)
-    rel_norm = scoring.minmax_normalize(rel, response)
-    score = torch.where(response, scoring.combined_score(rel_norm, share, gamma), 0.0)
-    keep = selector.select(Signals(response_mask=response, current_nll=nll, history_nll=history,
-                                   context_share=share), progress=1.0)
-    return {"ids": ids, "valid": valid, "response": response, "nll": nll, "history": history, "rel": rel,
-            "rel_norm": rel_norm, "share": share, "score": score, "keep": keep}
+    return {"ids": ids, "valid": selection.layout.valid, "response": response, "nll": nll, "history": history,
+            "rel": rel, "rel_norm": scoring.minmax_normalize(rel, response), "share": share,
+            "score": scoring.sstoken_scores(history, nll, share, response, gamma), "keep": selection.keep}
 
 
 def sample_records(batch: dict, row: int, pieces: list[str], special: set[int]) -> list[dict]:

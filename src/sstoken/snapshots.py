@@ -141,6 +141,8 @@ class SelectionSnapshots:
         if not self.recorder.wants(event.step) or (signals.history_nll is None and signals.context_share is None):
             return  # not a snapshot step, or a selector (full, random) that computes neither signal
         rel, share, kept = _selection_values(signals, event.keep, signals.response_mask)
+        if not kept:
+            return  # no response token in this micro-batch
         if self.recorder.add(event.step, rel, share, kept) and trainer.is_world_process_zero():
             payload = {"max_steps": int(trainer.state.max_steps or 0),
                        "method": getattr(trainer.selector, "name", None), "snapshots": self.recorder.snapshots}

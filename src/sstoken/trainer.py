@@ -38,14 +38,19 @@ from trl import SFTConfig, SFTTrainer
 from sstoken import lm_head, scoring
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
-from sstoken.history import (
-    CacheFingerprints,
-    EMAHistory,
-    NLLCache,
-    base_weights,
-    history_forward_nll,
-)
+from sstoken.history import CacheFingerprints, EMAHistory, NLLCache
 from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
+from sstoken.signals import (
+    BaseModelHistory,
+    BatchLayout,
+    CachedHistory,
+    EMAModelHistory,
+    PartTimer,
+    SignalSources,
+    model_inputs_of,
+    select_tokens,
+    unwrap_model,
+)
 from sstoken.snapshots import SelectionSnapshots
 
 logger = logging.getLogger(__name__)
@@ -147,12 +152,6 @@ def check_history_source(args, trains_an_adapter: bool) -> None:
                           "history: ema, or train a LoRA adapter")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @dataclass(frozen=True)
 class SelectionEvent:
     """One training micro-batch's selection, as passed to each selection listener."""
@@ -166,7 +165,6 @@ class SelectionEvent:
 
 
 SelectionListener = Callable[[SelectionEvent], None]
-PartTimer = Callable[[str], ContextManager]
 
 
 class _EMACallback(TrainerCallback):
@@ -242,7 +240,7 @@ class SSTokenTrainer(SFTTrainer):
             # silently write to the same output_dir.
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
-        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
+        check_history_source(sst_args, trains_an_adapter=hasattr(unwrap_model(self.model), "disable_adapter"))
         self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
                                       sst_args.attention_warmup, sst_args.selection_seed)
         self.part_timer = part_timer
@@ -254,7 +252,7 @@ class SSTokenTrainer(SFTTrainer):
         self.reference_cache = self._open_cache(sst_args.reference_cache) if sst_args.reference_cache else None
         self.ema = None
         if self.selector.needs_history and sst_args.history == "ema":
-            self.ema = EMAHistory(_unwrap(self.model), sst_args.ema_decay, sst_args.ema_interval)
+            self.ema = EMAHistory(unwrap_model(self.model), sst_args.ema_decay, sst_args.ema_interval)
             self.add_callback(_EMACallback(self))
         if isinstance(self.selector, TokenCleaningSelector):
             self._fit_tokencleaning()
@@ -287,7 +285,7 @@ class SSTokenTrainer(SFTTrainer):
         if self._probe is None:
             from sstoken.attention import ContextShareProbe
 
-            self._probe = ContextShareProbe(_unwrap(self.model), layer=self.args.attention_layer,
+            self._probe = ContextShareProbe(unwrap_model(self.model), layer=self.args.attention_layer,
                                             chunk_size=self.args.attention_chunk_size)
         return self._probe
 
@@ -322,43 +320,19 @@ class SSTokenTrainer(SFTTrainer):
         logger.info("tokencleaning: global threshold %.4f keeps the top %.0f%% of tokens", threshold,
                     100 * self.args.rho)
 
-    @staticmethod
-    def _batch_layout(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(valid mask, response mask, segment ids) of a padded or padding-free batch."""
-        from sstoken.attention import segment_ids_from_position_ids
-
-        labels = inputs["labels"]
-        attention_mask = inputs.get("attention_mask")
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
-        response = scoring.response_mask_from_labels(labels) & valid
-        position_ids = inputs.get("position_ids")
-        segment_ids = None
-        if position_ids is not None:
-            segment_ids = segment_ids_from_position_ids(position_ids)
-            response &= position_ids != 0  # a segment's first token is not predicted from its own sample
-        return valid, response, segment_ids
-
-    def _cached_nll(self, cache: NLLCache | None, inputs, valid, segment_ids):
-        if cache is None:
-            return None
-        return cache.lookup(inputs["input_ids"], valid, segment_ids)
-
-    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids):
-        if not self.selector.needs_history:
-            return None
-        if self.history_cache is not None:
-            return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
-        inner = _unwrap(model)
-        if self.ema is not None:
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size, self.ema)
-        with base_weights(inner):
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
-
-    def _nll_inputs(self, model_inputs: dict, labels, response) -> dict:
-        """Inputs of a no-grad pass that only needs the per-token NLL (the history model's)."""
-        if self.full_logits_reason is not None:
-            return model_inputs
-        return dict(model_inputs, sstoken_head=lm_head.HeadRequest(labels=labels, score_mask=response))
+    def _signal_sources(self) -> SignalSources:
+        """Where the training signals come from: the selector's needs and this run's history settings."""
+        history = None
+        if self.selector.needs_history:
+            if self.history_cache is not None:
+                history = CachedHistory(self.history_cache)
+            elif self.ema is not None:
+                history = EMAModelHistory(self.ema, self.args.nll_chunk_size)
+            else:
+                history = BaseModelHistory(self.args.nll_chunk_size)
+        return SignalSources(history=history, reference_cache=self.reference_cache,
+                             probe=self._attention_probe() if self.selector.needs_attention else None,
+                             sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
 
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -367,14 +341,15 @@ class SSTokenTrainer(SFTTrainer):
             return None
         total = 0
         for batch in batch_samples:
-            valid, response, segment_ids = self._batch_layout(batch)
-            before = None
+            layout = BatchLayout.of(batch)
+            response, before = layout.response, None
             if isinstance(self.selector, TokenCleaningSelector):
+                lookup = (batch["input_ids"], layout.valid, layout.segment_ids)
                 before = Signals(response_mask=response, current_nll=torch.zeros_like(response, dtype=torch.float32),
-                                 history_nll=self._cached_nll(self.history_cache, batch, valid, segment_ids).cpu(),
-                                 reference_nll=self._cached_nll(self.reference_cache, batch, valid, segment_ids).cpu())
+                                 history_nll=self.history_cache.lookup(*lookup).cpu(),
+                                 reference_nll=self.reference_cache.lookup(*lookup).cpu())
                 response = response.cpu()
-            total += self.selector.expected_kept(response, segment_ids, before)
+            total += self.selector.expected_kept(response, layout.segment_ids, before)
         count = torch.tensor(total, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
@@ -382,57 +357,23 @@ class SSTokenTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        training = mode == "train"
         labels = inputs["labels"]
-        valid, response, segment_ids = self._batch_layout(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
-        model_inputs["use_cache"] = False
-        # The history pass (no grad) runs before the training forward, so its buffers are freed before the
-        # training activations exist and it does not raise the step's peak memory.
-        history_nll = None
-        if mode == "train":
-            with self.timed_part("history"):
-                history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs,
-                                                valid, segment_ids)
-        captured = None
-        chosen = {}
+        # Evaluation reports the plain NLL of every response token: no history, attention or selection.
+        sources = self._signal_sources() if training else SignalSources(
+            sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
         progress = self._progress()
-
-        def select(current_nll: torch.Tensor) -> torch.Tensor:
-            # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
-            signals = None
-            keep = response  # evaluation reports the plain NLL of every response token
-            if mode == "train":
-                signals = Signals(
-                    response_mask=response,
-                    current_nll=current_nll,
-                    history_nll=history_nll,
-                    reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
-                    context_share=None if captured is None else captured.required_share(),
-                    segment_ids=segment_ids,
-                    draw_key=self._draw_key(),
-                )
-                with self.timed_part("select"):
-                    keep = self.selector.select(signals, progress)
-            chosen.update(signals=signals, current_nll=current_nll, keep=keep)
-            return keep
-
-        if self.full_logits_reason is None:
-            model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=response, select=select)
-        with contextlib.ExitStack() as stack:
-            if mode == "train" and self.selector.needs_attention:
-                context = (labels == scoring.IGNORE_INDEX) & valid
-                captured = stack.enter_context(self._attention_probe().capture(
-                    context, inputs.get("attention_mask"), inputs.get("position_ids"),
-                    timer=self.timed_part))
-            outputs = model(**model_inputs)
+        selection = select_tokens(model, inputs, self.selector, sources, progress=progress,
+                                  draw_key=self._draw_key() if training else None, selecting=training,
+                                  timer=self.timed_part)
+        outputs, signals, keep = selection.outputs, selection.signals, selection.keep
+        response, current_nll = selection.layout.response, selection.current_nll
         if self.full_logits_reason is None:
             loss_sum = outputs.kept_nll_sum
         else:
-            select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
-            rows, cols = chosen["keep"].nonzero(as_tuple=True)
+            rows, cols = keep.nonzero(as_tuple=True)
             loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
                                        label_smoothing=self.args.label_smoothing_factor)
-        signals, current_nll, keep = chosen["signals"], chosen["current_nll"], chosen["keep"]
 
         if num_items_in_batch is None:
             denominator = keep.sum().clamp(min=1)
@@ -450,7 +391,7 @@ class SSTokenTrainer(SFTTrainer):
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         with self.timed_part("logging"):
             self._log_selection(mode, signals, keep, response, current_nll)
-        if signals is not None and bool(response.any()):
+        if signals is not None:
             event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
                                    step=self.state.global_step + 1)
             for listener in self.selection_listeners:
@@ -459,7 +400,7 @@ class SSTokenTrainer(SFTTrainer):
             # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
             # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in model_inputs.items() if k != "sstoken_head"})
+                outputs = model(**model_inputs_of(inputs))
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:

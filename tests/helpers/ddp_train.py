@@ -58,6 +58,7 @@ def build_cache(workdir: str) -> str:
 
 def _recording_trainer_class():
     from sstoken.history import iter_samples, sample_key
+    from sstoken.signals import BatchLayout
     from sstoken.trainer import SSTokenTrainer
 
     class RecordingTrainer(SSTokenTrainer):
@@ -67,20 +68,18 @@ def _recording_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             seen = {}
-            select = self.selector.select
 
-            def spy(signals, progress=0.0):
-                keep = select(signals, progress)
-                seen["keep"], seen["nll"] = keep.detach().cpu(), signals.current_nll.detach().cpu()
-                return keep
+            def record(event):
+                seen["keep"], seen["nll"] = event.keep.detach().cpu(), event.signals.current_nll.detach().cpu()
 
-            self.selector.select = spy  # instance attribute shadows the method for this call only
+            self.add_selection_listener(record)
             try:
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
-                del self.selector.select
-            valid, _, segment_ids = self._batch_layout(inputs)
-            keys = [sample_key(tokens) for _, _, tokens in iter_samples(inputs["input_ids"], valid, segment_ids)]
+                self.selection_listeners.remove(record)
+            layout = BatchLayout.of(inputs)
+            keys = [sample_key(tokens) for _, _, tokens in iter_samples(inputs["input_ids"], layout.valid,
+                                                                          layout.segment_ids)]
             keep = seen["keep"]
             self.records.append({
                 "step": self.state.global_step,
