@@ -41,6 +41,8 @@ from pathlib import Path
 
 from tasks import NoiseLevels, answer_correct, exact_match, make_splits
 
+from sstoken.io import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -190,19 +192,14 @@ def _eval_nll(model, rows, pad_id: int, device: str, batch_size: int = 16) -> fl
     import torch
 
     from sstoken import scoring
+    from sstoken.batch import pad_rows
 
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             batch = rows[i:i + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full_like(ids, scoring.IGNORE_INDEX)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(batch):
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            ids, labels, mask = pad_rows(batch, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.cpu()
             nll = scoring.token_nll(logits, labels)
             response = scoring.response_mask_from_labels(labels) & mask.bool()
@@ -237,21 +234,9 @@ def _greedy(model, tokenizer, examples, max_new_tokens: int, device: str, batch_
 
 # ------------------------------------------------------------------------------------------------ training
 def _trainable_copy(base):
-    """A fresh copy of the base model that the HF Trainer accepts.
-
-    The embedded SmolLM2 is read from GGUF; transformers dequantises it to float weights on load but keeps
-    the GGUF quantizer attached, and Trainer refuses to fine-tune a "GGUF-quantized" model. The weights are
-    plain floats, so the quantizer is dropped from the copy.
-    """
-    model = copy.deepcopy(base)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        try:
-            model.is_quantized = False
-        except AttributeError:  # a read-only property in some versions; hf_quantizer=None is then enough
-            pass
-    return model
+    """A fresh copy of the base model for one run (sstoken.models.load_model already dropped the GGUF
+    quantisation marker of the embedded model, which the HF Trainer would refuse)."""
+    return copy.deepcopy(base)
 
 
 def _config(size: Size, out_dir: str, seed: int, device: str, **overrides):
@@ -610,9 +595,7 @@ def _write(out: Path, args, device: str, size: Size, model_name: str, base_info:
         "summary": summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, payload)
     return summary
 
 

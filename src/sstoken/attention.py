@@ -18,6 +18,7 @@ from typing import ContextManager
 
 import torch
 
+from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError
 
 _PREFIX = "sstoken_"
@@ -215,15 +216,7 @@ def _unwrap(model):
     """The transformers PreTrainedModel inside PEFT / DDP-style wrappers."""
     from transformers import PreTrainedModel
 
-    seen = 0
-    while not isinstance(model, PreTrainedModel) and seen < 8:
-        if hasattr(model, "get_base_model"):  # peft.PeftModel -> LoraModel.model
-            model = model.get_base_model()
-        elif hasattr(model, "module"):  # DistributedDataParallel and similar
-            model = model.module
-        else:
-            break
-        seen += 1
+    model = unwrap_base_model(model)
     if not isinstance(model, PreTrainedModel):
         raise ConfigError(f"context-share probe needs a transformers model, got {type(model).__name__}")
     return model

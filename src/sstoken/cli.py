@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
+from sstoken.io import atomic_write_json
 
 logger = logging.getLogger("sstoken")
 
@@ -150,8 +151,8 @@ def cmd_train(ns, overrides: list[str]) -> int:
     if trainer.is_world_process_zero():
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "log_history.json", trainer.state.log_history)
         if run["plots"]:
             _write_plots(out)
         _print_summary(summary)

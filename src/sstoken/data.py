@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sstoken.batch import IGNORE_INDEX
 from sstoken.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
@@ -58,8 +59,6 @@ __all__ = [
     "to_hf_dataset",
 ]
 
-IGNORE_INDEX = -100
-"""Label value of tokens that carry no loss (Hugging Face convention)."""
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Default limit on one JSONL line, in bytes, newline excluded (16 MiB)."""

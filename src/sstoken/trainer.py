@@ -36,9 +36,11 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken import lm_head, scoring
+from sstoken.batch import unwrap_model
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import CacheFingerprints, EMAHistory, NLLCache
+from sstoken.io import atomic_path
 from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
 from sstoken.signals import (
     BaseModelHistory,
@@ -49,7 +51,6 @@ from sstoken.signals import (
     SignalSources,
     model_inputs_of,
     select_tokens,
-    unwrap_model,
 )
 from sstoken.snapshots import SelectionSnapshots
 
@@ -458,9 +459,8 @@ class SSTokenTrainer(SFTTrainer):
             state.update(self.ema.state_dict())
         if state:
             os.makedirs(output_dir, exist_ok=True)
-            tmp = os.path.join(output_dir, STATE_FILE + ".tmp")
-            save_file(state, tmp)
-            os.replace(tmp, os.path.join(output_dir, STATE_FILE))
+            with atomic_path(os.path.join(output_dir, STATE_FILE)) as tmp:
+                save_file(state, str(tmp))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
