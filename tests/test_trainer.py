@@ -347,3 +347,35 @@ def test_inspect_and_training_keep_the_same_tokens(tmp_path):
                             ContextShareProbe(trainer.model), has_history_model=True, pad_id=0)
     assert torch.equal(inspected["keep"], training_keep)
     assert 0 < int(training_keep.sum()) < int(signals.response_mask.sum())
+
+
+def test_a_missing_reference_cache_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=r"^reference cache .*missing does not exist"):
+        make_trainer(tmp_path, selection_method="rho1", reference_cache=str(tmp_path / "missing"))
+
+
+def test_a_selector_is_one_class_that_registers_itself(tmp_path):
+    from sstoken.selection import SELECTORS, Selector, make_selector
+
+    class LastTokensSelector(Selector):
+        """Keeps the last ceil(rho*n) response tokens of each sample (a test selector)."""
+
+        name = "last_tokens_test"
+
+        def select(self, signals, progress=0.0):
+            positions = torch.arange(signals.response_mask.shape[1], dtype=torch.float32)
+            scores = positions.expand_as(signals.current_nll)
+            return scoring.top_rho_mask(scores, signals.response_mask, self.rho, signals.segment_ids)
+
+    try:
+        assert SELECTORS["last_tokens_test"] is LastTokensSelector
+        assert make_selector("last_tokens_test", rho=0.5).rho == 0.5
+        rows = make_rows(4)
+        trainer = make_trainer(tmp_path, rows=rows, selection_method="last_tokens_test", rho=0.5, max_steps=1,
+                               per_device_train_batch_size=4)
+        assert not trainer.selector.needs_history and not trainer.selector.needs_attention
+        trainer.train()
+        (entry,) = [h for h in trainer.state.log_history if "kept_fraction" in h]
+        assert entry["kept_fraction"] == pytest.approx(expected_kept_fraction(rows, 0.5))
+    finally:
+        del SELECTORS["last_tokens_test"]

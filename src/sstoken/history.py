@@ -106,12 +106,17 @@ class CacheFingerprints:
 
 
 class NLLCache:
-    """Per-sample per-token NLL of a fixed model, stored as checksummed safetensors shards."""
+    """Per-sample per-token NLL of a fixed model, stored as checksummed safetensors shards.
 
-    def __init__(self, path: str | os.PathLike, fingerprints: CacheFingerprints, shard_keys: list[list[str]]):
+    ``role`` is what the cache stands for in this run, "history cache" or "reference cache" (the config keys
+    history_cache / reference_cache): every error names it, so a user knows which setting to fix."""
+
+    def __init__(self, path: str | os.PathLike, fingerprints: CacheFingerprints, shard_keys: list[list[str]],
+                 role: str = "history cache"):
         self.path = Path(path)
         self.fingerprints = fingerprints
         self.shard_keys = shard_keys
+        self.role = role
         self._values: dict[str, torch.Tensor] = {}
 
     # -- layout
@@ -166,40 +171,40 @@ class NLLCache:
 
     # -- reading (used by the trainer)
     @classmethod
-    def open(cls, path, expected: CacheFingerprints | None = None) -> "NLLCache":
+    def open(cls, path, expected: CacheFingerprints | None = None, role: str = "history cache") -> "NLLCache":
         """Load a finished cache, verifying its checksums and (if given) its fingerprints."""
         path = Path(path)
         index_file = path / INDEX_FILE
         if not index_file.exists():
-            raise ConfigError(f"history cache {path} does not exist or is incomplete (no {INDEX_FILE}); "
+            raise ConfigError(f"{role} {path} does not exist or is incomplete (no {INDEX_FILE}); "
                               f"build it with `sstoken cache`")
         try:
             index = json.loads(index_file.read_text())
             fingerprints = CacheFingerprints(**index["fingerprints"])
             shard_keys = [shard["keys"] for shard in index["shards"]]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"history cache {path}: unreadable {INDEX_FILE} ({exc}); rebuild it with `sstoken cache`") from exc
+            raise ConfigError(f"{role} {path}: unreadable {INDEX_FILE} ({exc}); rebuild it with `sstoken cache`") from exc
         if index.get("format_version") != CACHE_FORMAT_VERSION:
-            raise ConfigError(f"history cache {path} has format {index.get('format_version')}, "
+            raise ConfigError(f"{role} {path} has format {index.get('format_version')}, "
                               f"expected {CACHE_FORMAT_VERSION}; rebuild it with `sstoken cache`")
         if expected is not None:
             wrong = expected.mismatches(fingerprints)
             if wrong:
                 raise ConfigError(
-                    f"history cache {path} was built for a different {', '.join(wrong)} "
+                    f"{role} {path} was built for a different {', '.join(wrong)} "
                     f"(cache: {', '.join(f'{w}={getattr(fingerprints, w)}' for w in wrong)}; "
                     f"this run: {', '.join(f'{w}={getattr(expected, w)}' for w in wrong)}). "
-                    f"Rebuild it with `sstoken cache` or point history_cache elsewhere."
+                    f"Rebuild it with `sstoken cache` or point {role.replace(' ', '_')} elsewhere."
                 )
-        cache = cls(path, fingerprints, shard_keys)
+        cache = cls(path, fingerprints, shard_keys, role)
         cache._index_data = index
         for number, shard in enumerate(index["shards"]):
             shard_file = cache.shard_path(number)
             if not shard["sha256"] or not shard_file.exists():
-                raise ConfigError(f"history cache {path} is incomplete (shard {number} missing); "
+                raise ConfigError(f"{role} {path} is incomplete (shard {number} missing); "
                                   f"run `sstoken cache` again to finish it")
             if file_sha256(shard_file) != shard["sha256"]:
-                raise ConfigError(f"history cache {path}: shard {number} fails its checksum (truncated or corrupted); "
+                raise ConfigError(f"{role} {path}: shard {number} fails its checksum (truncated or corrupted); "
                                   f"run `sstoken cache` again to rebuild it")
             cache._values.update(load_file(str(shard_file)))
         return cache
@@ -215,7 +220,7 @@ class NLLCache:
             return self._values[key]
         except KeyError:
             raise ConfigError(
-                f"history cache {self.path} has no entry for a training sample (key {key[:12]}…): the data or its "
+                f"{self.role} {self.path} has no entry for a training sample (key {key[:12]}…): the data or its "
                 f"tokenisation changed since the cache was built; rebuild it with `sstoken cache`"
             ) from None
 
@@ -231,7 +236,7 @@ class NLLCache:
                 continue
             values = self.get(sample_key(tokens))
             if values.numel() != len(positions):
-                raise ConfigError(f"history cache {self.path}: stored length {values.numel()} differs from the "
+                raise ConfigError(f"{self.role} {self.path}: stored length {values.numel()} differs from the "
                                   f"sample's {len(positions)} tokens; rebuild it with `sstoken cache`")
             out[row, positions] = values
         return out.to(input_ids.device)

@@ -170,8 +170,6 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
 
     if method not in INSPECT_METHODS:
         raise ConfigError(f"unknown inspect method {method!r}; choose one of {', '.join(INSPECT_METHODS)}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     selector = make_selector(method, rho=rho, gamma=gamma, seed=seed)
@@ -214,16 +212,15 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
 def _load_for_inspect(ns):
     from sstoken.data import load_training_rows
     from sstoken.models import load_model, load_tokenizer
+    from sstoken.selection import check_gamma, check_rho
 
     data = Path(ns.data)
     if not data.is_file():
         raise ConfigError(f"data file {data} does not exist")
     if ns.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {ns.samples}")
-    if not 0.0 < ns.rho <= 1.0:  # checked again by the selector; here so a typo fails before the model loads
-        raise ConfigError(f"rho must be in (0, 1], got {ns.rho}")
-    if not 0.0 <= ns.gamma <= 1.0:
-        raise ConfigError(f"gamma must be in [0, 1], got {ns.gamma}")
+    check_rho(ns.rho)  # the selector's own checks, before the model loads so that a typo fails fast
+    check_gamma(ns.gamma)
     if ns.adapter and not Path(ns.adapter).is_dir():
         raise ConfigError(f"adapter {ns.adapter} is not a directory (expected a saved PEFT adapter)")
     tokenizer = load_tokenizer(ns.model)

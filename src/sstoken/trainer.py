@@ -41,7 +41,7 @@ from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
 from sstoken.history import CacheFingerprints, EMAHistory, NLLCache
 from sstoken.io import atomic_path
-from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
+from sstoken.selection import SELECTORS, Selector, Signals, make_selector
 from sstoken.signals import (
     BaseModelHistory,
     BatchLayout,
@@ -114,15 +114,7 @@ class SSTokenConfig(SFTConfig):
 
 def validate_selection_args(args) -> None:
     """Check the selection fields before any model is loaded; raises ConfigError with the fix."""
-    if args.selection_method not in SELECTORS:
-        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}"
-                          f"{did_you_mean(args.selection_method, SELECTORS)}")
-    if not (isinstance(args.rho, (int, float)) and 0.0 < args.rho <= 1.0):
-        raise ConfigError(f"rho must be in (0, 1], got {args.rho}")
-    if not (isinstance(args.gamma, (int, float)) and 0.0 <= args.gamma <= 1.0):
-        raise ConfigError(f"gamma must be in [0, 1], got {args.gamma}")
-    if not 0.0 <= args.attention_warmup < 1.0:
-        raise ConfigError(f"attention_warmup must be in [0, 1), got {args.attention_warmup}")
+    selector = _selector_of(args)  # checks the method, rho, gamma and attention_warmup
     if args.history not in HISTORY_MODES:
         raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}"
                           f"{did_you_mean(args.history, HISTORY_MODES)}")
@@ -132,21 +124,25 @@ def validate_selection_args(args) -> None:
         raise ConfigError(f"ema_interval must be >= 1, got {args.ema_interval}")
     if args.attention_chunk_size < 1 or args.nll_chunk_size < 1:
         raise ConfigError("attention_chunk_size and nll_chunk_size must be >= 1")
-    if args.selection_method in ("rho1", "tokencleaning") and not args.reference_cache:
-        raise ConfigError(f"selection_method {args.selection_method!r} needs reference_cache (build it with "
+    if selector.needs_reference and not args.reference_cache:
+        raise ConfigError(f"selection_method {selector.name!r} needs reference_cache (build it with "
                           f"`sstoken cache --model <reference model>`)")
-    if args.selection_method == "tokencleaning" and not args.history_cache:
-        raise ConfigError("selection_method 'tokencleaning' needs history_cache (the base model's NLL cache)")
+    if selector.needs_cached_counts and not args.history_cache:
+        raise ConfigError(f"selection_method {selector.name!r} needs history_cache (the base model's NLL cache)")
     if args.history == "ema" and args.history_cache:
         raise ConfigError("history 'ema' changes during training and cannot use history_cache; remove one of them")
-    if args.selection_method == "tokencleaning" and args.packing:
-        raise ConfigError("selection_method 'tokencleaning' fits its threshold on whole samples before training and "
-                          "cannot run on packed sequences; set packing: false")
+    if selector.cannot_pack_because and args.packing:
+        raise ConfigError(f"selection_method {selector.name!r} {selector.cannot_pack_because} and cannot run on "
+                          f"packed sequences; set packing: false")
+
+
+def _selector_of(args) -> Selector:
+    return make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
 
 
 def check_history_source(args, trains_an_adapter: bool) -> None:
     """History 'base' without a cache is the model with its adapter switched off: full fine-tuning has none."""
-    selector = make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
+    selector = _selector_of(args)
     if selector.needs_history and args.history == "base" and not args.history_cache and not trains_an_adapter:
         raise ConfigError("full fine-tuning (no lora) with history 'base' needs history_cache: the base model's NLL "
                           "must be computed before its weights change; build it with `sstoken cache`, or use "
@@ -242,21 +238,21 @@ class SSTokenTrainer(SFTTrainer):
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
         check_history_source(sst_args, trains_an_adapter=hasattr(unwrap_model(self.model), "disable_adapter"))
-        self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
-                                      sst_args.attention_warmup, sst_args.selection_seed)
+        self.selector = _selector_of(sst_args)
         self.part_timer = part_timer
         # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
         self._snapshots = SelectionSnapshots()
         self.selection_listeners: list[SelectionListener] = [self._snapshots, *(selection_listeners or [])]
         self._probe = None
-        self.history_cache = self._open_cache(sst_args.history_cache) if sst_args.history_cache else None
-        self.reference_cache = self._open_cache(sst_args.reference_cache) if sst_args.reference_cache else None
+        self.history_cache = self._open_cache(sst_args.history_cache, "history cache") \
+            if sst_args.history_cache else None
+        self.reference_cache = self._open_cache(sst_args.reference_cache, "reference cache") \
+            if sst_args.reference_cache else None
         self.ema = None
         if self.selector.needs_history and sst_args.history == "ema":
             self.ema = EMAHistory(unwrap_model(self.model), sst_args.ema_decay, sst_args.ema_interval)
             self.add_callback(_EMACallback(self))
-        if isinstance(self.selector, TokenCleaningSelector):
-            self._fit_tokencleaning()
+        self.selector.prepare(self.train_dataset, self.history_cache, self.reference_cache)
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
         self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
@@ -290,36 +286,23 @@ class SSTokenTrainer(SFTTrainer):
                                             chunk_size=self.args.attention_chunk_size)
         return self._probe
 
-    def _open_cache(self, path: str) -> NLLCache:
-        # Fingerprints are checked against this run's model and tokenizer; the data fingerprint is checked per
-        # sample at lookup time (a sample missing from the cache is refused with a clear message).
+    def _open_cache(self, path: str, role: str) -> NLLCache:
+        # Fingerprints are checked against this run's model (a history cache only: a reference cache comes from
+        # another model) and tokenizer; the data fingerprint is checked per sample at lookup time (a sample
+        # missing from the cache is refused with a clear message).
         from sstoken.history import model_fingerprint, tokenizer_fingerprint
 
-        cache = NLLCache.open(path)
+        cache = NLLCache.open(path, role=role)
         expected = CacheFingerprints(
-            model=model_fingerprint(self.model) if path != self.args.reference_cache else cache.fingerprints.model,
+            model=model_fingerprint(self.model) if role == "history cache" else cache.fingerprints.model,
             tokenizer=tokenizer_fingerprint(self.processing_class),
             data=cache.fingerprints.data,
             max_seq_length=cache.fingerprints.max_seq_length,
         )
         wrong = expected.mismatches(cache.fingerprints)
         if wrong:
-            NLLCache.open(path, expected)  # raises the detailed message
+            NLLCache.open(path, expected, role=role)  # raises the detailed message
         return cache
-
-    def _fit_tokencleaning(self):
-        from sstoken.history import sample_key
-
-        base, ref, masks = [], [], []
-        for example in self.train_dataset:
-            key = sample_key(torch.tensor(example["input_ids"]))
-            labels = torch.tensor(example["labels"]).unsqueeze(0)
-            base.append(self.history_cache.get(key))
-            ref.append(self.reference_cache.get(key))
-            masks.append(scoring.response_mask_from_labels(labels)[0])
-        threshold = self.selector.fit(base, ref, masks)
-        logger.info("tokencleaning: global threshold %.4f keeps the top %.0f%% of tokens", threshold,
-                    100 * self.args.rho)
 
     def _signal_sources(self) -> SignalSources:
         """Where the training signals come from: the selector's needs and this run's history settings."""
@@ -344,7 +327,7 @@ class SSTokenTrainer(SFTTrainer):
         for batch in batch_samples:
             layout = BatchLayout.of(batch)
             response, before = layout.response, None
-            if isinstance(self.selector, TokenCleaningSelector):
+            if self.selector.needs_cached_counts:
                 lookup = (batch["input_ids"], layout.valid, layout.segment_ids)
                 before = Signals(response_mask=response, current_nll=torch.zeros_like(response, dtype=torch.float32),
                                  history_nll=self.history_cache.lookup(*lookup).cpu(),
