@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sstoken import lm_head, scoring
 from sstoken.history import NLLCache, build_nll_cache
-from sstoken.testing import tiny_model, tiny_tokenizer
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
 from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -126,13 +126,7 @@ def test_settings_that_need_full_logits_say_why(case, expected):
 
 # ----------------------------------------------------------------------------------------------- the trainer
 def make_rows(n=4, seed=0, prompt_len=6, response_len=8):
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (prompt_len + i % 3,), generator=gen).tolist()
-        response = torch.randint(3, 300, (response_len + i % 4,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([prompt_len + i % 3 for i in range(n)], [response_len + i % 4 for i in range(n)], seed)
 
 
 GEMMA3 = dict(head_dim=8, tie_word_embeddings=True, final_logit_softcapping=1.0)  # tied head, softcapped logits
@@ -151,23 +145,18 @@ def make_trainer(tmp_path, rows, model=None, **overrides):
 
 def loss_grads_signals(trainer, batch):
     """One training-mode compute_loss + backward; (loss, LoRA grads, signals, keep)."""
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["signals"], captured["keep"] = signals, original(signals, progress)
-        return captured["keep"]
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     try:
         trainer.model.train()
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
     finally:
-        trainer.selector.select = original
+        trainer.selection_listeners.remove(events.append)
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, captured["signals"], captured["keep"]
+    (event,) = events
+    return loss.item(), grads, event.signals, event.keep
 
 
 @pytest.mark.parametrize("arch, history", [("llama", "base"), ("llama", "ema"), ("gemma3_text", "base")])

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from sstoken import scoring
 from sstoken.errors import ConfigError
 from sstoken.history import build_nll_cache
-from sstoken.testing import tiny_model, tiny_tokenizer
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
 from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
@@ -20,13 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 def make_rows(n=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (5 + i % 4,), generator=gen).tolist()
-        response = torch.randint(3, 300, (4 + i % 5,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
 
 
 def make_config(tmp_path, **overrides):

@@ -95,6 +95,20 @@ def save_tiny_model(path, arch: str = "llama", seed: int = 0) -> str:
     return str(path)
 
 
+def random_rows(prompt_lengths: list[int], response_lengths: list[int], seed: int = 0) -> list[dict]:
+    """Encoded rows of random token ids (3..299, inside the tiny vocabulary): row i has ``prompt_lengths[i]``
+    prompt tokens (label -100) then ``response_lengths[i]`` response tokens; the same seed, the same rows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt_length, response_length in zip(prompt_lengths, response_lengths, strict=True):
+        prompt = torch.randint(3, 300, (prompt_length,), generator=gen).tolist()
+        response = torch.randint(3, 300, (response_length,), generator=gen).tolist()
+        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
+    return rows
+
+
 def write_tiny_jsonl(path, n_rows: int = 32, seed: int = 0) -> str:
     """A small messages-format training file with varied lengths and a few multi-turn rows."""
     import json
