@@ -19,7 +19,7 @@ import sstoken.models
 from sstoken.attention import ContextShareProbe
 from sstoken.cli import main
 from sstoken.errors import ConfigError
-from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl
+from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl, write_tiny_recipe
 from sstoken.trainer import SSTokenTrainer
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -63,10 +63,7 @@ def guard(monkeypatch):
 
 
 def write_recipe(path: Path, **settings) -> Path:
-    recipe = {"report_to": "none", "use_cpu": True, "plots": False, "max_steps": 2, "save_steps": 1,
-              "max_seq_length": 96, **settings}
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    return path
+    return write_tiny_recipe(path, **{"max_steps": 2, "save_steps": 1, **settings})
 
 
 def run_cli(capsys, *argv: str) -> str:

@@ -9,14 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sstoken import lm_head, scoring
 from sstoken.history import NLLCache, build_nll_cache
-from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
-from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -133,14 +131,10 @@ GEMMA3 = dict(head_dim=8, tie_word_embeddings=True, final_logit_softcapping=1.0)
 
 
 def make_trainer(tmp_path, rows, model=None, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=len(rows),
-                  report_to="none", save_strategy="no", use_cpu=True, seed=0, gradient_checkpointing=False,
-                  dataloader_num_workers=0, selection_method="sstoken", rho=0.5)
-    kwargs.update(overrides)
-    return SSTokenTrainer(model=model if model is not None else tiny_model("llama"), args=SSTokenConfig(**kwargs),
-                          train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
-                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "v_proj"]))
+    settings = dict(max_steps=1, per_device_train_batch_size=len(rows), gradient_checkpointing=False,
+                    selection_method="sstoken", rho=0.5)
+    settings.update(overrides)
+    return tiny_trainer(tmp_path / "out", rows, model=model, **settings)
 
 
 def loss_grads_signals(trainer, batch):

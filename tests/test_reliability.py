@@ -31,7 +31,7 @@ from sstoken.attention import context_share_from_qk
 from sstoken.cli import main
 from sstoken.errors import ConfigError
 from sstoken.history import NLLCache, build_nll_cache, sample_key
-from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, write_tiny_jsonl
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer, write_tiny_jsonl, write_tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "sstoken"
@@ -50,23 +50,9 @@ def one_thread():
 
 
 def write_recipe(path: Path, model: str, data: str, output_dir: Path, **extra) -> Path:
-    recipe = {
-        "model": model,
-        "data": data,
-        "output_dir": str(output_dir),
-        "max_seq_length": 96,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 0.01,
-        "report_to": "none",
-        "use_cpu": True,
-        "plots": False,
-        "logging_steps": 1,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        **extra,
-    }
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    return path
+    return write_tiny_recipe(path, **{"model": model, "data": data, "output_dir": str(output_dir),
+                                      "per_device_train_batch_size": 2, "learning_rate": 0.01, "logging_steps": 1,
+                                      "seed": 0, "dataloader_num_workers": 0, **extra})
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -213,22 +199,12 @@ def make_rows(n: int = 8, prompt_len: int = 5) -> list[dict]:
 
 
 def make_trainer(tmp_path, rows, model=None, **overrides):
-    from datasets import Dataset
-    from peft import LoraConfig
-
-    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
-
-    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                    learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                    seed=0, lr_scheduler_type="constant", dataloader_num_workers=0)
+    settings = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+                    lr_scheduler_type="constant")
     settings.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SSTokenTrainer(model=model if model is not None else tiny_model("llama"),
-                              args=SSTokenConfig(**settings), train_dataset=Dataset.from_list(rows),
-                              processing_class=tiny_tokenizer(),
-                              peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                     target_modules=["q_proj", "v_proj"]))
+        return tiny_trainer(tmp_path / "out", rows, model=model, **settings)
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:

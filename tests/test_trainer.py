@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
 from sstoken import scoring
 from sstoken.errors import ConfigError
 from sstoken.history import build_nll_cache
-from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
-from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+from sstoken.testing import random_rows, tiny_lora, tiny_model, tiny_tokenizer, tiny_trainer, tiny_training_args
+from sstoken.trainer import SSTokenTrainer
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -23,38 +22,17 @@ def make_rows(n=16, seed=0):
     return random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
 
 
+# The runs of this module: a few quick steps at a high learning rate, so that weights visibly move.
+SETTINGS = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1, data_seed=0,
+                gradient_checkpointing=False, lr_scheduler_type="constant")
+
+
 def make_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        gradient_checkpointing=False,
-        lr_scheduler_type="constant",
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return SSTokenConfig(**kwargs)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return tiny_training_args(tmp_path / "out", **{**SETTINGS, **overrides})
 
 
 def make_trainer(tmp_path, rows=None, model=None, peft=True, **overrides):
-    return SSTokenTrainer(
-        model=model if model is not None else tiny_model("llama"),
-        args=make_config(tmp_path, **overrides),
-        train_dataset=Dataset.from_list(rows or make_rows()),
-        processing_class=tiny_tokenizer(),
-        peft_config=lora() if peft else None,
-    )
+    return tiny_trainer(tmp_path / "out", rows or make_rows(), model=model, lora=peft, **{**SETTINGS, **overrides})
 
 
 def trainable(trainer):
@@ -120,7 +98,7 @@ def test_selection_listeners_and_part_timer_see_every_training_micro_batch(tmp_p
     rows = make_rows(8)
     trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, rho=0.5, max_steps=2),
                              train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
-                             peft_config=lora(), selection_listeners=[events.append], part_timer=part_timer)
+                             peft_config=tiny_lora(), selection_listeners=[events.append], part_timer=part_timer)
     trainer.train()
     assert [e.step for e in events] == [1, 2]
     assert [e.progress for e in events] == [0.0, 0.5]
@@ -245,7 +223,7 @@ def test_raw_messages_dataset_is_encoded_with_assistant_only_labels(tmp_path):
                           {"role": "assistant", "content": f"{i} plus {i} equals {2 * i}."}]} for i in range(8)]
     trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
                              train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
-                             peft_config=lora())
+                             peft_config=tiny_lora())
     example = trainer.train_dataset[0]
     labels = example["labels"]
     assert labels[0] == -100 and any(label != -100 for label in labels)
@@ -292,7 +270,7 @@ def test_readme_python_example_with_a_model_path(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
                           {"role": "assistant", "content": "In Paris."}]} for i in range(8)]
     trainer = SSTokenTrainer(model=path, args=make_config(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
-                             peft_config=lora())
+                             peft_config=tiny_lora())
     assert any(label == -100 for label in trainer.train_dataset[0]["labels"])
     assert trainer.train().global_step == 1
 
@@ -304,7 +282,7 @@ def test_raw_alpaca_eval_dataset_is_encoded_like_training_data(tmp_path):
                   for i in range(4)]
     trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
                              train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
-                             processing_class=tiny_tokenizer(), peft_config=lora())
+                             processing_class=tiny_tokenizer(), peft_config=tiny_lora())
     example = trainer.eval_dataset[0]
     trained = tiny_tokenizer().decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
     assert example["labels"][0] == -100 and trained.startswith("0 plus 0 equals 0.")
