@@ -278,12 +278,12 @@ def test_logits_never_exceed_one_chunk_of_rows(tmp_path, monkeypatch):
 
 
 def test_cache_through_sstoken_head_equals_the_full_logits_cache(tmp_path, monkeypatch):
-    import sstoken.history
+    import sstoken.lm_head
 
     rows = make_rows(n=5)
     model = tiny_model("llama")
     ours = build_nll_cache(model, tiny_tokenizer(), rows, tmp_path / "ours", max_seq_length=64, progress=False)
-    monkeypatch.setattr(sstoken.history, "full_logits_reason", lambda model: "forced by the test")
+    monkeypatch.setattr(sstoken.lm_head, "full_logits_reason", lambda model, smoothing=0.0: "forced by the test")
     full = build_nll_cache(model, tiny_tokenizer(), rows, tmp_path / "full", max_seq_length=64, progress=False)
     assert isinstance(ours, NLLCache) and len(ours) == len(rows)
     for key in full._values:

@@ -432,12 +432,10 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
     import torch
 
     from sstoken.batch import pad_rows
-    from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, output_nll
+    from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
     from sstoken.scoring import response_mask_from_labels
 
-    fused = full_logits_reason(model) is None
-    if fused:
-        add_sstoken_head(model)
+    fused = use_sstoken_head(model, "held-out NLL") is None
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     means = [math.nan] * len(rows)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from sstoken.batch import pad_rows, unwrap_base_model, unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path, atomic_write_json, file_sha256
-from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, log_full_logits_fallback, output_nll
+from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
 from sstoken.scoring import response_mask_from_labels
 
 CACHE_FORMAT_VERSION = 1
@@ -294,6 +294,16 @@ def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torc
 
 
 # ----------------------------------------------------------------------------------------------- EMA history
+def check_ema_decay(decay) -> None:
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
+
+
+def check_ema_interval(interval) -> None:
+    if interval < 1:
+        raise ConfigError(f"ema_interval must be >= 1, got {interval}")
+
+
 class EMAHistory:
     """θ_his ← α·θ_his + (1−α)·θ over the trainable parameters (with LoRA: the adapter only).
 
@@ -303,10 +313,8 @@ class EMAHistory:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, interval: int = 1):
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
-        if interval < 1:
-            raise ConfigError(f"ema_interval must be >= 1, got {interval}")
+        check_ema_decay(decay)
+        check_ema_interval(interval)
         self.decay = decay
         self.interval = interval
         self.params = {name: p for name, p in _named_trainable(model)}
@@ -402,12 +410,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
     todo = [i for i in range(len(shard_keys)) if shard_keys[i] and not cache.shard_done(i)]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    reason = full_logits_reason(model)
-    own_head = reason is None
-    if own_head:
-        add_sstoken_head(model)
-    else:
-        log_full_logits_fallback(reason, "cache")
+    own_head = use_sstoken_head(model, "cache") is None
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(shard_keys[i]) for i in todo), desc="sstoken cache", unit="sample", disable=not progress)

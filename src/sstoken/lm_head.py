@@ -280,6 +280,17 @@ def log_full_logits_fallback(reason: str, where: str) -> None:
     logger.warning("sstoken %s: per-token NLL from the full B×T×V logits, because %s", where, reason)
 
 
+def use_sstoken_head(model: torch.nn.Module, where: str, label_smoothing_factor: float = 0.0) -> str | None:
+    """Install sstoken's head on ``model`` where it reproduces the model's own numbers. Returns None when it did,
+    else the reason the caller must use the full logits (logged, naming ``where``: training, cache, ...)."""
+    reason = full_logits_reason(model, label_smoothing_factor)
+    if reason is None:
+        add_sstoken_head(model)
+    else:
+        log_full_logits_fallback(reason, where)
+    return reason
+
+
 def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """B×T float32 per-token NLL without gradient, aligned to the predicted token, from either forward."""
     if isinstance(outputs, HeadOutput):

@@ -117,12 +117,13 @@ def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_hist
     import torch
 
     from sstoken import scoring
-    from sstoken.signals import BaseModelHistory, CurrentModelHistory, SignalSources, select_tokens, use_sstoken_head
+    from sstoken.lm_head import use_sstoken_head
+    from sstoken.signals import BaseModelHistory, CurrentModelHistory, SignalSources, select_tokens
 
     ids, labels, attention = pad_rows(rows, pad_id)
     inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
     sources = SignalSources(history=BaseModelHistory() if has_history_model else CurrentModelHistory(),
-                            probe=probe, sstoken_head=use_sstoken_head(model, where="inspect"))
+                            probe=probe, sstoken_head=use_sstoken_head(model, "inspect") is None)
     with torch.no_grad():
         selection = select_tokens(model, inputs, selector, sources, progress=1.0)
     signals, response = selection.signals, selection.layout.response

@@ -66,19 +66,6 @@ def model_inputs_of(inputs: dict) -> dict:
     return model_inputs
 
 
-def use_sstoken_head(model: torch.nn.Module, label_smoothing_factor: float = 0.0, where: str = "training") -> bool:
-    """Install sstoken's head on ``model`` where it reproduces the model's own logits; whether it did.
-
-    Where it does not (label smoothing, a scaled or adapted LM head...), the reason is logged once and the
-    pipeline falls back to the full logits."""
-    reason = lm_head.full_logits_reason(model, label_smoothing_factor)
-    if reason is None:
-        lm_head.add_sstoken_head(model)
-        return True
-    lm_head.log_full_logits_fallback(reason, where)
-    return False
-
-
 # ----------------------------------------------------------------------------------------------- history
 class HistorySource:
     """Where the history NLL comes from; ``nll(model, model_inputs, inputs, layout)`` returns B×T float."""

@@ -5,9 +5,10 @@ A TRL user switches by changing the class::
     trainer = SSTokenTrainer(model=model, args=SSTokenConfig(output_dir="out", rho=0.6, gamma=0.5),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-One training step: forward once (the attention share of one layer is captured inside that forward) →
-per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
-adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
+One training step (:func:`sstoken.signals.select_tokens`, shared with ``sstoken inspect``): history NLL (cache
+lookup, or a no-grad pass with the adapter disabled / the EMA weights swapped in) → forward once (the attention
+share of one layer is captured inside that forward) → per-token NLL of the current model, without gradient →
+keep mask → cross-entropy with gradient on kept tokens only.
 Every per-token NLL and the loss come from the hidden states through sstoken's head (:mod:`sstoken.lm_head`):
 no B×T×V logits, the prompt never projected, and the backward projecting only the kept tokens. Label smoothing,
 or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
@@ -39,7 +40,7 @@ from sstoken import lm_head, scoring
 from sstoken.batch import unwrap_model
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
-from sstoken.history import CacheFingerprints, EMAHistory, NLLCache
+from sstoken.history import CacheFingerprints, EMAHistory, NLLCache, check_ema_decay, check_ema_interval
 from sstoken.io import atomic_path
 from sstoken.selection import SELECTORS, Selector, Signals, make_selector
 from sstoken.signals import (
@@ -118,10 +119,9 @@ def validate_selection_args(args) -> None:
     if args.history not in HISTORY_MODES:
         raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}"
                           f"{did_you_mean(args.history, HISTORY_MODES)}")
-    if args.history == "ema" and not 0.0 <= args.ema_decay < 1.0:
-        raise ConfigError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.ema_interval < 1:
-        raise ConfigError(f"ema_interval must be >= 1, got {args.ema_interval}")
+    if args.history == "ema":
+        check_ema_decay(args.ema_decay)
+    check_ema_interval(args.ema_interval)
     if args.attention_chunk_size < 1 or args.nll_chunk_size < 1:
         raise ConfigError("attention_chunk_size and nll_chunk_size must be >= 1")
     if selector.needs_reference and not args.reference_cache:
@@ -255,11 +255,7 @@ class SSTokenTrainer(SFTTrainer):
         self.selector.prepare(self.train_dataset, self.history_cache, self.reference_cache)
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
-        self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
-        if self.full_logits_reason is None:
-            lm_head.add_sstoken_head(self.model)
-        else:
-            lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
+        self.full_logits_reason = lm_head.use_sstoken_head(self.model, "training", self.args.label_smoothing_factor)
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
 
