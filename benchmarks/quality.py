@@ -246,7 +246,7 @@ def _config(size: Size, out_dir: str, seed: int, device: str, **overrides):
                   learning_rate=size.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
                   logging_steps=10_000, report_to="none", save_strategy="no", use_cpu=device == "cpu", seed=seed,
                   data_seed=seed, selection_seed=seed, rho=size.rho, gamma=size.gamma, disable_tqdm=True,
-                  dataloader_num_workers=0, gradient_checkpointing=False, max_length=size.max_seq_length)
+                  dataloader_num_workers=0, activation_checkpointing=False, max_length=size.max_seq_length)
     kwargs.update(overrides)
     return SSTokenConfig(**kwargs)
 

@@ -222,7 +222,7 @@ def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
         "model": tiny_model_dir, "data": str(tmp_path / "train.jsonl"), "max_seq_length": 96,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-        "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "gradient_checkpointing": False,
+        "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "activation_checkpointing": False,
         "plots": False}))
     argv = ["compare", "--config", str(recipe), "--methods", "full", "random", "--eval_data",
             str(tmp_path / "held_out.jsonl"), "--rho", "0.5"]

@@ -131,7 +131,7 @@ GEMMA3 = dict(head_dim=8, tie_word_embeddings=True, final_logit_softcapping=1.0)
 
 
 def make_trainer(tmp_path, rows, model=None, **overrides):
-    settings = dict(max_steps=1, per_device_train_batch_size=len(rows), gradient_checkpointing=False,
+    settings = dict(max_steps=1, per_device_train_batch_size=len(rows), activation_checkpointing=False,
                     selection_method="sstoken", rho=0.5)
     settings.update(overrides)
     return tiny_trainer(tmp_path / "out", rows, model=model, **settings)

@@ -59,7 +59,7 @@ def unpack(packed_values, rows):
 def make_trainer(out_dir, rows, lora, history_cache=None):
     args = SSTokenConfig(output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
                          max_length=None, rho=0.5, gamma=0.5, history_cache=history_cache, disable_tqdm=True,
-                         gradient_checkpointing=False)
+                         activation_checkpointing=False)
     torch.manual_seed(0)
     trainer = SSTokenTrainer(
         model=tiny_model(seed=0), args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
@@ -214,7 +214,7 @@ def test_end_to_end_packing_matches_padded_training(tmp_path):
         args = SSTokenConfig(
             output_dir=str(tmp_path / f"out-{packed}"), use_cpu=True, report_to=[], save_strategy="no",
             disable_tqdm=True, seed=0, max_steps=2, learning_rate=1.0, lr_scheduler_type="constant",
-            logging_steps=1, rho=0.5, gamma=0.5, gradient_checkpointing=False,
+            logging_steps=1, rho=0.5, gamma=0.5, activation_checkpointing=False,
             # Plain SGD: Adam divides by sqrt(v) + eps, which turns float-noise differences in tiny gradients (LoRA A
             # right after B left zero) into visible weight differences; SGD keeps the comparison linear.
             optim="sgd", max_grad_norm=0.0,

@@ -24,7 +24,7 @@ def make_rows(n=16, seed=0):
 
 # The runs of this module: a few quick steps at a high learning rate, so that weights visibly move.
 SETTINGS = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1, data_seed=0,
-                gradient_checkpointing=False, lr_scheduler_type="constant")
+                activation_checkpointing=False, lr_scheduler_type="constant")
 
 
 def make_config(tmp_path, **overrides):

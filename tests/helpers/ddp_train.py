@@ -115,7 +115,7 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         optim="sgd",
         learning_rate=0.5,
         lr_scheduler_type="constant",
-        gradient_checkpointing=False,  # tiny model: recomputing activations only costs time
+        activation_checkpointing=False,  # tiny model: recomputing activations only costs time
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -176,7 +176,7 @@ def write_cli_recipe(workdir: str) -> str:
         "save_strategy": "no",
         "report_to": "none",
         "use_cpu": True,  # without it, a machine with no GPU runs N independent, non-distributed trainings
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "disable_tqdm": True,
     }
     path = os.path.join(workdir, "recipe.yaml")
