@@ -316,7 +316,8 @@ def test_inspect_and_training_keep_the_same_tokens(tmp_path):
                                                       "attention_mask": attention})
     assert (signals.current_nll - signals.history_nll)[signals.response_mask].abs().max() > 0
     inspected = score_batch(trainer.model, rows, make_selector("sstoken", rho=0.5, gamma=0.5), 0.5,
-                            ContextShareProbe(trainer.model), has_history_model=True, pad_id=0)
+                            ContextShareProbe(trainer.model), has_history_model=True, pad_id=0,
+                            sstoken_head=trainer.full_logits_reason is None)
     assert torch.equal(inspected["keep"], training_keep)
     assert 0 < int(training_keep.sum()) < int(signals.response_mask.sum())
 

@@ -107,23 +107,24 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int):
+def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int,
+                sstoken_head: bool):
     """Signals and keep mask of a batch of encoded rows, through the trainer's pipeline; tensors are B×T.
 
     :func:`sstoken.signals.select_tokens`, as in training: one forward pass of the current model captures the
     attention share; with ``has_history_model`` (a PEFT adapter) the base weights give the history NLL,
-    otherwise history == current and REL is 0.
+    otherwise history == current and REL is 0. ``sstoken_head``: the model runs sstoken's head
+    (:func:`sstoken.lm_head.use_sstoken_head`), else the full logits.
     """
     import torch
 
     from sstoken import scoring
-    from sstoken.lm_head import use_sstoken_head
     from sstoken.signals import BaseModelHistory, CurrentModelHistory, SignalSources, select_tokens
 
     ids, labels, attention = pad_rows(rows, pad_id)
     inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
     sources = SignalSources(history=BaseModelHistory() if has_history_model else CurrentModelHistory(),
-                            probe=probe, sstoken_head=use_sstoken_head(model, "inspect") is None)
+                            probe=probe, sstoken_head=sstoken_head)
     with torch.no_grad():
         selection = select_tokens(model, inputs, selector, sources, progress=1.0)
     signals, response = selection.signals, selection.layout.response
@@ -167,6 +168,7 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
                     seed: int = 0, settings: dict | None = None) -> dict:
     """Score ``rows`` (encoded ``input_ids`` / ``labels``) and return the page/JSON data."""
     from sstoken.attention import ContextShareProbe
+    from sstoken.lm_head import use_sstoken_head
     from sstoken.selection import make_selector
 
     if method not in INSPECT_METHODS:
@@ -177,6 +179,7 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
     effective_gamma = score_gamma(method, gamma)
     model.eval()
     probe = ContextShareProbe(model, layer=layer)
+    sstoken_head = use_sstoken_head(model, "inspect") is None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = _special_ids(tokenizer)
 
@@ -186,7 +189,7 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id)
+        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id, sstoken_head)
         for row, encoded in enumerate(chunk):
             tokens = sample_records(batch, row, token_pieces(list(encoded["input_ids"]), decode), special)
             samples.append({"index": start + row, "tokens": tokens, "summary": sample_summary(tokens)})
