@@ -222,6 +222,14 @@ def _unwrap(model):
     return model
 
 
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """The 0-based index of decoder layer ``layer`` (negative counts from the end); ConfigError if out of range."""
+    resolved = layer + n_layers if layer < 0 else layer
+    if not 0 <= resolved < n_layers:
+        raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+    return resolved
+
+
 def _layers_of_type(layer_types: list) -> str:
     usable = [i for i, t in enumerate(layer_types) if t in ("full_attention", "sliding_attention")]
     if not usable:
@@ -238,10 +246,7 @@ class ContextShareProbe:
         self.model = _unwrap(model)
         self.chunk_size = int(chunk_size)
 
-        n_layers = self.model.config.get_text_config().num_hidden_layers
-        resolved = layer + n_layers if layer < 0 else layer
-        if not 0 <= resolved < n_layers:
-            raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+        resolved = resolve_layer(layer, self.model.config.get_text_config().num_hidden_layers)
         self.layer_index: int = resolved
         layer_types = getattr(self.model.config.get_text_config(), "layer_types", None) or []
         layer_type = layer_types[resolved] if resolved < len(layer_types) else None

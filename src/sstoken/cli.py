@@ -258,9 +258,9 @@ def _check_attention_layer(run, config) -> None:
         n_layers = int(model_config.get_text_config().num_hidden_layers)
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return
-    layer = config.attention_layer
-    if not -n_layers <= layer < n_layers:
-        raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+    from sstoken.attention import resolve_layer
+
+    resolve_layer(config.attention_layer, n_layers)
 
 
 def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
