@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `sstoken bench overhead` on one GPU (H100 / H200), lengths 1024 2048 4096; about 4-6 minutes of device time.
+# `python benchmarks/overhead.py` on one GPU (H100 / H200), lengths 1024 2048 4096; about 4-6 minutes of device time.
 #
 # Two steps, both from the repository root:
 #
@@ -28,10 +28,10 @@ if [ "${1:-run}" = prepare ]; then
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEEL_DIR" "${WHEELS[@]}"
-    python - "$MODEL_DIR" <<'EOF'
+    PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" python - "$MODEL_DIR" <<'EOF'
 import shutil, sys
 from pathlib import Path
-from sstoken.bench.common import hf_checkpoint
+from common import hf_checkpoint  # benchmarks/common.py
 
 source = Path(hf_checkpoint(None, Path("/tmp"), quick=False))  # the embedded model as a plain checkpoint
 target = Path(sys.argv[1])
@@ -54,7 +54,7 @@ python3 -c "import torch, transformers, trl, peft; print('torch', torch.__versio
 set -o pipefail
 # BENCH_DEVICE / BENCH_SEQ_LENS / BENCH_REPEATS / BENCH_WARMUP only exist to dry-run this script on a CPU.
 # shellcheck disable=SC2086
-python3 -m sstoken.cli bench overhead --device "${BENCH_DEVICE:-cuda}" --seq-lens ${BENCH_SEQ_LENS:-1024 2048 4096} \
+python3 benchmarks/overhead.py --device "${BENCH_DEVICE:-cuda}" --seq-lens ${BENCH_SEQ_LENS:-1024 2048 4096} \
     --model "$MODEL_DIR" --random-init --repeats "${BENCH_REPEATS:-10}" --warmup "${BENCH_WARMUP:-3}" \
     --out "$OUT/overhead-cuda.json" --markdown "$OUT/overhead-cuda.md" 2>&1 \
     | grep -v -E "it/s\]|examples/s\]|Warning|warnings.warn" | tee -a "$OUT/log.txt"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,14 +37,17 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     import sstoken
-    from sstoken.bench import common, overhead
-    from sstoken.data import to_hf_dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+    import overhead
+
+    from sstoken.data import demo_data_path, to_hf_dataset
     from sstoken.history import build_nll_cache
     from sstoken.models import load_tokenizer
     from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
     tokenizer = load_tokenizer(args.model_dir)
-    rows = overhead.bench_rows(tokenizer, overhead.demo_data_path(), args.seq_len, 1)
+    rows = overhead.bench_rows(tokenizer, demo_data_path(), args.seq_len, 1)
     model = common.load_bench_model(args.model_dir, random_init=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = str(Path(tmp) / "cache")

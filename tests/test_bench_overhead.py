@@ -1,13 +1,25 @@
-"""`sstoken bench overhead`: the JSON schema and Markdown output of a --quick run (numbers are not checked)."""
+"""`python benchmarks/overhead.py`: the JSON schema and Markdown output of a --quick run (numbers are not checked)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import common  # benchmarks/ (on sys.path through conftest.py)
+import overhead
 import pytest
 
-from sstoken.bench import common, overhead
-from sstoken.cli import build_parser, main
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> None:
+    """The benchmark as the docs run it: a script, from the repository root, in its own process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "benchmarks/overhead.py", *args], cwd=REPO_ROOT, env=env, check=True)
+
 
 RECORD_KEYS = {
     "variant": str,
@@ -29,8 +41,7 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out, md = tmp / "overhead.json", tmp / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\n## Quality\n\nkept as is\n", encoding="utf-8")
-    status = main(["bench", "overhead", "--quick", "--out", str(out), "--markdown", str(md)])
-    assert status == 0
+    run_script("--quick", "--out", str(out), "--markdown", str(md))
     return json.loads(out.read_text(encoding="utf-8")), md.read_text(encoding="utf-8")
 
 
@@ -59,7 +70,7 @@ def test_quick_run_metadata_and_side_measurements(quick_run):
     for key in ("command", "date", "device", "machine", "load_average_before", "load_average_after", "settings"):
         assert key in meta
     assert meta["device"] == "cpu" and meta["quick"] is True
-    assert meta["command"].startswith("sstoken bench overhead --quick")
+    assert meta["command"].startswith("python benchmarks/overhead.py --quick")
     assert {"torch", "transformers", "cpu_model", "cpu_count"} <= set(meta["machine"])
     attention = result["attention_memory"]
     assert [row["seq_len"] for row in attention["rows"]] == [128]
@@ -82,9 +93,8 @@ def test_quick_run_writes_its_table_under_overhead_only(quick_run):
 @pytest.mark.slow
 def test_quick_large_vocab_run_trains_the_gemma3_architecture(tmp_path):
     out = tmp_path / "overhead.json"
-    status = main(["bench", "overhead", "--quick", "--large-vocab", "--variants", "trl", "sstoken-online",
-                   "--parts", "steps", "--out", str(out), "--no-markdown"])
-    assert status == 0
+    overhead.main(["--quick", "--large-vocab", "--variants", "trl", "sstoken-online", "--parts", "steps",
+                   "--out", str(out), "--no-markdown"])
     result = json.loads(out.read_text(encoding="utf-8"))
     assert "Gemma3" in result["metadata"]["settings"]["model"]
     assert [r["variant"] for r in result["records"]] == ["trl", "sstoken-online"]
@@ -113,10 +123,20 @@ def test_marked_block_is_replaced_not_duplicated(tmp_path):
     assert text.index("hand-written notes") < text.index("second") < text.index("## Quality")
 
 
-def test_bench_command_is_registered():
-    ns, rest = build_parser().parse_known_args(["bench", "overhead", "--seq-lens", "1024", "2048", "--quick"])
-    assert ns.seq_lens == [1024, 2048] and ns.quick and not rest
-    assert ns.handler is overhead.cli
+def test_command_line_is_rebuilt_from_the_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    overhead.add_arguments(parser)
+    opts = parser.parse_args(["--seq-lens", "1024", "2048", "--quick"])
+    assert overhead.command_of(opts) == "python benchmarks/overhead.py --seq-lens 1024 2048 --quick"
+
+
+def test_the_wheel_ships_no_benchmark_code():
+    import sstoken
+
+    package = Path(sstoken.__file__).parent
+    assert not (package / "bench").exists() and not (package / "bench_cli.py").exists()
 
 
 def test_token_nll_chunks_stay_within_the_byte_bound(monkeypatch):

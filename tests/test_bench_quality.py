@@ -1,13 +1,12 @@
-"""`sstoken bench quality --tiny`: the pipeline's mechanics (not its numbers) and the task generators."""
+"""`python benchmarks/quality.py --tiny`: the pipeline's mechanics (not its numbers) and the task generators."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from sstoken.bench.quality import METHODS, encode_examples, main
-from sstoken.bench.tasks import NoiseLevels, answer_correct, exact_match, generate, make_splits, normalise
+from quality import METHODS, encode_examples, main
+from tasks import NoiseLevels, answer_correct, exact_match, generate, make_splits, normalise
 
 
 def test_generators_are_deterministic_and_record_noise():

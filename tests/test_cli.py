@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from sstoken.cli import main
 from sstoken.recipe import load_recipe, parse_overrides, split_recipe
-from sstoken.testing import save_tiny_model, write_tiny_jsonl
+from sstoken.testing import save_tiny_model, write_tiny_jsonl, write_tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,6 @@ def write_recipe(path, tiny_dir, **extra):
     recipe = {
         "model": str(tiny_dir / "model"),
         "data": str(tiny_dir / "train.jsonl"),
-        "max_seq_length": 96,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "output_dir": str(path.parent / "out"),
         "max_steps": 3,
@@ -39,13 +37,9 @@ def write_recipe(path, tiny_dir, **extra):
         "learning_rate": 0.05,
         "logging_steps": 1,
         "save_strategy": "no",
-        "report_to": "none",
         "gradient_checkpointing": False,
-        "plots": False,
     }
-    recipe.update(extra)
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return str(write_tiny_recipe(path, **{**recipe, **extra}))
 
 
 def test_help_lists_commands(capsys):

@@ -19,7 +19,7 @@ import sstoken.models
 from sstoken.attention import ContextShareProbe
 from sstoken.cli import main
 from sstoken.errors import ConfigError
-from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl
+from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl, write_tiny_recipe
 from sstoken.trainer import SSTokenTrainer
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -27,11 +27,6 @@ BAD = Path(__file__).parent / "data" / "bad"
 EXPECTED = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
 ERROR_FILES = sorted(name for name, case in EXPECTED.items() if case["outcome"] == "error")
 OK_FILES = sorted(name for name, case in EXPECTED.items() if case["outcome"] == "ok")
-
-
-@pytest.fixture(scope="module")
-def model_a(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "a", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +63,7 @@ def guard(monkeypatch):
 
 
 def write_recipe(path: Path, **settings) -> Path:
-    recipe = {"report_to": "none", "use_cpu": True, "plots": False, "max_steps": 2, "save_steps": 1,
-              "max_seq_length": 96, **settings}
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    return path
+    return write_tiny_recipe(path, **{"max_steps": 2, "save_steps": 1, **settings})
 
 
 def run_cli(capsys, *argv: str) -> str:
@@ -101,11 +93,11 @@ def assert_nothing_written(output_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ERROR_FILES)
-def test_bad_input_file_fails_with_file_and_line(name, tmp_path, model_a, guard, capsys):
+def test_bad_input_file_fails_with_file_and_line(name, tmp_path, tiny_model_dir, guard, capsys):
     case = EXPECTED[name]
     path = BAD / name
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(path), output_dir=str(out),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=str(path), output_dir=str(out),
                           max_seq_length=case.get("max_seq_length", 512))
     line = run_cli(capsys, "train", "--config", str(recipe))
     where = f"{path}:{case['line']}: " if case["line"] is not None else f"{path}: "
@@ -119,10 +111,10 @@ def test_bad_input_file_fails_with_file_and_line(name, tmp_path, model_a, guard,
 
 
 @pytest.mark.parametrize("name", OK_FILES)
-def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, model_a, capsys):
+def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, tiny_model_dir, capsys):
     case = EXPECTED[name]
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(BAD / name), output_dir=str(out),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=str(BAD / name), output_dir=str(out),
                           max_seq_length=case["max_seq_length"], max_steps=1, save_strategy="no")
     assert main(["train", "--config", str(recipe)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -230,9 +222,10 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, m
     ],
     ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
 )
-def test_bad_setting_fails_before_the_model_loads(settings, expected, tmp_path, model_a, good_data, guard, capsys):
+def test_bad_setting_fails_before_the_model_loads(settings, expected, tmp_path, tiny_model_dir, good_data, guard,
+                                                  capsys):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", **{"model": model_a, "data": good_data, "output_dir": str(out),
+    recipe = write_recipe(tmp_path / "r.yaml", **{"model": tiny_model_dir, "data": good_data, "output_dir": str(out),
                                                   **settings})
     line = run_cli(capsys, "train", "--config", str(recipe))
     assert expected in line
@@ -240,8 +233,8 @@ def test_bad_setting_fails_before_the_model_loads(settings, expected, tmp_path, 
     assert not out.exists()
 
 
-def test_command_line_overrides_are_checked_like_the_recipe(tmp_path, model_a, good_data, guard, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"))
+def test_command_line_overrides_are_checked_like_the_recipe(tmp_path, tiny_model_dir, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"))
     assert "rho must be a number, got 'abc'" in run_cli(capsys, "train", "--config", str(recipe), "--rho", "abc")
     line = run_cli(capsys, "train", "--config", str(recipe), "--max-step", "3")
     assert "unknown config key 'max_step' (did you mean 'max_steps'?)" in line
@@ -288,13 +281,13 @@ def test_unreadable_recipe(text, expected, tmp_path, guard, capsys):
     assert guard.models_loaded == 0
 
 
-def test_yaml_alias_bomb_gives_one_short_line(tmp_path, model_a, good_data, guard, capsys):
+def test_yaml_alias_bomb_gives_one_short_line(tmp_path, tiny_model_dir, good_data, guard, capsys):
     """Nine levels of nine aliases: a value of 9**9 strings that PyYAML builds cheaply (shared lists), but that
     printed in the message was hundreds of MB on one line (issue 15)."""
     levels = ["&l0 [" + ", ".join(['"lol"'] * 9) + "]"]
     levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
     path = tmp_path / "bomb.yaml"
-    path.write_text(f"model: {model_a}\ndata: {good_data}\noutput_dir: {tmp_path / 'out'}\n"
+    path.write_text(f"model: {tiny_model_dir}\ndata: {good_data}\noutput_dir: {tmp_path / 'out'}\n"
                     f"learning_rate: [{', '.join(levels)}]\n")
     line = run_cli(capsys, "train", "--config", str(path))
     assert "learning_rate must be a number, got [" in line
@@ -312,25 +305,25 @@ def test_a_directory_device_or_huge_file_given_as_config_is_refused(tmp_path, gu
     assert guard.models_loaded == 0
 
 
-def test_control_characters_in_names_are_escaped(tmp_path, model_a, guard, capsys):
+def test_control_characters_in_names_are_escaped(tmp_path, tiny_model_dir, guard, capsys):
     """A file name can carry terminal escape sequences; the message shows them escaped, on one line."""
     line = run_cli(capsys, "train", "--config", str(tmp_path / "red\x1b[31m\nrecipe.yaml"))
     assert "\x1b" not in line and "red\\x1b[31m recipe.yaml does not exist" in line  # the newline: a space
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(tmp_path / "bell\x07.jsonl"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=str(tmp_path / "bell\x07.jsonl"),
                           output_dir=str(tmp_path / "out"))
     line = run_cli(capsys, "train", "--config", str(recipe))
     assert "\x07" not in line and "bell\\x07.jsonl does not exist" in line
 
 
-def test_huge_integer_on_the_command_line(tmp_path, model_a, good_data, guard, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"))
+def test_huge_integer_on_the_command_line(tmp_path, tiny_model_dir, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"))
     line = run_cli(capsys, "train", "--config", str(recipe), "--max_steps", "9" * 5000)
     assert "--max_steps: '99999" in line and "has too many digits to be a number" in line and len(line) < 400
     line = run_cli(capsys, "train", "--config", str(recipe), "--max_steps", "9" * 40)
     assert "max_steps is too large" in line
 
 
-def test_home_is_expanded_in_every_path(tmp_path, model_a, good_data, guard, capsys, monkeypatch):
+def test_home_is_expanded_in_every_path(tmp_path, tiny_model_dir, good_data, guard, capsys, monkeypatch):
     """`~` was expanded by transformers in output_dir only; data and caches took it literally."""
     from sstoken.recipe import load_recipe, split_recipe
 
@@ -338,7 +331,7 @@ def test_home_is_expanded_in_every_path(tmp_path, model_a, good_data, guard, cap
     (tmp_path / "train.jsonl").write_text(Path(good_data).read_text())
     path = tmp_path / "sub" / "r.yaml"
     path.parent.mkdir()
-    write_recipe(path, model=model_a, data="~/train.jsonl", eval_data="~/train.jsonl", output_dir="~/out",
+    write_recipe(path, model=tiny_model_dir, data="~/train.jsonl", eval_data="~/train.jsonl", output_dir="~/out",
                  history_cache="~/nll")
     run, config = split_recipe(load_recipe(path))
     assert run["data"] == run["eval_data"] == str(tmp_path / "train.jsonl")
@@ -348,15 +341,15 @@ def test_home_is_expanded_in_every_path(tmp_path, model_a, good_data, guard, cap
     assert guard.models_loaded == 0
 
 
-def test_missing_files(tmp_path, model_a, good_data, guard, capsys):
+def test_missing_files(tmp_path, tiny_model_dir, good_data, guard, capsys):
     assert "does not exist" in run_cli(capsys, "train", "--config", str(tmp_path / "absent.yaml"))
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=str(tmp_path / "absent.jsonl"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=str(tmp_path / "absent.jsonl"),
                           output_dir=str(tmp_path / "out"))
     assert f"training data {tmp_path / 'absent.jsonl'} does not exist" in run_cli(capsys, "train", "--config",
                                                                                   str(recipe))
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, output_dir=str(tmp_path / "out"))
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, output_dir=str(tmp_path / "out"))
     assert "no training data" in run_cli(capsys, "train", "--config", str(recipe))
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           history_cache=str(tmp_path / "no-cache"))
     assert "history_cache" in run_cli(capsys, "train", "--config", str(recipe))
     recipe = write_recipe(tmp_path / "r.yaml", model=str(tmp_path / "no-model"), data=good_data,
@@ -366,34 +359,34 @@ def test_missing_files(tmp_path, model_a, good_data, guard, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, model_a, good_data, guard, capsys):
+def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, tiny_model_dir, good_data, guard, capsys):
     half = tmp_path / "out" / "checkpoint-6"
     half.mkdir(parents=True)
     (half / "adapter_model.safetensors").write_bytes(b"")
     (half / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # cut off mid-write
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           resume_from_checkpoint=str(half))
     assert "is incomplete" in run_cli(capsys, "train", "--config", str(recipe))
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           resume_from_checkpoint=True)
     assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
 
 
-def test_attention_kernel_that_is_not_installed(tmp_path, model_a, good_data, guard, capsys):
+def test_attention_kernel_that_is_not_installed(tmp_path, tiny_model_dir, good_data, guard, capsys):
     """transformers raises ImportError while loading the model: one line, before training."""
     from transformers.utils import is_flash_attn_2_available
 
     if is_flash_attn_2_available():
         pytest.skip("flash-attn is installed here")
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           attn_implementation="flash_attention_2")
     line = run_cli(capsys, "train", "--config", str(recipe))
     assert "cannot load model" in line and "FlashAttention2" in line
     assert_nothing_written(tmp_path / "out")
 
 
-def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, model_a, good_data, guard, capsys,
+def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, tiny_model_dir, good_data, guard, capsys,
                                                              monkeypatch):
     """Issue 15: `output_dir: .` overwrote the user's README.md with the model card."""
     project = tmp_path / "project"
@@ -403,20 +396,21 @@ def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, model_a, 
     (project / "checkpoint-old").mkdir()  # not a checkpoint-N of an earlier run
     monkeypatch.chdir(project)
     for output_dir in (".", str(project)):
-        recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=output_dir)
+        recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=output_dir)
         line = run_cli(capsys, "train", "--config", str(recipe))
         assert "is not empty and is not an earlier sstoken result" in line
         assert "(it holds README.md, checkpoint-old, notes.txt)" in line
         assert "choose a new or empty folder" in line
     assert sorted(p.name for p in project.iterdir()) == ["README.md", "checkpoint-old", "notes.txt"]
     assert (project / "README.md").read_text() == "my project\n"
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(project / "notes.txt"))
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data,
+                          output_dir=str(project / "notes.txt"))
     assert f"output_dir {project / 'notes.txt'} is a file" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
 
 
 @pytest.mark.parametrize("marker", ["summary.json", "checkpoint-2", "adapter_model.safetensors"])
-def test_earlier_run_folder_is_accepted(marker, tmp_path, model_a, good_data, guard):
+def test_earlier_run_folder_is_accepted(marker, tmp_path, tiny_model_dir, good_data, guard):
     out = tmp_path / "out"
     out.mkdir()
     if marker.startswith("checkpoint-"):
@@ -424,26 +418,27 @@ def test_earlier_run_folder_is_accepted(marker, tmp_path, model_a, good_data, gu
     else:
         (out / marker).write_text("{}")
     (out / "README.md").write_text("model card of the earlier run\n")
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(out))
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(out))
     with pytest.raises(AssertionError, match="training started"):  # the guard: every check passed
         main(["train", "--config", str(recipe)])
 
 
-def test_resume_folder_without_weights_is_refused(tmp_path, model_a, good_data, guard, capsys):
+def test_resume_folder_without_weights_is_refused(tmp_path, tiny_model_dir, good_data, guard, capsys):
     folder = tmp_path / "out" / "checkpoint-4"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text('{"global_step": 4}')
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           resume_from_checkpoint=str(folder))
     assert "is incomplete (no adapter or model weights)" in run_cli(capsys, "train", "--config", str(recipe))
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, output_dir=str(tmp_path / "out"),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(tmp_path / "out"),
                           resume_from_checkpoint=True)
     assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
 
 
-def test_cache_command_checks_its_paths_before_loading(tmp_path, model_a, good_data, guard, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=good_data, history_cache=str(tmp_path / "nll"))
+def test_cache_command_checks_its_paths_before_loading(tmp_path, tiny_model_dir, good_data, guard, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data,
+                          history_cache=str(tmp_path / "nll"))
     line = run_cli(capsys, "cache", "--config", str(recipe), "--adapter", str(tmp_path / "no-adapter"))
     assert f"--adapter {tmp_path / 'no-adapter'} is not a PEFT adapter folder" in line
     (tmp_path / "mine").mkdir()
@@ -462,10 +457,10 @@ def test_cache_command_checks_its_paths_before_loading(tmp_path, model_a, good_d
 
 
 @pytest.fixture(scope="module")
-def cache_of_a(tmp_path_factory, model_a, good_data):
+def cache_of_a(tmp_path_factory, tiny_model_dir, good_data):
     """`sstoken cache` with model A on the good data."""
     folder = tmp_path_factory.mktemp("cache")
-    recipe = write_recipe(folder / "r.yaml", model=model_a, data=good_data, history_cache=str(folder / "nll"))
+    recipe = write_recipe(folder / "r.yaml", model=tiny_model_dir, data=good_data, history_cache=str(folder / "nll"))
     assert main(["cache", "--config", str(recipe)]) == 0
     return str(folder / "nll")
 
@@ -480,10 +475,10 @@ def test_cache_of_another_model_is_refused_before_training(tmp_path, model_b, go
     assert_nothing_written(out)
 
 
-def test_cache_of_other_data_is_refused_before_the_model_loads(tmp_path, model_a, cache_of_a, guard, capsys):
+def test_cache_of_other_data_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, cache_of_a, guard, capsys):
     other = write_tiny_jsonl(tmp_path / "other.jsonl", n_rows=8, seed=5)
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", model=model_a, data=other, output_dir=str(out),
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=other, output_dir=str(out),
                           history_cache=cache_of_a)
     line = run_cli(capsys, "train", "--config", str(recipe))
     assert "built for different data" in line and "of 8 training samples are not in it" in line

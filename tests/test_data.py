@@ -247,13 +247,13 @@ def test_long_chat_costs_work_linear_in_its_turns(tok, monkeypatch):
     import sstoken.data as data
 
     rendered = {"messages": 0}
-    real_render = data._render
+    real_render = data.render_chat
 
     def counting_render(tokenizer, messages, add_generation_prompt):
         rendered["messages"] += len(messages)
         return real_render(tokenizer, messages, add_generation_prompt)
 
-    monkeypatch.setattr(data, "_render", counting_render)
+    monkeypatch.setattr(data, "render_chat", counting_render)
     long_row = chat(5000)
     enc = encode_row(long_row, tok, 128)
     assert rendered["messages"] < 2 * len(long_row["messages"])  # quadratic would be ~ 10000**2

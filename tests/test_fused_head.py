@@ -9,14 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sstoken import lm_head, scoring
 from sstoken.history import NLLCache, build_nll_cache
-from sstoken.testing import tiny_model, tiny_tokenizer
-from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -126,48 +124,33 @@ def test_settings_that_need_full_logits_say_why(case, expected):
 
 # ----------------------------------------------------------------------------------------------- the trainer
 def make_rows(n=4, seed=0, prompt_len=6, response_len=8):
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (prompt_len + i % 3,), generator=gen).tolist()
-        response = torch.randint(3, 300, (response_len + i % 4,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([prompt_len + i % 3 for i in range(n)], [response_len + i % 4 for i in range(n)], seed)
 
 
 GEMMA3 = dict(head_dim=8, tie_word_embeddings=True, final_logit_softcapping=1.0)  # tied head, softcapped logits
 
 
 def make_trainer(tmp_path, rows, model=None, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=len(rows),
-                  report_to="none", save_strategy="no", use_cpu=True, seed=0, gradient_checkpointing=False,
-                  dataloader_num_workers=0, selection_method="sstoken", rho=0.5)
-    kwargs.update(overrides)
-    return SSTokenTrainer(model=model if model is not None else tiny_model("llama"), args=SSTokenConfig(**kwargs),
-                          train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
-                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "v_proj"]))
+    settings = dict(max_steps=1, per_device_train_batch_size=len(rows), activation_checkpointing=False,
+                    selection_method="sstoken", rho=0.5)
+    settings.update(overrides)
+    return tiny_trainer(tmp_path / "out", rows, model=model, **settings)
 
 
 def loss_grads_signals(trainer, batch):
     """One training-mode compute_loss + backward; (loss, LoRA grads, signals, keep)."""
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["signals"], captured["keep"] = signals, original(signals, progress)
-        return captured["keep"]
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     try:
         trainer.model.train()
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
     finally:
-        trainer.selector.select = original
+        trainer.selection_listeners.remove(events.append)
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, captured["signals"], captured["keep"]
+    (event,) = events
+    return loss.item(), grads, event.signals, event.keep
 
 
 @pytest.mark.parametrize("arch, history", [("llama", "base"), ("llama", "ema"), ("gemma3_text", "base")])
@@ -295,12 +278,12 @@ def test_logits_never_exceed_one_chunk_of_rows(tmp_path, monkeypatch):
 
 
 def test_cache_through_sstoken_head_equals_the_full_logits_cache(tmp_path, monkeypatch):
-    import sstoken.history
+    import sstoken.lm_head
 
     rows = make_rows(n=5)
     model = tiny_model("llama")
     ours = build_nll_cache(model, tiny_tokenizer(), rows, tmp_path / "ours", max_seq_length=64, progress=False)
-    monkeypatch.setattr(sstoken.history, "full_logits_reason", lambda model: "forced by the test")
+    monkeypatch.setattr(sstoken.lm_head, "full_logits_reason", lambda model, smoothing=0.0: "forced by the test")
     full = build_nll_cache(model, tiny_tokenizer(), rows, tmp_path / "full", max_seq_length=64, progress=False)
     assert isinstance(ours, NLLCache) and len(ours) == len(rows)
     for key in full._values:

@@ -18,7 +18,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sstoken import scoring
 from sstoken.attention import segment_ids_from_position_ids
 from sstoken.history import NLLCache, build_nll_cache
-from sstoken.testing import tiny_model, tiny_tokenizer
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
 from sstoken.trainer import SSTokenConfig, SSTokenTrainer
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
@@ -29,13 +29,7 @@ ATOL = 1e-5
 
 def make_rows(n=4, seed=3):
     """Samples of clearly different lengths; every response has >= 4 tokens so top-rho has a choice to make."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (3 + 3 * i,), generator=gen).tolist()
-        response = torch.randint(3, 300, (11 - 2 * i,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([3 + 3 * i for i in range(n)], [11 - 2 * i for i in range(n)], seed)
 
 
 def collate(rows, packed, pad_to_multiple_of=None):
@@ -65,7 +59,7 @@ def unpack(packed_values, rows):
 def make_trainer(out_dir, rows, lora, history_cache=None):
     args = SSTokenConfig(output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
                          max_length=None, rho=0.5, gamma=0.5, history_cache=history_cache, disable_tqdm=True,
-                         gradient_checkpointing=False)
+                         activation_checkpointing=False)
     torch.manual_seed(0)
     trainer = SSTokenTrainer(
         model=tiny_model(seed=0), args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
@@ -86,25 +80,19 @@ def make_trainer(out_dir, rows, lora, history_cache=None):
 
 def loss_and_signals(trainer, batch):
     """compute_loss as the Trainer calls it (kept count of the step given), plus its signals, keep mask, grads."""
-    seen = {}
-    select = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        seen["signals"] = signals
-        seen["keep"] = select(signals, progress)
-        return seen["keep"]
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     try:
         count = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count)
     finally:
-        del trainer.selector.select
+        trainer.selection_listeners.remove(events.append)
+    (event,) = events
     trainer.model.zero_grad(set_to_none=True)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.model.zero_grad(set_to_none=True)
-    return loss.detach(), int(count), seen["signals"], seen["keep"], grads
+    return loss.detach(), int(count), event.signals, event.keep, grads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,7 +214,7 @@ def test_end_to_end_packing_matches_padded_training(tmp_path):
         args = SSTokenConfig(
             output_dir=str(tmp_path / f"out-{packed}"), use_cpu=True, report_to=[], save_strategy="no",
             disable_tqdm=True, seed=0, max_steps=2, learning_rate=1.0, lr_scheduler_type="constant",
-            logging_steps=1, rho=0.5, gamma=0.5, gradient_checkpointing=False,
+            logging_steps=1, rho=0.5, gamma=0.5, activation_checkpointing=False,
             # Plain SGD: Adam divides by sqrt(v) + eps, which turns float-noise differences in tiny gradients (LoRA A
             # right after B left zero) into visible weight differences; SGD keeps the comparison linear.
             optim="sgd", max_grad_norm=0.0,

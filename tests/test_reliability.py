@@ -31,7 +31,7 @@ from sstoken.attention import context_share_from_qk
 from sstoken.cli import main
 from sstoken.errors import ConfigError
 from sstoken.history import NLLCache, build_nll_cache, sample_key
-from sstoken.testing import save_tiny_model, tiny_model, tiny_tokenizer, write_tiny_jsonl
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer, write_tiny_jsonl, write_tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "sstoken"
@@ -49,29 +49,10 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 def write_recipe(path: Path, model: str, data: str, output_dir: Path, **extra) -> Path:
-    recipe = {
-        "model": model,
-        "data": data,
-        "output_dir": str(output_dir),
-        "max_seq_length": 96,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 0.01,
-        "report_to": "none",
-        "use_cpu": True,
-        "plots": False,
-        "logging_steps": 1,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        **extra,
-    }
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    return path
+    return write_tiny_recipe(path, **{"model": model, "data": data, "output_dir": str(output_dir),
+                                      "per_device_train_batch_size": 2, "learning_rate": 0.01, "logging_steps": 1,
+                                      "seed": 0, "dataloader_num_workers": 0, **extra})
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -145,14 +126,14 @@ def train_in_process(*argv: str) -> int:
 
 
 @pytest.mark.slow
-def test_sigkilled_while_saving_resumes_to_the_same_weights(tmp_path, tiny_dir):
+def test_sigkilled_while_saving_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
     """ssToken + EMA history, SIGKILLed while checkpoint-6 is half written (weights on disk, no optimizer or
     trainer state). Resuming must skip that folder, restart from checkpoint-4 with its EMA history, and end
     exactly where an uninterrupted run ends."""
     data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
     settings = dict(max_steps=8, save_steps=2, history="ema", ema_decay=0.5)
-    crash_recipe = write_recipe(tmp_path / "crash.yaml", tiny_dir, data, tmp_path / "crash", **settings)
-    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_dir, data, tmp_path / "ref", **settings)
+    crash_recipe = write_recipe(tmp_path / "crash.yaml", tiny_model_dir, data, tmp_path / "crash", **settings)
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_model_dir, data, tmp_path / "ref", **settings)
 
     child = Child(crash_recipe, "save:6", tmp_path)
     try:
@@ -173,7 +154,7 @@ def test_sigkilled_while_saving_resumes_to_the_same_weights(tmp_path, tiny_dir):
     assert_same_run(tmp_path / "ref", crash)
 
 
-def test_interrupted_random_selection_resumes_to_the_same_weights(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_interrupted_random_selection_resumes_to_the_same_weights(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """Random selection stopped by Ctrl-C after step 5 (checkpoint-4 is the last one): the resumed run must
     continue the selector's random generator and the data order exactly."""
     from transformers import TrainerCallback
@@ -182,8 +163,8 @@ def test_interrupted_random_selection_resumes_to_the_same_weights(tmp_path, tiny
 
     data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
     settings = dict(max_steps=8, save_steps=2, selection_method="random", rho=0.5)
-    recipe = write_recipe(tmp_path / "run.yaml", tiny_dir, data, tmp_path / "run", **settings)
-    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_dir, data, tmp_path / "ref", **settings)
+    recipe = write_recipe(tmp_path / "run.yaml", tiny_model_dir, data, tmp_path / "run", **settings)
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_model_dir, data, tmp_path / "ref", **settings)
     assert train_in_process("--config", str(ref_recipe)) == 0
 
     class CtrlC(TrainerCallback):
@@ -214,32 +195,16 @@ def test_interrupted_random_selection_resumes_to_the_same_weights(tmp_path, tiny
 
 
 def make_rows(n: int = 8, prompt_len: int = 5) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (prompt_len,), generator=gen).tolist()
-        response = torch.randint(3, 300, (4 + i % 4,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([prompt_len] * n, [4 + i % 4 for i in range(n)])
 
 
 def make_trainer(tmp_path, rows, model=None, **overrides):
-    from datasets import Dataset
-    from peft import LoraConfig
-
-    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
-
-    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                    learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                    seed=0, lr_scheduler_type="constant", dataloader_num_workers=0)
+    settings = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+                    lr_scheduler_type="constant")
     settings.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SSTokenTrainer(model=model if model is not None else tiny_model("llama"),
-                              args=SSTokenConfig(**settings), train_dataset=Dataset.from_list(rows),
-                              processing_class=tiny_tokenizer(),
-                              peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                     target_modules=["q_proj", "v_proj"]))
+        return tiny_trainer(tmp_path / "out", rows, model=model, **settings)
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
@@ -305,20 +270,13 @@ def test_nan_and_inf_in_the_history_cache_do_not_poison_selection(tmp_path):
     trainer = make_trainer(tmp_path, rows, model=model, history_cache=str(cache_dir), max_steps=1,
                            per_device_train_batch_size=8)
     before = trainable(trainer)
-    captured = []
-    select = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        keep = select(signals, progress)
-        captured.append((signals, keep))
-        return keep
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     trainer.train()
     assert trainer.skipped_nonfinite_steps == 0
     assert all_finite(trainer)
     assert any(not torch.equal(before[n], trainable(trainer)[n]) for n in before)
-    signals, keep = captured[0]
+    signals, keep = events[0].signals, events[0].keep
     assert not torch.isfinite(signals.history_nll[signals.response_mask]).all()  # the poison did arrive
     scores = scoring.sstoken_scores(signals.history_nll, signals.current_nll, signals.context_share,
                                     signals.response_mask, gamma=0.5)
@@ -400,7 +358,7 @@ def test_a_step_that_makes_weights_non_finite_stops_the_run_before_it_is_saved(t
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").glob("checkpoint-*")) == []
 
 
-def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """The CLI side of the guard: exit 2, one error line of its own after the progress bar, the checkpoints of
     the finite steps kept, and no final adapter or summary.json that would look like a normal result."""
     import sstoken.guards
@@ -415,7 +373,7 @@ def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path,
     monkeypatch.setattr(sstoken.guards, "first_non_finite_parameter", diverges_at_step_2)
     data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, data, out, max_steps=4, save_steps=1)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data, out, max_steps=4, save_steps=1)
     capsys.readouterr()
     assert train_in_process("--config", str(recipe)) == 2
     err = capsys.readouterr().err
@@ -511,10 +469,10 @@ def test_unreadable_or_missing_cache_index(tmp_path):
     assert len(NLLCache.open(folder)) == len(rows)
 
 
-def test_corrupted_cache_stops_sstoken_train_and_sstoken_cache_repairs_it(tmp_path, tiny_dir, capsys):
+def test_corrupted_cache_stops_sstoken_train_and_sstoken_cache_repairs_it(tmp_path, tiny_model_dir, capsys):
     data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=6)
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, data, out, history_cache=str(tmp_path / "nll"),
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data, out, history_cache=str(tmp_path / "nll"),
                           max_steps=1, save_strategy="no")
     assert main(["cache", "--config", str(recipe)]) == 0
     shard = tmp_path / "nll" / "shard-00000.safetensors"

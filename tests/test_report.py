@@ -17,14 +17,8 @@ import pytest
 from sstoken import scoring
 from sstoken.cli import main
 from sstoken.inspect_html import visible_piece_html
-from sstoken.report import (
-    ReportError,
-    SnapshotRecorder,
-    snapshot_steps,
-    thin,
-    token_pieces,
-    write_training_plots,
-)
+from sstoken.report import ReportError, token_pieces, write_training_plots
+from sstoken.snapshots import SnapshotRecorder, snapshot_steps, thin
 from sstoken.testing import save_tiny_model, tiny_tokenizer, write_tiny_jsonl
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
@@ -485,8 +479,9 @@ def test_snapshot_recording_on_resume_keeps_earlier_steps_and_replaces_later_one
 
     import torch
 
-    from sstoken.report import record_selection_snapshot
     from sstoken.selection import Signals
+    from sstoken.snapshots import SelectionSnapshots
+    from sstoken.trainer import SelectionEvent
 
     old = {"snapshots": [{"step": 1, "rel": [0.5], "attention_share": [0.25], "kept": [True]},
                          {"step": 5, "rel": [9.0], "attention_share": [0.9], "kept": [False]}]}
@@ -500,15 +495,21 @@ def test_snapshot_recording_on_resume_keeps_earlier_steps_and_replaces_later_one
                       history_nll=torch.tensor([[0.0, 1.5, 2.0, 2.0]]),
                       context_share=torch.tensor([[0.0, 0.2, 0.4, 0.6]]))
     keep = torch.tensor([[False, True, False, True]])
-    record_selection_snapshot(trainer, signals, keep, response)
+    listener = SelectionSnapshots()
+
+    def event():
+        return SelectionEvent(trainer=trainer, inputs={}, signals=signals, keep=keep, progress=0.5,
+                              step=trainer.state.global_step + 1)
+
+    listener(event())
     saved = json.loads((tmp_path / "selection_snapshots.json").read_text())
     assert saved["max_steps"] == 9 and saved["method"] == "sstoken"
     first, fifth = saved["snapshots"]
     assert first == old["snapshots"][0]
     assert fifth == {"step": 5, "rel": [0.5, 0.0, -1.0], "attention_share": [0.2, 0.4, 0.6],
                      "kept": [True, False, True]}
-    assert trainer.selection_snapshots == saved["snapshots"]
+    assert listener.snapshots == saved["snapshots"]
     # Not a snapshot step: nothing changes.
     trainer.state.global_step = 5
-    record_selection_snapshot(trainer, signals, keep, response)
+    listener(event())
     assert json.loads((tmp_path / "selection_snapshots.json").read_text()) == saved

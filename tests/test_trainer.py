@@ -7,60 +7,32 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 
 from sstoken import scoring
 from sstoken.errors import ConfigError
 from sstoken.history import build_nll_cache
-from sstoken.testing import tiny_model, tiny_tokenizer
-from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+from sstoken.testing import random_rows, tiny_lora, tiny_model, tiny_tokenizer, tiny_trainer, tiny_training_args
+from sstoken.trainer import SSTokenTrainer
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
 def make_rows(n=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt = torch.randint(3, 300, (5 + i % 4,), generator=gen).tolist()
-        response = torch.randint(3, 300, (4 + i % 5,), generator=gen).tolist()
-        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
-    return rows
+    return random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
+
+
+# The runs of this module: a few quick steps at a high learning rate, so that weights visibly move.
+SETTINGS = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1, data_seed=0,
+                activation_checkpointing=False, lr_scheduler_type="constant")
 
 
 def make_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        gradient_checkpointing=False,
-        lr_scheduler_type="constant",
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return SSTokenConfig(**kwargs)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return tiny_training_args(tmp_path / "out", **{**SETTINGS, **overrides})
 
 
 def make_trainer(tmp_path, rows=None, model=None, peft=True, **overrides):
-    return SSTokenTrainer(
-        model=model if model is not None else tiny_model("llama"),
-        args=make_config(tmp_path, **overrides),
-        train_dataset=Dataset.from_list(rows or make_rows()),
-        processing_class=tiny_tokenizer(),
-        peft_config=lora() if peft else None,
-    )
+    return tiny_trainer(tmp_path / "out", rows or make_rows(), model=model, lora=peft, **{**SETTINGS, **overrides})
 
 
 def trainable(trainer):
@@ -101,20 +73,43 @@ def test_training_changes_weights_and_keeps_rho(tmp_path, method):
 
 def select_once(trainer, batch):
     """Run one training-mode compute_loss on ``batch``; return (loss, signals, keep) the selector saw."""
-    captured = {}
-    original = trainer.selector.select
-
-    def spy(signals, progress=0.0):
-        captured["signals"], captured["keep"] = signals, original(signals, progress)
-        return captured["keep"]
-
-    trainer.selector.select = spy
+    events = []
+    trainer.add_selection_listener(events.append)
     try:
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch))
     finally:
-        trainer.selector.select = original
-    return loss, captured["signals"], captured["keep"]
+        trainer.selection_listeners.remove(events.append)
+    (event,) = events
+    return loss, event.signals, event.keep
+
+
+def test_selection_listeners_and_part_timer_see_every_training_micro_batch(tmp_path):
+    import contextlib
+
+    timed = []
+
+    @contextlib.contextmanager
+    def part_timer(name):
+        timed.append(name)
+        yield
+
+    events = []
+    rows = make_rows(8)
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, rho=0.5, max_steps=2),
+                             train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+                             peft_config=tiny_lora(), selection_listeners=[events.append], part_timer=part_timer)
+    trainer.train()
+    assert [e.step for e in events] == [1, 2]
+    assert [e.progress for e in events] == [0.0, 0.5]
+    for event in events:
+        assert event.trainer is trainer and event.keep.shape == event.inputs["input_ids"].shape
+        assert not (event.keep & ~event.signals.response_mask).any()
+        assert event.signals.history_nll is not None and event.signals.context_share is not None
+    assert set(timed) == {"history", "attention_share", "select", "logging"}
+    assert timed.count("select") == 2
+    # The snapshot listener, registered by the trainer itself, recorded both steps.
+    assert [s["step"] for s in trainer.selection_snapshots] == [1, 2]
 
 
 def test_selection_prefers_high_attention_tokens_at_gamma_zero(tmp_path):
@@ -228,7 +223,7 @@ def test_raw_messages_dataset_is_encoded_with_assistant_only_labels(tmp_path):
                           {"role": "assistant", "content": f"{i} plus {i} equals {2 * i}."}]} for i in range(8)]
     trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
                              train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
-                             peft_config=lora())
+                             peft_config=tiny_lora())
     example = trainer.train_dataset[0]
     labels = example["labels"]
     assert labels[0] == -100 and any(label != -100 for label in labels)
@@ -275,7 +270,7 @@ def test_readme_python_example_with_a_model_path(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
                           {"role": "assistant", "content": "In Paris."}]} for i in range(8)]
     trainer = SSTokenTrainer(model=path, args=make_config(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
-                             peft_config=lora())
+                             peft_config=tiny_lora())
     assert any(label == -100 for label in trainer.train_dataset[0]["labels"])
     assert trainer.train().global_step == 1
 
@@ -287,7 +282,7 @@ def test_raw_alpaca_eval_dataset_is_encoded_like_training_data(tmp_path):
                   for i in range(4)]
     trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
                              train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(evaluation),
-                             processing_class=tiny_tokenizer(), peft_config=lora())
+                             processing_class=tiny_tokenizer(), peft_config=tiny_lora())
     example = trainer.eval_dataset[0]
     trained = tiny_tokenizer().decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
     assert example["labels"][0] == -100 and trained.startswith("0 plus 0 equals 0.")
@@ -304,3 +299,56 @@ def test_raw_alpaca_eval_dataset_is_encoded_like_training_data(tmp_path):
             total += float(nll[mask].sum())
             count += int(mask.sum())
     assert trainer.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_inspect_and_training_keep_the_same_tokens(tmp_path):
+    """`sstoken inspect` (report.score_batch) and a training step select through the same pipeline."""
+    from sstoken.attention import ContextShareProbe
+    from sstoken.batch import pad_rows
+    from sstoken.report import score_batch
+    from sstoken.selection import make_selector
+
+    rows = make_rows(4)
+    trainer = make_trainer(tmp_path, rows=rows, selection_method="sstoken", rho=0.5, gamma=0.5, max_steps=2)
+    trainer.train()  # the adapter moves away from the base model, so REL is not 0
+    ids, labels, attention = pad_rows(rows, pad_id=0)
+    _, signals, training_keep = select_once(trainer, {"input_ids": ids, "labels": labels,
+                                                      "attention_mask": attention})
+    assert (signals.current_nll - signals.history_nll)[signals.response_mask].abs().max() > 0
+    inspected = score_batch(trainer.model, rows, make_selector("sstoken", rho=0.5, gamma=0.5), 0.5,
+                            ContextShareProbe(trainer.model), has_history_model=True, pad_id=0,
+                            sstoken_head=trainer.full_logits_reason is None)
+    assert torch.equal(inspected["keep"], training_keep)
+    assert 0 < int(training_keep.sum()) < int(signals.response_mask.sum())
+
+
+def test_a_missing_reference_cache_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=r"^reference cache .*missing does not exist"):
+        make_trainer(tmp_path, selection_method="rho1", reference_cache=str(tmp_path / "missing"))
+
+
+def test_a_selector_is_one_class_that_registers_itself(tmp_path):
+    from sstoken.selection import SELECTORS, Selector, make_selector
+
+    class LastTokensSelector(Selector):
+        """Keeps the last ceil(rho*n) response tokens of each sample (a test selector)."""
+
+        name = "last_tokens_test"
+
+        def select(self, signals, progress=0.0):
+            positions = torch.arange(signals.response_mask.shape[1], dtype=torch.float32)
+            scores = positions.expand_as(signals.current_nll)
+            return scoring.top_rho_mask(scores, signals.response_mask, self.rho, signals.segment_ids)
+
+    try:
+        assert SELECTORS["last_tokens_test"] is LastTokensSelector
+        assert make_selector("last_tokens_test", rho=0.5).rho == 0.5
+        rows = make_rows(4)
+        trainer = make_trainer(tmp_path, rows=rows, selection_method="last_tokens_test", rho=0.5, max_steps=1,
+                               per_device_train_batch_size=4)
+        assert not trainer.selector.needs_history and not trainer.selector.needs_attention
+        trainer.train()
+        (entry,) = [h for h in trainer.state.log_history if "kept_fraction" in h]
+        assert entry["kept_fraction"] == pytest.approx(expected_kept_fraction(rows, 0.5))
+    finally:
+        del SELECTORS["last_tokens_test"]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 
+from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError
 
 _PREFIX = "sstoken_"
@@ -125,6 +128,8 @@ class ShareCapture:
     segment_ids: torch.Tensor | None
     chunk_size: int
     share: torch.Tensor | None = None
+    # name -> context manager around the share's computation (SSTokenTrainer.part_timer); None = untimed
+    timer: Callable[[str], ContextManager] | None = None
 
     def required_share(self) -> torch.Tensor:
         """``share``, or an error when the forward pass never went through the hooked attention function.
@@ -173,18 +178,20 @@ def _make_wrapper(base: str):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
-            cap.share = context_share_from_qk(
-                query,
-                key,
-                scaling,
-                cap.context_mask,
-                cap.key_valid,
-                segment_ids=cap.segment_ids,
-                sliding_window=sliding_window,
-                chunk_size=cap.chunk_size,
-                softcap=kwargs.get("softcap"),
-                sinks=kwargs.get("s_aux"),
-            )
+            timed = contextlib.nullcontext() if cap.timer is None else cap.timer("attention_share")
+            with timed:
+                cap.share = context_share_from_qk(
+                    query,
+                    key,
+                    scaling,
+                    cap.context_mask,
+                    cap.key_valid,
+                    segment_ids=cap.segment_ids,
+                    sliding_window=sliding_window,
+                    chunk_size=cap.chunk_size,
+                    softcap=kwargs.get("softcap"),
+                    sinks=kwargs.get("s_aux"),
+                )
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     sstoken_attention.__name__ = f"{_PREFIX}{base}"
@@ -209,18 +216,18 @@ def _unwrap(model):
     """The transformers PreTrainedModel inside PEFT / DDP-style wrappers."""
     from transformers import PreTrainedModel
 
-    seen = 0
-    while not isinstance(model, PreTrainedModel) and seen < 8:
-        if hasattr(model, "get_base_model"):  # peft.PeftModel -> LoraModel.model
-            model = model.get_base_model()
-        elif hasattr(model, "module"):  # DistributedDataParallel and similar
-            model = model.module
-        else:
-            break
-        seen += 1
+    model = unwrap_base_model(model)
     if not isinstance(model, PreTrainedModel):
         raise ConfigError(f"context-share probe needs a transformers model, got {type(model).__name__}")
     return model
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """The 0-based index of decoder layer ``layer`` (negative counts from the end); ConfigError if out of range."""
+    resolved = layer + n_layers if layer < 0 else layer
+    if not 0 <= resolved < n_layers:
+        raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+    return resolved
 
 
 def _layers_of_type(layer_types: list) -> str:
@@ -239,10 +246,7 @@ class ContextShareProbe:
         self.model = _unwrap(model)
         self.chunk_size = int(chunk_size)
 
-        n_layers = self.model.config.get_text_config().num_hidden_layers
-        resolved = layer + n_layers if layer < 0 else layer
-        if not 0 <= resolved < n_layers:
-            raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+        resolved = resolve_layer(layer, self.model.config.get_text_config().num_hidden_layers)
         self.layer_index: int = resolved
         layer_types = getattr(self.model.config.get_text_config(), "layer_types", None) or []
         layer_type = layer_types[resolved] if resolved < len(layer_types) else None
@@ -293,8 +297,10 @@ class ContextShareProbe:
         self.base_implementation = base
 
     @contextlib.contextmanager
-    def capture(self, context_mask, attention_mask=None, position_ids=None):
-        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32)."""
+    def capture(self, context_mask, attention_mask=None, position_ids=None, timer=None):
+        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32).
+
+        ``timer(name)``, when given, returns a context manager wrapped around the share's computation."""
         context_mask = torch.as_tensor(context_mask).bool()
         if attention_mask is None:
             key_valid = torch.ones_like(context_mask)
@@ -303,7 +309,7 @@ class ContextShareProbe:
         segment_ids = None if position_ids is None else segment_ids_from_position_ids(position_ids)
         if segment_ids is not None and segment_ids.shape[0] != context_mask.shape[0]:
             segment_ids = segment_ids.expand(context_mask.shape[0], -1)
-        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size)
+        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size, timer=timer)
 
         previous = getattr(self._module, _CAPTURE_ATTR, None)
         setattr(self._module, _CAPTURE_ATTR, cap)

@@ -1,15 +1,17 @@
-"""Turning encoded rows (input_ids + labels) into a right-padded batch."""
+"""Batches and models as the rest of sstoken handles them: the label of untrained tokens, padding rows into a
+batch, and reaching the model inside its wrappers. Cheap to import (torch only inside the functions)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+IGNORE_INDEX = -100
+"""Label value of tokens that carry no loss (Hugging Face convention)."""
+
 
 def pad_rows(rows: Sequence[dict], pad_id: int):
     """(input_ids, labels, attention_mask), each len(rows) × longest row; labels are -100 on padding."""
     import torch
-
-    from sstoken.scoring import IGNORE_INDEX
 
     length = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -21,3 +23,16 @@ def pad_rows(rows: Sequence[dict], pad_id: int):
         labels[i, :n] = torch.tensor(row["labels"])
         attention[i, :n] = 1
     return ids, labels, attention
+
+
+def unwrap_model(model):
+    """The model inside DDP / accelerate wrappers (each keeps the wrapped model as ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def unwrap_base_model(model):
+    """The transformers model inside DDP-style wrappers and a PEFT model (the adapter's host)."""
+    model = unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

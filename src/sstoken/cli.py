@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
+from sstoken.io import atomic_write_json
 
 logger = logging.getLogger("sstoken")
 
@@ -150,8 +151,8 @@ def cmd_train(ns, overrides: list[str]) -> int:
     if trainer.is_world_process_zero():
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "log_history.json", trainer.state.log_history)
         if run["plots"]:
             _write_plots(out)
         _print_summary(summary)
@@ -257,9 +258,9 @@ def _check_attention_layer(run, config) -> None:
         n_layers = int(model_config.get_text_config().num_hidden_layers)
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return
-    layer = config.attention_layer
-    if not -n_layers <= layer < n_layers:
-        raise ConfigError(f"attention layer {layer} is out of range for a model with {n_layers} layers")
+    from sstoken.attention import resolve_layer
+
+    resolve_layer(config.attention_layer, n_layers)
 
 
 def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
@@ -371,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live in their own modules (report, inspect, bench), registered if present."""
+    """Commands that live in their own modules (report, inspect, eval, compare), registered if present."""
     registrars = []
-    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.compare_cli", "sstoken.bench_cli"):
+    for module_name in ("sstoken.report", "sstoken.eval_cli", "sstoken.compare_cli"):
         try:
             module = __import__(module_name, fromlist=["register_cli"])
         except ImportError:

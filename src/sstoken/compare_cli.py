@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sstoken.errors import ConfigError
+from sstoken.io import atomic_write_json, atomic_write_text
 
 EXAMPLES = """\
 examples:
@@ -81,12 +82,12 @@ def cmd_compare(ns, overrides: list[str]) -> int:
         print(f"sstoken compare: training {method} -> {run_dir}", flush=True)
         cmd_train(argparse.Namespace(config=ns.config), _method_overrides(overrides, method, run_dir))
         results[method] = _score(run_dir, held_out, run["max_seq_length"], tasks, ns)
-        scored.write_text(json.dumps(results[method]), encoding="utf-8")
+        atomic_write_json(scored, results[method], indent=None)
     document = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
+    atomic_write_json(out / "compare.json", document)
     table = format_comparison(document)
-    (out / "compare.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(out / "compare.md", table + "\n")
     plot_comparison(document, out / "compare.png")
     print(table)
     print(f"sstoken compare: {out / 'compare.json'}, {out / 'compare.png'}")

@@ -35,8 +35,10 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sstoken.batch import IGNORE_INDEX
 from sstoken.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
@@ -48,15 +50,15 @@ __all__ = [
     "METADATA_KEYS",
     "EncodedRow",
     "LoadStats",
+    "demo_data_path",
     "encode_row",
     "format_of",
     "load_training_rows",
     "read_jsonl",
+    "render_chat",
     "to_hf_dataset",
 ]
 
-IGNORE_INDEX = -100
-"""Label value of tokens that carry no loss (Hugging Face convention)."""
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Default limit on one JSONL line, in bytes, newline excluded (16 MiB)."""
@@ -416,7 +418,8 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The text the tokenizer's chat template makes of ``messages`` (a ChatML fallback where it has none)."""
     kwargs: dict[str, Any] = {}
     if getattr(tokenizer, "chat_template", None) is None:
         kwargs = {"chat_template": FALLBACK_CHAT_TEMPLATE, "eos_token": tokenizer.eos_token or ""}
@@ -441,7 +444,7 @@ def _encode_conversation(
     Turns that start past the first ``max_tokens`` tokens are cut off by truncation anyway, so they are not
     located: the work stays bounded by the turns inside the window, not by the length of the conversation.
     """
-    full = _render(tokenizer, messages, False)
+    full = render_chat(tokenizer, messages, False)
     encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(encoding["input_ids"])
     offsets = list(encoding["offset_mapping"])
@@ -453,7 +456,7 @@ def _encode_conversation(
     for k, message in enumerate(messages):
         if k < train_from or message["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:k], True)
+        prefix = render_chat(tokenizer, messages[:k], True)
         if len(prefix) >= window_end:
             break
         if len(starts) == MAX_ASSISTANT_TURNS:
@@ -463,7 +466,7 @@ def _encode_conversation(
                 "(MAX_ASSISTANT_TURNS); split the conversation into several rows",
             )
         if not checked_generation_prompt:  # a property of the template: checking one turn is enough
-            if prefix == _render(tokenizer, messages[:k], False):
+            if prefix == render_chat(tokenizer, messages[:k], False):
                 raise _RowError(
                     None,
                     "the chat template renders no generation prompt (add_generation_prompt=True changes "
@@ -471,7 +474,7 @@ def _encode_conversation(
                     "prompt",
                 )
             checked_generation_prompt = True
-        upto = _render(tokenizer, messages[: k + 1], False)
+        upto = render_chat(tokenizer, messages[: k + 1], False)
         if not upto.startswith(prefix) or not full.startswith(upto):
             raise _RowError(
                 names[k],
@@ -647,3 +650,8 @@ def to_hf_dataset(rows: list[Mapping[str, list[int]]]):
         {"input_ids": [list(r["input_ids"]) for r in rows], "labels": [list(r["labels"]) for r in rows]},
         features=features,
     )
+
+
+def demo_data_path() -> str:
+    """The demo data shipped with the package (``sstoken/demo/demo.jsonl``)."""
+    return str(Path(__file__).parent / "demo" / "demo.jsonl")

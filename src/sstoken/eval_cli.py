@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from sstoken.errors import ConfigError
+from sstoken.io import atomic_write_json
 
 EXAMPLES = """\
 examples:
@@ -90,7 +90,7 @@ def cmd_eval(ns, rest) -> int:
             "average": sum(r.score for r in results.values()) / len(results),
             "held_out_nll": held_out, "wall_time_s": round(time.time() - started, 1),
         }
-        Path(out).expanduser().write_text(json.dumps(document, indent=1))
+        atomic_write_json(Path(out).expanduser(), document)
         print(f"sstoken eval: results written to {out}")
     return 0
 

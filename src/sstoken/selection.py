@@ -4,16 +4,23 @@ A selector turns the per-token signals of one batch into a keep mask. It declare
 so the trainer computes only those (the attention share only if ``needs_attention``, and so on), and it
 can tell how many tokens it will keep *before* the forward pass, which the trainer uses to normalise the
 loss over a whole accumulated (and multi-rank) batch.
+
+Adding a selector is one subclass of :class:`Selector` with a ``name`` (it registers itself in
+:data:`SELECTORS`), a :meth:`~Selector.from_config` if it takes more than ρ, and its tests. Parameters are
+checked once, here, whoever builds the selector (the trainer's config, ``sstoken inspect``, the recipes).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from sstoken import scoring
-from sstoken.errors import ConfigError
+from sstoken.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,16 +36,55 @@ class Signals:
     draw_key: int | None = None  # identifies the micro-batch (step, micro-batch, rank) for random draws
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_rho(rho) -> None:
+    if not (_is_number(rho) and 0.0 < rho <= 1.0):
+        raise ConfigError(f"rho must be in (0, 1], got {rho}")
+
+
+def check_gamma(gamma) -> None:
+    if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):
+        raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
+
+
+def check_attention_warmup(warmup_fraction) -> None:
+    if not (_is_number(warmup_fraction) and 0.0 <= warmup_fraction < 1.0):
+        raise ConfigError(f"attention_warmup must be in [0, 1), got {warmup_fraction}")
+
+
+SELECTORS: dict[str, type["Selector"]] = {}
+"""Selector classes by name, in definition order; every subclass with its own ``name`` is added."""
+
+
 class Selector:
     name = "base"
     needs_history = False
     needs_attention = False
     needs_reference = False
+    # expected_kept needs the batch's history and reference NLL before the forward pass (read from the caches)
+    needs_cached_counts = False
+    # why the selector cannot run on packed sequences (None: it can)
+    cannot_pack_because: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            SELECTORS[cls.name] = cls
 
     def __init__(self, rho: float = 0.6):
-        if not 0.0 < rho <= 1.0:
-            raise ConfigError(f"rho must be in (0, 1], got {rho}")
+        check_rho(rho)
         self.rho = rho
+
+    @classmethod
+    def from_config(cls, rho: float, gamma: float, warmup_fraction: float, seed: int) -> "Selector":
+        """The selector for these settings (each class takes the ones that apply to it)."""
+        return cls(rho)
+
+    def prepare(self, dataset, history_cache, reference_cache) -> None:
+        """Called once by the trainer before training, with the (encoded) training set and the caches."""
 
     def expected_kept(self, response_mask: torch.Tensor, segment_ids: torch.Tensor | None = None,
                       signals_before_forward: Signals | None = None) -> int:
@@ -56,6 +102,10 @@ class FullSelector(Selector):
 
     def __init__(self, rho: float = 1.0):
         super().__init__(1.0)
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls()
 
     def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
         return int(response_mask.sum().item())
@@ -78,6 +128,10 @@ class RandomSelector(Selector):
         self.seed = seed
         self._calls = 0
 
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls(rho, seed)
+
     def select(self, signals, progress=0.0):
         key = signals.draw_key if signals.draw_key is not None else self._calls
         self._calls += 1
@@ -94,14 +148,16 @@ class SSTokenSelector(Selector):
 
     def __init__(self, rho: float = 0.6, gamma: float = 0.5, warmup_fraction: float = 0.0):
         super().__init__(rho)
-        if not 0.0 <= gamma <= 1.0:
-            raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ConfigError(f"attention_warmup must be in [0, 1), got {warmup_fraction}")
+        check_gamma(gamma)
+        check_attention_warmup(warmup_fraction)
         self.gamma = gamma
         self.warmup_fraction = warmup_fraction
         self.needs_history = gamma > 0
         self.needs_attention = gamma < 1 or warmup_fraction > 0
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls(rho, gamma, warmup_fraction)
 
     def gamma_at(self, progress: float) -> float:
         return 0.0 if progress < self.warmup_fraction else self.gamma
@@ -122,6 +178,10 @@ class RELSelector(SSTokenSelector):
     def __init__(self, rho: float = 0.6, warmup_fraction: float = 0.0):
         super().__init__(rho=rho, gamma=1.0, warmup_fraction=warmup_fraction)
 
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls(rho, warmup_fraction)
+
 
 class AttentionSelector(SSTokenSelector):
     """Attention share only (γ = 0)."""
@@ -130,6 +190,10 @@ class AttentionSelector(SSTokenSelector):
 
     def __init__(self, rho: float = 0.6):
         super().__init__(rho=rho, gamma=0.0)
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls(rho)
 
 
 class Rho1Selector(Selector):
@@ -155,10 +219,25 @@ class TokenCleaningSelector(Selector):
     name = "tokencleaning"
     needs_history = True
     needs_reference = True
+    needs_cached_counts = True
+    cannot_pack_because = "fits its threshold on whole samples before training"
 
     def __init__(self, rho: float = 0.6, threshold: float | None = None):
         super().__init__(rho)
         self.threshold = threshold
+
+    def prepare(self, dataset, history_cache, reference_cache) -> None:
+        """Fit the global threshold from the base (history) and reference caches of the whole training set."""
+        from sstoken.history import sample_key
+
+        base, ref, masks = [], [], []
+        for example in dataset:
+            key = sample_key(torch.tensor(example["input_ids"]))
+            base.append(history_cache.get(key))
+            ref.append(reference_cache.get(key))
+            masks.append(scoring.response_mask_from_labels(torch.tensor(example["labels"]).unsqueeze(0))[0])
+        threshold = self.fit(base, ref, masks)
+        logger.info("tokencleaning: global threshold %.4f keeps the top %.0f%% of tokens", threshold, 100 * self.rho)
 
     def fit(self, base_values: list[torch.Tensor], reference_values: list[torch.Tensor],
             response_masks: list[torch.Tensor]) -> float:
@@ -182,28 +261,14 @@ class TokenCleaningSelector(Selector):
         return self._mask(signals.history_nll, signals.reference_nll, signals.response_mask)
 
 
-SELECTORS = {
-    cls.name: cls
-    for cls in (FullSelector, RandomSelector, SSTokenSelector, RELSelector, AttentionSelector, Rho1Selector,
-                TokenCleaningSelector)
-}
-
-
 def make_selector(method: str, rho: float = 0.6, gamma: float = 0.5, warmup_fraction: float = 0.0,
                   seed: int = 0) -> Selector:
-    """Build a selector by name, with the parameters that apply to it."""
+    """Build a selector by name. Every setting is checked, also those the named selector does not use, so that a
+    config is valid or not whatever its method."""
     if method not in SELECTORS:
-        raise ConfigError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
-    if method == "full":
-        return FullSelector()
-    if method == "random":
-        return RandomSelector(rho, seed)
-    if method == "sstoken":
-        return SSTokenSelector(rho, gamma, warmup_fraction)
-    if method == "rel":
-        return RELSelector(rho, warmup_fraction)
-    if method == "attn":
-        return AttentionSelector(rho)
-    if method == "rho1":
-        return Rho1Selector(rho)
-    return TokenCleaningSelector(rho)
+        raise ConfigError(f"selection_method {method!r} is not one of {', '.join(SELECTORS)}"
+                          f"{did_you_mean(method, SELECTORS)}")
+    check_rho(rho)
+    check_gamma(gamma)
+    check_attention_warmup(warmup_fraction)
+    return SELECTORS[method].from_config(rho, gamma, warmup_fraction, seed)

@@ -95,6 +95,61 @@ def save_tiny_model(path, arch: str = "llama", seed: int = 0) -> str:
     return str(path)
 
 
+def random_rows(prompt_lengths: list[int], response_lengths: list[int], seed: int = 0) -> list[dict]:
+    """Encoded rows of random token ids (3..299, inside the tiny vocabulary): row i has ``prompt_lengths[i]``
+    prompt tokens (label -100) then ``response_lengths[i]`` response tokens; the same seed, the same rows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt_length, response_length in zip(prompt_lengths, response_lengths, strict=True):
+        prompt = torch.randint(3, 300, (prompt_length,), generator=gen).tolist()
+        response = torch.randint(3, 300, (response_length,), generator=gen).tolist()
+        rows.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
+    return rows
+
+
+def tiny_training_args(output_dir, **settings):
+    """SSTokenConfig for a quick CPU run: no reports, no checkpoints, seed 0; ``settings`` override these."""
+    from sstoken.trainer import SSTokenConfig
+
+    config = dict(output_dir=str(output_dir), report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                  dataloader_num_workers=0)
+    config.update(settings)
+    return SSTokenConfig(**config)
+
+
+def tiny_lora():
+    """The LoRA adapter of the tests: r=4 on q_proj / v_proj, no dropout (deterministic)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def tiny_trainer(output_dir, rows: list[dict], model=None, lora: bool = True, **settings):
+    """An SSTokenTrainer on encoded ``rows`` with the tiny model (or ``model``) and tokenizer, the
+    :func:`tiny_training_args` (``settings`` override them) and :func:`tiny_lora` unless ``lora=False``."""
+    from datasets import Dataset
+
+    from sstoken.trainer import SSTokenTrainer
+
+    return SSTokenTrainer(model=model if model is not None else tiny_model("llama"),
+                          args=tiny_training_args(output_dir, **settings), train_dataset=Dataset.from_list(rows),
+                          processing_class=tiny_tokenizer(), peft_config=tiny_lora() if lora else None)
+
+
+def write_tiny_recipe(path, **settings):
+    """A recipe file for a quick, quiet CPU run (no reports, no plots, 96-token rows) with ``settings`` on top;
+    written as JSON, which is YAML. Returns ``path`` as a Path."""
+    import json
+    from pathlib import Path
+
+    recipe = {"report_to": "none", "use_cpu": True, "plots": False, "max_seq_length": 96, **settings}
+    path = Path(path)
+    path.write_text(json.dumps(recipe), encoding="utf-8")
+    return path
+
+
 def write_tiny_jsonl(path, n_rows: int = 32, seed: int = 0) -> str:
     """A small messages-format training file with varied lengths and a few multi-turn rows."""
     import json

@@ -5,9 +5,10 @@ A TRL user switches by changing the class::
     trainer = SSTokenTrainer(model=model, args=SSTokenConfig(output_dir="out", rho=0.6, gamma=0.5),
                              train_dataset=dataset, peft_config=LoraConfig(...))
 
-One training step: forward once (the attention share of one layer is captured inside that forward) →
-per-token NLL of the current model, without gradient → history NLL (cache lookup, or a no-grad pass with the
-adapter disabled / the EMA weights swapped in) → keep mask → cross-entropy with gradient on kept tokens only.
+One training step (:func:`sstoken.signals.select_tokens`, shared with ``sstoken inspect``): history NLL (cache
+lookup, or a no-grad pass with the adapter disabled / the EMA weights swapped in) → forward once (the attention
+share of one layer is captured inside that forward) → per-token NLL of the current model, without gradient →
+keep mask → cross-entropy with gradient on kept tokens only.
 Every per-token NLL and the loss come from the hidden states through sstoken's head (:mod:`sstoken.lm_head`):
 no B×T×V logits, the prompt never projected, and the backward projecting only the kept tokens. Label smoothing,
 or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
@@ -25,7 +26,9 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +37,23 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sstoken import lm_head, scoring
+from sstoken.batch import unwrap_model
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
-from sstoken.history import (
-    CacheFingerprints,
-    EMAHistory,
-    NLLCache,
-    base_weights,
-    history_forward_nll,
+from sstoken.history import CacheFingerprints, EMAHistory, NLLCache, check_ema_decay, check_ema_interval
+from sstoken.io import atomic_path
+from sstoken.selection import SELECTORS, Selector, Signals, make_selector
+from sstoken.signals import (
+    BaseModelHistory,
+    BatchLayout,
+    CachedHistory,
+    EMAModelHistory,
+    PartTimer,
+    SignalSources,
+    model_inputs_of,
+    select_tokens,
 )
-from sstoken.selection import SELECTORS, Signals, TokenCleaningSelector, make_selector
+from sstoken.snapshots import SelectionSnapshots
 
 logger = logging.getLogger(__name__)
 
@@ -105,49 +115,53 @@ class SSTokenConfig(SFTConfig):
 
 def validate_selection_args(args) -> None:
     """Check the selection fields before any model is loaded; raises ConfigError with the fix."""
-    if args.selection_method not in SELECTORS:
-        raise ConfigError(f"selection_method {args.selection_method!r} is not one of {', '.join(SELECTORS)}"
-                          f"{did_you_mean(args.selection_method, SELECTORS)}")
-    if not (isinstance(args.rho, (int, float)) and 0.0 < args.rho <= 1.0):
-        raise ConfigError(f"rho must be in (0, 1], got {args.rho}")
-    if not (isinstance(args.gamma, (int, float)) and 0.0 <= args.gamma <= 1.0):
-        raise ConfigError(f"gamma must be in [0, 1], got {args.gamma}")
-    if not 0.0 <= args.attention_warmup < 1.0:
-        raise ConfigError(f"attention_warmup must be in [0, 1), got {args.attention_warmup}")
+    selector = _selector_of(args)  # checks the method, rho, gamma and attention_warmup
     if args.history not in HISTORY_MODES:
         raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {args.history!r}"
                           f"{did_you_mean(args.history, HISTORY_MODES)}")
-    if args.history == "ema" and not 0.0 <= args.ema_decay < 1.0:
-        raise ConfigError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.ema_interval < 1:
-        raise ConfigError(f"ema_interval must be >= 1, got {args.ema_interval}")
+    if args.history == "ema":
+        check_ema_decay(args.ema_decay)
+    check_ema_interval(args.ema_interval)
     if args.attention_chunk_size < 1 or args.nll_chunk_size < 1:
         raise ConfigError("attention_chunk_size and nll_chunk_size must be >= 1")
-    if args.selection_method in ("rho1", "tokencleaning") and not args.reference_cache:
-        raise ConfigError(f"selection_method {args.selection_method!r} needs reference_cache (build it with "
+    if selector.needs_reference and not args.reference_cache:
+        raise ConfigError(f"selection_method {selector.name!r} needs reference_cache (build it with "
                           f"`sstoken cache --model <reference model>`)")
-    if args.selection_method == "tokencleaning" and not args.history_cache:
-        raise ConfigError("selection_method 'tokencleaning' needs history_cache (the base model's NLL cache)")
+    if selector.needs_cached_counts and not args.history_cache:
+        raise ConfigError(f"selection_method {selector.name!r} needs history_cache (the base model's NLL cache)")
     if args.history == "ema" and args.history_cache:
         raise ConfigError("history 'ema' changes during training and cannot use history_cache; remove one of them")
-    if args.selection_method == "tokencleaning" and args.packing:
-        raise ConfigError("selection_method 'tokencleaning' fits its threshold on whole samples before training and "
-                          "cannot run on packed sequences; set packing: false")
+    if selector.cannot_pack_because and args.packing:
+        raise ConfigError(f"selection_method {selector.name!r} {selector.cannot_pack_because} and cannot run on "
+                          f"packed sequences; set packing: false")
+
+
+def _selector_of(args) -> Selector:
+    return make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
 
 
 def check_history_source(args, trains_an_adapter: bool) -> None:
     """History 'base' without a cache is the model with its adapter switched off: full fine-tuning has none."""
-    selector = make_selector(args.selection_method, args.rho, args.gamma, args.attention_warmup, args.selection_seed)
+    selector = _selector_of(args)
     if selector.needs_history and args.history == "base" and not args.history_cache and not trains_an_adapter:
         raise ConfigError("full fine-tuning (no lora) with history 'base' needs history_cache: the base model's NLL "
                           "must be computed before its weights change; build it with `sstoken cache`, or use "
                           "history: ema, or train a LoRA adapter")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+@dataclass(frozen=True)
+class SelectionEvent:
+    """One training micro-batch's selection, as passed to each selection listener."""
+
+    trainer: "SSTokenTrainer"
+    inputs: dict[str, Any]  # the batch as compute_loss received it (input_ids, labels, attention_mask, ...)
+    signals: Signals
+    keep: torch.Tensor  # B×T bool, the tokens that carry the loss
+    progress: float  # fraction of training done, as the selector saw it
+    step: int  # the optimizer step this micro-batch belongs to (1-based, as in log_history)
+
+
+SelectionListener = Callable[[SelectionEvent], None]
 
 
 class _EMACallback(TrainerCallback):
@@ -156,11 +170,21 @@ class _EMACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
-            self.trainer.ema.update(state.global_step)
+            with self.trainer.timed_part("ema_update"):
+                self.trainer.ema.update(state.global_step)
 
 
 class SSTokenTrainer(SFTTrainer):
-    """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector."""
+    """TRL's SFTTrainer whose loss covers only the response tokens chosen by a token selector.
+
+    Two public hooks, for tools that watch selection without changing it (``sstoken report``'s snapshots, the
+    benchmarks in ``benchmarks/``):
+
+    * ``selection_listeners=[fn, ...]`` (or :meth:`add_selection_listener`): ``fn(event)`` is called with a
+      :class:`SelectionEvent` after every training micro-batch's selection;
+    * ``part_timer=fn``: ``fn(name)`` returns a context manager wrapped around each piece of work selection adds
+      to a step (``history``, ``attention_share``, ``select``, ``logging``, ``ema_update``), e.g. to time them.
+    """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the kept count of the whole accumulated step
     # Read by TRL when it writes the model card (README.md of the output folder).
@@ -181,7 +205,8 @@ class SSTokenTrainer(SFTTrainer):
         ),
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, selection_listeners: list[SelectionListener] | None = None,
+                 part_timer: PartTimer | None = None, **kwargs):
         sst_args = kwargs.get("args")
         if sst_args is None and len(args) > 1:
             sst_args = args[1]
@@ -212,105 +237,82 @@ class SSTokenTrainer(SFTTrainer):
             # silently write to the same output_dir.
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
-        check_history_source(sst_args, trains_an_adapter=hasattr(_unwrap(self.model), "disable_adapter"))
-        self.selector = make_selector(sst_args.selection_method, sst_args.rho, sst_args.gamma,
-                                      sst_args.attention_warmup, sst_args.selection_seed)
+        check_history_source(sst_args, trains_an_adapter=hasattr(unwrap_model(self.model), "disable_adapter"))
+        self.selector = _selector_of(sst_args)
+        self.part_timer = part_timer
+        # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
+        self._snapshots = SelectionSnapshots()
+        self.selection_listeners: list[SelectionListener] = [self._snapshots, *(selection_listeners or [])]
         self._probe = None
-        self.history_cache = self._open_cache(sst_args.history_cache) if sst_args.history_cache else None
-        self.reference_cache = self._open_cache(sst_args.reference_cache) if sst_args.reference_cache else None
+        self.history_cache = self._open_cache(sst_args.history_cache, "history cache") \
+            if sst_args.history_cache else None
+        self.reference_cache = self._open_cache(sst_args.reference_cache, "reference cache") \
+            if sst_args.reference_cache else None
         self.ema = None
         if self.selector.needs_history and sst_args.history == "ema":
-            self.ema = EMAHistory(_unwrap(self.model), sst_args.ema_decay, sst_args.ema_interval)
+            self.ema = EMAHistory(unwrap_model(self.model), sst_args.ema_decay, sst_args.ema_interval)
             self.add_callback(_EMACallback(self))
-        if isinstance(self.selector, TokenCleaningSelector):
-            self._fit_tokencleaning()
+        self.selector.prepare(self.train_dataset, self.history_cache, self.reference_cache)
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
-        self.full_logits_reason = lm_head.full_logits_reason(self.model, self.args.label_smoothing_factor)
-        if self.full_logits_reason is None:
-            lm_head.add_sstoken_head(self.model)
-        else:
-            lm_head.log_full_logits_fallback(self.full_logits_reason, "training")
+        self.full_logits_reason = lm_head.use_sstoken_head(self.model, "training", self.args.label_smoothing_factor)
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def add_selection_listener(self, listener: SelectionListener) -> None:
+        """Call ``listener(event)`` after every training micro-batch's selection (see :class:`SelectionEvent`)."""
+        self.selection_listeners.append(listener)
+
+    @property
+    def selection_snapshots(self) -> list[dict]:
+        """The REL / attention-share snapshots recorded so far (also in ``output_dir/selection_snapshots.json``)."""
+        return self._snapshots.snapshots
+
+    def timed_part(self, name: str) -> ContextManager:
+        """``part_timer(name)``, or a context that does nothing when no timer is set."""
+        return contextlib.nullcontext() if self.part_timer is None else self.part_timer(name)
 
     # ---------------------------------------------------------------------------------------------- signals
     def _attention_probe(self):
         if self._probe is None:
             from sstoken.attention import ContextShareProbe
 
-            self._probe = ContextShareProbe(_unwrap(self.model), layer=self.args.attention_layer,
+            self._probe = ContextShareProbe(unwrap_model(self.model), layer=self.args.attention_layer,
                                             chunk_size=self.args.attention_chunk_size)
         return self._probe
 
-    def _open_cache(self, path: str) -> NLLCache:
-        # Fingerprints are checked against this run's model and tokenizer; the data fingerprint is checked per
-        # sample at lookup time (a sample missing from the cache is refused with a clear message).
+    def _open_cache(self, path: str, role: str) -> NLLCache:
+        # Fingerprints are checked against this run's model (a history cache only: a reference cache comes from
+        # another model) and tokenizer; the data fingerprint is checked per sample at lookup time (a sample
+        # missing from the cache is refused with a clear message).
         from sstoken.history import model_fingerprint, tokenizer_fingerprint
 
-        cache = NLLCache.open(path)
+        cache = NLLCache.open(path, role=role)
         expected = CacheFingerprints(
-            model=model_fingerprint(self.model) if path != self.args.reference_cache else cache.fingerprints.model,
+            model=model_fingerprint(self.model) if role == "history cache" else cache.fingerprints.model,
             tokenizer=tokenizer_fingerprint(self.processing_class),
             data=cache.fingerprints.data,
             max_seq_length=cache.fingerprints.max_seq_length,
         )
         wrong = expected.mismatches(cache.fingerprints)
         if wrong:
-            NLLCache.open(path, expected)  # raises the detailed message
+            NLLCache.open(path, expected, role=role)  # raises the detailed message
         return cache
 
-    def _fit_tokencleaning(self):
-        from sstoken.history import sample_key
-
-        base, ref, masks = [], [], []
-        for example in self.train_dataset:
-            key = sample_key(torch.tensor(example["input_ids"]))
-            labels = torch.tensor(example["labels"]).unsqueeze(0)
-            base.append(self.history_cache.get(key))
-            ref.append(self.reference_cache.get(key))
-            masks.append(scoring.response_mask_from_labels(labels)[0])
-        threshold = self.selector.fit(base, ref, masks)
-        logger.info("tokencleaning: global threshold %.4f keeps the top %.0f%% of tokens", threshold,
-                    100 * self.args.rho)
-
-    @staticmethod
-    def _batch_layout(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(valid mask, response mask, segment ids) of a padded or padding-free batch."""
-        from sstoken.attention import segment_ids_from_position_ids
-
-        labels = inputs["labels"]
-        attention_mask = inputs.get("attention_mask")
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
-        response = scoring.response_mask_from_labels(labels) & valid
-        position_ids = inputs.get("position_ids")
-        segment_ids = None
-        if position_ids is not None:
-            segment_ids = segment_ids_from_position_ids(position_ids)
-            response &= position_ids != 0  # a segment's first token is not predicted from its own sample
-        return valid, response, segment_ids
-
-    def _cached_nll(self, cache: NLLCache | None, inputs, valid, segment_ids):
-        if cache is None:
-            return None
-        return cache.lookup(inputs["input_ids"], valid, segment_ids)
-
-    def _history_nll(self, model, model_inputs, inputs, valid, segment_ids):
-        if not self.selector.needs_history:
-            return None
-        if self.history_cache is not None:
-            return self._cached_nll(self.history_cache, inputs, valid, segment_ids)
-        inner = _unwrap(model)
-        if self.ema is not None:
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size, self.ema)
-        with base_weights(inner):
-            return history_forward_nll(inner, model_inputs, inputs["labels"], self.args.nll_chunk_size)
-
-    def _nll_inputs(self, model_inputs: dict, labels, response) -> dict:
-        """Inputs of a no-grad pass that only needs the per-token NLL (the history model's)."""
-        if self.full_logits_reason is not None:
-            return model_inputs
-        return dict(model_inputs, sstoken_head=lm_head.HeadRequest(labels=labels, score_mask=response))
+    def _signal_sources(self) -> SignalSources:
+        """Where the training signals come from: the selector's needs and this run's history settings."""
+        history = None
+        if self.selector.needs_history:
+            if self.history_cache is not None:
+                history = CachedHistory(self.history_cache)
+            elif self.ema is not None:
+                history = EMAModelHistory(self.ema, self.args.nll_chunk_size)
+            else:
+                history = BaseModelHistory(self.args.nll_chunk_size)
+        return SignalSources(history=history, reference_cache=self.reference_cache,
+                             probe=self._attention_probe() if self.selector.needs_attention else None,
+                             sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
 
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -319,14 +321,15 @@ class SSTokenTrainer(SFTTrainer):
             return None
         total = 0
         for batch in batch_samples:
-            valid, response, segment_ids = self._batch_layout(batch)
-            before = None
-            if isinstance(self.selector, TokenCleaningSelector):
+            layout = BatchLayout.of(batch)
+            response, before = layout.response, None
+            if self.selector.needs_cached_counts:
+                lookup = (batch["input_ids"], layout.valid, layout.segment_ids)
                 before = Signals(response_mask=response, current_nll=torch.zeros_like(response, dtype=torch.float32),
-                                 history_nll=self._cached_nll(self.history_cache, batch, valid, segment_ids).cpu(),
-                                 reference_nll=self._cached_nll(self.reference_cache, batch, valid, segment_ids).cpu())
+                                 history_nll=self.history_cache.lookup(*lookup).cpu(),
+                                 reference_nll=self.reference_cache.lookup(*lookup).cpu())
                 response = response.cpu()
-            total += self.selector.expected_kept(response, segment_ids, before)
+            total += self.selector.expected_kept(response, layout.segment_ids, before)
         count = torch.tensor(total, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
@@ -334,53 +337,23 @@ class SSTokenTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        training = mode == "train"
         labels = inputs["labels"]
-        valid, response, segment_ids = self._batch_layout(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
-        model_inputs["use_cache"] = False
-        # The history pass (no grad) runs before the training forward, so its buffers are freed before the
-        # training activations exist and it does not raise the step's peak memory.
-        history_nll = None
-        if mode == "train":
-            history_nll = self._history_nll(model, self._nll_inputs(model_inputs, labels, response), inputs, valid,
-                                            segment_ids)
-        captured = None
-        chosen = {}
-
-        def select(current_nll: torch.Tensor) -> torch.Tensor:
-            # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
-            signals = None
-            keep = response  # evaluation reports the plain NLL of every response token
-            if mode == "train":
-                signals = Signals(
-                    response_mask=response,
-                    current_nll=current_nll,
-                    history_nll=history_nll,
-                    reference_nll=self._cached_nll(self.reference_cache, inputs, valid, segment_ids),
-                    context_share=None if captured is None else captured.required_share(),
-                    segment_ids=segment_ids,
-                    draw_key=self._draw_key(),
-                )
-                keep = self.selector.select(signals, self._progress())
-            chosen.update(signals=signals, current_nll=current_nll, keep=keep)
-            return keep
-
-        if self.full_logits_reason is None:
-            model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=response, select=select)
-        with contextlib.ExitStack() as stack:
-            if mode == "train" and self.selector.needs_attention:
-                context = (labels == scoring.IGNORE_INDEX) & valid
-                captured = stack.enter_context(self._attention_probe().capture(
-                    context, inputs.get("attention_mask"), inputs.get("position_ids")))
-            outputs = model(**model_inputs)
+        # Evaluation reports the plain NLL of every response token: no history, attention or selection.
+        sources = self._signal_sources() if training else SignalSources(
+            sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
+        progress = self._progress()
+        selection = select_tokens(model, inputs, self.selector, sources, progress=progress,
+                                  draw_key=self._draw_key() if training else None, selecting=training,
+                                  timer=self.timed_part)
+        outputs, signals, keep = selection.outputs, selection.signals, selection.keep
+        response, current_nll = selection.layout.response, selection.current_nll
         if self.full_logits_reason is None:
             loss_sum = outputs.kept_nll_sum
         else:
-            select(scoring.token_nll(outputs.logits.detach(), labels, self.args.nll_chunk_size))
-            rows, cols = chosen["keep"].nonzero(as_tuple=True)
+            rows, cols = keep.nonzero(as_tuple=True)
             loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
                                        label_smoothing=self.args.label_smoothing_factor)
-        signals, current_nll, keep = chosen["signals"], chosen["current_nll"], chosen["keep"]
 
         if num_items_in_batch is None:
             denominator = keep.sum().clamp(min=1)
@@ -396,12 +369,18 @@ class SSTokenTrainer(SFTTrainer):
                           f"skipped (no gradient); {self.skipped_nonfinite_steps} skipped so far", stacklevel=2)
             self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
             loss = torch.zeros((), device=loss.device, requires_grad=True)
-        self._log_selection(mode, signals, keep, response, current_nll)
+        with self.timed_part("logging"):
+            self._log_selection(mode, signals, keep, response, current_nll)
+        if signals is not None:
+            event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
+                                   step=self.state.global_step + 1)
+            for listener in self.selection_listeners:
+                listener(event)
         if return_outputs and self.full_logits_reason is None:
             # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
             # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in model_inputs.items() if k != "sstoken_head"})
+                outputs = model(**model_inputs_of(inputs))
         return (loss, outputs) if return_outputs else loss
 
     def _draw_key(self) -> int:
@@ -432,10 +411,6 @@ class SSTokenTrainer(SFTTrainer):
             metrics["mean_rel"].append(scoring.masked_mean(rel, response))
         if signals.context_share is not None:
             metrics["mean_attention_share"].append(scoring.masked_mean(signals.context_share, response))
-        # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
-        from sstoken.report import record_selection_snapshot
-
-        record_selection_snapshot(self, signals, keep, response)
 
     # ---------------------------------------------------------------------------------------------- state
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -463,9 +438,8 @@ class SSTokenTrainer(SFTTrainer):
             state.update(self.ema.state_dict())
         if state:
             os.makedirs(output_dir, exist_ok=True)
-            tmp = os.path.join(output_dir, STATE_FILE + ".tmp")
-            save_file(state, tmp)
-            os.replace(tmp, os.path.join(output_dir, STATE_FILE))
+            with atomic_path(os.path.join(output_dir, STATE_FILE)) as tmp:
+                save_file(state, str(tmp))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -509,4 +483,4 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
     return Dataset.from_list(rows)
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "check_history_source", "validate_selection_args"]
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "check_history_source", "validate_selection_args"]

@@ -58,6 +58,7 @@ def build_cache(workdir: str) -> str:
 
 def _recording_trainer_class():
     from sstoken.history import iter_samples, sample_key
+    from sstoken.signals import BatchLayout
     from sstoken.trainer import SSTokenTrainer
 
     class RecordingTrainer(SSTokenTrainer):
@@ -67,20 +68,18 @@ def _recording_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             seen = {}
-            select = self.selector.select
 
-            def spy(signals, progress=0.0):
-                keep = select(signals, progress)
-                seen["keep"], seen["nll"] = keep.detach().cpu(), signals.current_nll.detach().cpu()
-                return keep
+            def record(event):
+                seen["keep"], seen["nll"] = event.keep.detach().cpu(), event.signals.current_nll.detach().cpu()
 
-            self.selector.select = spy  # instance attribute shadows the method for this call only
+            self.add_selection_listener(record)
             try:
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
-                del self.selector.select
-            valid, _, segment_ids = self._batch_layout(inputs)
-            keys = [sample_key(tokens) for _, _, tokens in iter_samples(inputs["input_ids"], valid, segment_ids)]
+                self.selection_listeners.remove(record)
+            layout = BatchLayout.of(inputs)
+            keys = [sample_key(tokens) for _, _, tokens in iter_samples(inputs["input_ids"], layout.valid,
+                                                                          layout.segment_ids)]
             keep = seen["keep"]
             self.records.append({
                 "step": self.state.global_step,
@@ -116,7 +115,7 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         optim="sgd",
         learning_rate=0.5,
         lr_scheduler_type="constant",
-        gradient_checkpointing=False,  # tiny model: recomputing activations only costs time
+        activation_checkpointing=False,  # tiny model: recomputing activations only costs time
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -177,7 +176,7 @@ def write_cli_recipe(workdir: str) -> str:
         "save_strategy": "no",
         "report_to": "none",
         "use_cpu": True,  # without it, a machine with no GPU runs N independent, non-distributed trainings
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "disable_tqdm": True,
     }
     path = os.path.join(workdir, "recipe.yaml")

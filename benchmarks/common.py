@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import platform
 import re
@@ -17,6 +16,8 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+
+from sstoken.io import atomic_write_json, atomic_write_text
 
 # ----------------------------------------------------------------------------------------------- memory
 
@@ -135,7 +136,7 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------------------- processes
 _PRELOAD = ["torch", "transformers", "peft", "trl", "sstoken.trainer", "sstoken.history", "sstoken.attention",
-            "sstoken.bench.overhead", "sstoken.bench.attention_memory", "sstoken.bench.cache_throughput"]
+            "overhead", "attention_memory", "cache_throughput"]
 
 
 def worker_context():
@@ -271,11 +272,10 @@ def hf_checkpoint(model_name: str | None, workdir: Path, quick: bool) -> str:
         return str(target)
     # Conversion in a child process: the 40 s dequantisation leaves large freed arenas behind, and the parent
     # process should stay small while the measured workers run.
+    # load_model drops the GGUF quantisation marker of the dequantised weights, so the saved copy loads (and
+    # trains) as an ordinary model.
     code = ("import sys; from sstoken.models import load_model, load_tokenizer; "
             "m = load_model(sys.argv[1]); t = load_tokenizer(sys.argv[1]); "
-            # The dequantised tensors are plain floats: drop the GGUF quantisation marker so the saved copy
-            # loads (and trains) as an ordinary model.
-            "m.hf_quantizer = None; m.is_quantized = False; m.config.__dict__.pop('quantization_config', None); "
             "m.save_pretrained(sys.argv[2]); t.save_pretrained(sys.argv[2]); "
             "open(sys.argv[2] + '/DONE', 'w').write('ok')")
     target.mkdir(parents=True, exist_ok=True)
@@ -348,11 +348,8 @@ def load_bench_model(model_dir: str, random_init: bool = False, attn_implementat
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, payload)
 
 
 def replace_marked_block(path: str | os.PathLike, section: str, marker: str, body: str) -> None:
@@ -379,4 +376,4 @@ def replace_marked_block(path: str | os.PathLike, section: str, marker: str, bod
             nxt = re.search(r"^## ", text[match.end():], re.MULTILINE)
             cut = match.end() + (nxt.start() if nxt else len(text) - match.end())
             text = text[:cut].rstrip() + f"\n\n{block}\n\n" + text[cut:].lstrip("\n")
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    atomic_write_text(path, text.rstrip() + "\n")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import traceback
 
-from sstoken.bench import common
+import common
 
 HEADS, KV_HEADS, HEAD_DIM, CHUNK = 9, 3, 64, 256
 

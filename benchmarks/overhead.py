@@ -1,4 +1,7 @@
-"""``sstoken bench overhead``: what token selection costs per training step, side by side with stock TRL.
+"""``python benchmarks/overhead.py``: what token selection costs per training step, side by side with stock TRL.
+
+Run from the repository root (the benchmarks are not part of the installed package); results go to
+``bench/results/`` and the ``## Overhead`` section of ``BENCHMARKS.md``.
 
 For each sequence length, one batch of demo samples concatenated to that length (real prompt/response
 structure, no padding) is trained on by six variants, each in its own worker process holding its own copy of
@@ -21,13 +24,14 @@ selection, and nothing else. After a warm-up the parent asks the workers for one
 
 Peak memory: per worker, the RSS high-water mark reset after set-up (CPU) or ``torch.cuda.max_memory_allocated``
 after a reset (GPU). The same command also measures the attention share's own memory against eager attention
-maps (:mod:`sstoken.bench.attention_memory`) and ``sstoken cache`` throughput against a plain no-grad forward
-(:mod:`sstoken.bench.cache_throughput`).
+maps (``benchmarks/attention_memory.py``) and ``sstoken cache`` throughput against a plain no-grad forward
+(``benchmarks/cache_throughput.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -35,7 +39,9 @@ import time
 import traceback
 from pathlib import Path
 
-from sstoken.bench import common
+import common
+
+from sstoken.data import demo_data_path
 
 VARIANTS = ("trl", "plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
 BASELINE = "trl"
@@ -45,10 +51,7 @@ QUICK_SEQ_LENS = (64,)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 RHO, GAMMA = 0.6, 0.5
 STEP_TIMEOUT_S = 3600  # a step that takes longer than this means the worker is stuck
-
-
-def demo_data_path() -> str:
-    return str(Path(__file__).resolve().parent.parent / "demo" / "demo.jsonl")
+REPO_ROOT = Path(__file__).resolve().parent.parent  # default outputs go here, whatever the working directory
 
 
 # ----------------------------------------------------------------------------------------------- the batch
@@ -97,17 +100,13 @@ def _reference_style_trainer_class():
 
     from sstoken import scoring
     from sstoken.history import base_weights
+    from sstoken.signals import BatchLayout, model_inputs_of
     from sstoken.trainer import SSTokenTrainer
 
     def kept_cross_entropy(logits, labels, keep):
         rows, cols = keep.nonzero(as_tuple=True)
         loss_sum = F.cross_entropy(logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum")
         return loss_sum / keep.sum().clamp(min=1)
-
-    def model_inputs_of(inputs):
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
-        model_inputs["use_cache"] = False
-        return model_inputs
 
     def full_vocab_nll(logits, labels):
         # The straightforward per-token loss: log-softmax of every position over the whole vocabulary at once.
@@ -123,22 +122,22 @@ def _reference_style_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
-            valid, response, _ = self._batch_layout(inputs)
+            layout = BatchLayout.of(inputs)
             model_inputs = model_inputs_of(inputs)
             outputs = model(**model_inputs, output_attentions=True)
-            context = ((labels == scoring.IGNORE_INDEX) & valid).float()
+            context = layout.context.float()
             last = outputs.attentions[-1].detach().float().mean(dim=1)  # B×T×T, mean over heads
             share = (last * context[:, None, :]).sum(-1)  # attention mass on prompt columns
             current = full_vocab_nll(outputs.logits.detach(), labels)
             with torch.no_grad(), base_weights(model):
                 history = full_vocab_nll(model(**model_inputs).logits, labels)
-            keep = scoring.sstoken_mask(history, current, share, response, gamma=GAMMA, rho=RHO)
+            keep = scoring.sstoken_mask(history, current, share, layout.response, gamma=GAMMA, rho=RHO)
             return kept_cross_entropy(outputs.logits, labels, keep)
 
     return ReferenceStyleTrainer
 
 
-def _build_trainer(spec: dict, rows: list[dict]):
+def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
     import torch
     from peft import LoraConfig
 
@@ -181,9 +180,10 @@ def _build_trainer(spec: dict, rows: list[dict]):
         cls = _reference_style_trainer_class() if variant == "reference-style" else SSTokenTrainer
     torch.manual_seed(spec["seed"])  # the same LoRA initialisation in every worker
     lora = LORA
+    extra = {} if part_timer is None else {"part_timer": part_timer}
     trainer = cls(model=model, args=config, train_dataset=to_hf_dataset(rows), processing_class=tokenizer,
                   peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                         target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+                                         target_modules=lora["target_modules"], task_type="CAUSAL_LM"), **extra)
     if config.activation_checkpointing:
         # Trainer.train() switches checkpointing on at its start; this loop calls training_step directly.
         kwargs = dict(config.activation_checkpointing_kwargs or {})
@@ -208,34 +208,22 @@ class _PartTimer:
     machine; these parts are timed within the very step they belong to, so their share of that step is a
     paired measurement that load drift cannot move. CPU only: on a GPU the work is asynchronous and timing
     a part would need synchronisations the real step does not have.
+
+    Passed to the trainer as ``part_timer`` (SSTokenTrainer's hook): the trainer wraps each part in
+    ``timer(name)``. The current model's NLL is not a part: sstoken's head computes it inside the training
+    forward, as TRL's fused head computes stock TRL's loss.
     """
 
     def __init__(self):
         self.parts: dict[str, float] = {}
 
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.parts[name] = self.parts.get(name, 0.0) + time.process_time() - start
-
-        return timed
-
-    def install(self, trainer) -> None:
-        import sstoken.attention
-
-        # Instance attributes shadow the methods compute_loss calls through ``self``; the module function is
-        # looked up at call time by the attention wrapper. The current model's NLL is not a part: sstoken's
-        # head computes it inside the training forward, as TRL's fused head computes stock TRL's loss.
-        trainer._history_nll = self.wrap("history", trainer._history_nll)
-        trainer._log_selection = self.wrap("logging", trainer._log_selection)
-        trainer.selector.select = self.wrap("select", trainer.selector.select)
-        sstoken.attention.context_share_from_qk = self.wrap("attention_share",
-                                                            sstoken.attention.context_share_from_qk)
-        if trainer.ema is not None:
-            trainer.ema.update = self.wrap("ema_update", trainer.ema.update)
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.process_time() - start
 
     def take(self) -> dict[str, float]:
         parts, self.parts = self.parts, {}
@@ -255,7 +243,8 @@ def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
     trainer.state.global_step += 1
     ema = getattr(trainer, "ema", None)  # stock SFTTrainer has none
     if ema is not None:  # what _EMACallback.on_step_end does in Trainer.train()
-        ema.update(trainer.state.global_step)
+        with trainer.timed_part("ema_update"):
+            ema.update(trainer.state.global_step)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - start_cpu
@@ -272,14 +261,13 @@ def _worker_main(conn, spec: dict) -> None:
 
         tokenizer = load_tokenizer(spec["model_dir"])
         rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
-        trainer = _build_trainer(spec, rows)
+        timer = _PartTimer()
+        timed = spec["device"] != "cuda" and spec["variant"].startswith("sstoken-")
+        trainer = _build_trainer(spec, rows, part_timer=timer if timed else None)
         batch = _collate(rows, "cuda" if spec["device"] == "cuda" else "cpu")
         from sstoken import scoring
 
         response = int(scoring.response_mask_from_labels(batch["labels"]).sum())
-        timer = _PartTimer()
-        if spec["device"] != "cuda" and spec["variant"].startswith("sstoken-"):
-            timer.install(trainer)
         conn.send(("ready", {"response_tokens": response, "tokens": int(batch["input_ids"].numel())}))
         while True:
             command = conn.recv()
@@ -598,23 +586,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-rows", type=int, default=None, help="demo rows for the cache-throughput part")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random model and lengths: checks the benchmark runs (seconds), numbers mean nothing")
-    parser.add_argument("--out", help="JSON file (default bench/results/overhead-<device>[-quick].json)")
+    parser.add_argument("--out", help="JSON file (default <repo>/bench/results/overhead-<device>[-quick].json)")
     parser.add_argument("--markdown", help="Markdown file whose '## Overhead' section gets the table "
-                        "(default BENCHMARKS.md for a full run, none with --quick)")
+                        "(default <repo>/BENCHMARKS.md for a full run, none with --quick)")
     parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown")
 
 
 def command_of(opts) -> str:
-    """The ``sstoken bench overhead`` command line that reproduces ``opts`` (options left at default omitted).
+    """The ``python benchmarks/overhead.py`` command line that reproduces ``opts`` (options left at default omitted).
 
     Rebuilt from the parsed options rather than ``sys.argv``, which is the caller's (pytest, a script) when the
-    benchmark is run through :func:`sstoken.cli.main` or :func:`run`.
+    benchmark is run through :func:`run`.
     """
     import shlex
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    words = ["sstoken", "bench", "overhead"]
+    words = ["python", "benchmarks/overhead.py"]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -676,12 +664,12 @@ def run(opts) -> dict:
         if "steps" in opts.parts:
             result["records"] = run_steps(opts, model_dir, workdir)
         if "attention" in opts.parts:
-            from sstoken.bench import attention_memory
+            import attention_memory
 
             lens = opts.attention_lens or ((128,) if opts.quick else (2048, 4096, 8192))
             result["attention_memory"] = attention_memory.run(lens, opts.device)
         if "cache" in opts.parts:
-            from sstoken.bench import cache_throughput
+            import cache_throughput
 
             result["cache_throughput"] = cache_throughput.run(
                 model_dir, opts.data, opts.device, opts.threads, workdir, random_init=opts.random_init,
@@ -718,10 +706,11 @@ def run(opts) -> dict:
     # Keep the schema keys first in the file for readers.
     result = {"metadata": result.pop("metadata"), **result}
     suffix = "-quick" if opts.quick else ""
-    out = opts.out or f"bench/results/overhead-{opts.device}{suffix}.json"
+    out = opts.out or str(REPO_ROOT / "bench" / "results" / f"overhead-{opts.device}{suffix}.json")
     common.write_json(out, result)
     _log(f"wrote {out}")
-    md_path = None if opts.no_markdown else (opts.markdown or (None if opts.quick else "BENCHMARKS.md"))
+    default_md = None if opts.quick else str(REPO_ROOT / "BENCHMARKS.md")
+    md_path = None if opts.no_markdown else (opts.markdown or default_md)
     if md_path:
         common.replace_marked_block(md_path, "Overhead", f"overhead-{opts.device}", markdown(result))
         _log(f"updated {md_path} (## Overhead)")
@@ -729,13 +718,8 @@ def run(opts) -> dict:
     return result
 
 
-def cli(ns, rest) -> int:
-    run(ns)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sstoken bench overhead", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     ns = parser.parse_args(argv)
     run(ns)

@@ -1,4 +1,4 @@
-"""`sstoken bench quality`: token selectors against full SFT on generated tasks with known, injected noise.
+"""``python benchmarks/quality.py``: token selectors against full SFT on generated tasks with known, injected noise.
 
 Pipeline, per seed (the seed draws the data, the LoRA init and the batch order):
 
@@ -17,6 +17,9 @@ the fraction of noise tokens and of clean tokens that the selector kept (overall
 quarter of the steps, which shows the cold start of REL).
 
 The model is loaded once per process and deep-copied per run: loading SmolLM2 costs ~40 s on CPU.
+
+Run from the repository root (the benchmarks are not part of the installed package); the default output is
+``bench/results/quality.json`` in the repository.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import copy
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -37,7 +39,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sstoken.bench.tasks import NoiseLevels, answer_correct, exact_match, make_splits
+from tasks import NoiseLevels, answer_correct, exact_match, make_splits
+
+from sstoken.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +107,13 @@ SMALL_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, n
 MEDIUM_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, vocab_size=1024, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=1e-3)
 ARCHS = {"small": SMALL_MODEL, "medium": MEDIUM_MODEL}
-# where training and evaluation run; set once by run_quality (--device)
-_DEVICE = "cpu"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------------ encoding
 def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = False):
     """Rows {input_ids, labels} and a parallel list of per-token noise flags (kind or None) per row."""
-    from sstoken.data import _render, encode_row
+    from sstoken.data import render_chat, encode_row
 
     rows, flags = [], []
     for ex in examples:
@@ -121,8 +124,8 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
             continue
         ids = encoded.input_ids
         # encode_row tokenises the full rendering with offsets; redo that to map noise spans to tokens
-        full = _render(tokenizer, messages, False)
-        start = len(_render(tokenizer, messages[:-1], True))
+        full = render_chat(tokenizer, messages, False)
+        start = len(render_chat(tokenizer, messages[:-1], True))
         enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
         token_flags: list[str | None] = [None] * len(ids)
         if list(enc["input_ids"][:len(ids)]) == list(ids) and not clean:
@@ -168,55 +171,36 @@ class KeepRecorder:
                         slot[0] += int(kept[t])
                         slot[1] += 1
 
+    def __call__(self, event) -> None:
+        """Selection listener (SSTokenTrainer's ``selection_listeners``): compare one keep mask with the record."""
+        inputs = event.inputs
+        if inputs.get("position_ids") is not None:
+            return  # packed rows: a row is not one sample, so its key matches no noise record
+        input_ids = inputs["input_ids"]
+        valid = inputs.get("attention_mask")
+        valid = valid.bool() if valid is not None else input_ids.new_ones(input_ids.shape, dtype=bool)
+        self.add(input_ids.cpu(), valid.cpu(), event.signals.response_mask.cpu(), event.keep.cpu(), event.progress)
+
     def rates(self) -> dict:
         return {phase: {kind: (k / n if n else None) for kind, (k, n) in kinds.items()}
                 for phase, kinds in self.counts.items()}
 
 
-def _attach_recorder(trainer, recorder: KeepRecorder):
-    """Wrap the trainer's selector so every keep mask is compared with the noise record (no copy of logic)."""
-    original_compute_loss = trainer.compute_loss
-    original_select = trainer.selector.select
-    state = {}
-
-    def compute_loss(model, inputs, *a, **k):
-        state["inputs"] = inputs
-        return original_compute_loss(model, inputs, *a, **k)
-
-    def select(signals, progress=0.0):
-        keep = original_select(signals, progress)
-        inputs = state.get("inputs")
-        if inputs is not None and inputs.get("position_ids") is None:
-            valid = inputs.get("attention_mask")
-            valid = valid.bool() if valid is not None else inputs["input_ids"].new_ones(inputs["input_ids"].shape,
-                                                                                         dtype=bool)
-            recorder.add(inputs["input_ids"].cpu(), valid.cpu(), signals.response_mask.cpu(), keep.cpu(), progress)
-        return keep
-
-    trainer.compute_loss = compute_loss
-    trainer.selector.select = select
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
-def _eval_nll(model, rows, pad_id: int, batch_size: int = 16) -> float:
+def _eval_nll(model, rows, pad_id: int, device: str, batch_size: int = 16) -> float:
     """Mean per-token NLL of the clean reference responses (token-weighted over the whole test set)."""
     import torch
 
     from sstoken import scoring
+    from sstoken.batch import pad_rows
 
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             batch = rows[i:i + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full_like(ids, scoring.IGNORE_INDEX)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(batch):
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            logits = model(input_ids=ids.to(_DEVICE), attention_mask=mask.to(_DEVICE), use_cache=False).logits.cpu()
+            ids, labels, mask = pad_rows(batch, pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.cpu()
             nll = scoring.token_nll(logits, labels)
             response = scoring.response_mask_from_labels(labels) & mask.bool()
             total += float(nll[response].sum())
@@ -224,10 +208,10 @@ def _eval_nll(model, rows, pad_id: int, batch_size: int = 16) -> float:
     return total / max(count, 1)
 
 
-def _greedy(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 40) -> list[str]:
+def _greedy(model, tokenizer, examples, max_new_tokens: int, device: str, batch_size: int = 40) -> list[str]:
     import torch
 
-    from sstoken.data import _render
+    from sstoken.data import render_chat
 
     model.eval()
     outputs = []
@@ -236,8 +220,8 @@ def _greedy(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 4
     try:
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            texts = [_render(tokenizer, ex.prompt_messages(), True) for ex in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_DEVICE)
+            texts = [render_chat(tokenizer, ex.prompt_messages(), True) for ex in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -250,31 +234,19 @@ def _greedy(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 4
 
 # ------------------------------------------------------------------------------------------------ training
 def _trainable_copy(base):
-    """A fresh copy of the base model that the HF Trainer accepts.
-
-    The embedded SmolLM2 is read from GGUF; transformers dequantises it to float weights on load but keeps
-    the GGUF quantizer attached, and Trainer refuses to fine-tune a "GGUF-quantized" model. The weights are
-    plain floats, so the quantizer is dropped from the copy.
-    """
-    model = copy.deepcopy(base)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        try:
-            model.is_quantized = False
-        except AttributeError:  # a read-only property in some versions; hf_quantizer=None is then enough
-            pass
-    return model
+    """A fresh copy of the base model for one run (sstoken.models.load_model already dropped the GGUF
+    quantisation marker of the embedded model, which the HF Trainer would refuse)."""
+    return copy.deepcopy(base)
 
 
-def _config(size: Size, out_dir: str, seed: int, **overrides):
+def _config(size: Size, out_dir: str, seed: int, device: str, **overrides):
     from sstoken.trainer import SSTokenConfig
 
     kwargs = dict(output_dir=out_dir, max_steps=size.max_steps, per_device_train_batch_size=size.batch_size,
                   learning_rate=size.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-                  logging_steps=10_000, report_to="none", save_strategy="no", use_cpu=_DEVICE == "cpu", seed=seed,
+                  logging_steps=10_000, report_to="none", save_strategy="no", use_cpu=device == "cpu", seed=seed,
                   data_seed=seed, selection_seed=seed, rho=size.rho, gamma=size.gamma, disable_tqdm=True,
-                  dataloader_num_workers=0, gradient_checkpointing=False, max_length=size.max_seq_length)
+                  dataloader_num_workers=0, activation_checkpointing=False, max_length=size.max_seq_length)
     kwargs.update(overrides)
     return SSTokenConfig(**kwargs)
 
@@ -286,15 +258,14 @@ def _lora(size: Size):
                       task_type="CAUSAL_LM")
 
 
-def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, recorder: KeepRecorder | None = None,
-           **overrides):
+def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
+           recorder: KeepRecorder | None = None, **overrides):
     from sstoken.data import to_hf_dataset
     from sstoken.trainer import SSTokenTrainer
 
-    trainer = SSTokenTrainer(model=_trainable_copy(base), args=_config(size, out_dir, seed, **overrides),
-                             train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size))
-    if recorder is not None:
-        _attach_recorder(trainer, recorder)
+    trainer = SSTokenTrainer(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
+                             train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size),
+                             selection_listeners=[recorder] if recorder is not None else None)
     trainer.train()
     return trainer
 
@@ -305,7 +276,7 @@ def _small_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sstoken.bench.tasks import tokenizer_corpus
+    from tasks import tokenizer_corpus
     from sstoken.testing import CHATML_TEMPLATE
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -321,7 +292,7 @@ def _small_tokenizer(vocab_size: int):
     return fast
 
 
-def _small_base(log, arch: str = "small"):
+def _small_base(log, device: str, arch: str = "small"):
     """The small pretrained base: built once (plain PyTorch loop, CPU) and cached under ~/.cache/sstoken."""
     import hashlib
     import random
@@ -329,7 +300,7 @@ def _small_base(log, arch: str = "small"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from sstoken.bench.tasks import pretraining_document
+    from tasks import pretraining_document
 
     SMALL_MODEL = ARCHS[arch]  # noqa: N806 (the architecture table of this size)
     spec = json.dumps(SMALL_MODEL, sort_keys=True) + "|v1"
@@ -348,14 +319,14 @@ def _small_base(log, arch: str = "small"):
         num_attention_heads=SMALL_MODEL["num_attention_heads"], num_key_value_heads=SMALL_MODEL["num_key_value_heads"],
         max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
         tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(_DEVICE)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=SMALL_MODEL["pretrain_lr"], weight_decay=0.01)
     rng = random.Random("pretrain")
     model.train()
     loss = None
     for step in range(SMALL_MODEL["pretrain_steps"]):
         docs = [pretraining_document(rng) for _ in range(SMALL_MODEL["pretrain_batch"])]
-        enc = tok(docs, return_tensors="pt", padding=True).to(_DEVICE)
+        enc = tok(docs, return_tensors="pt", padding=True).to(device)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(**enc, labels=labels).loss
         loss.backward()
@@ -373,13 +344,13 @@ def _small_base(log, arch: str = "small"):
     return model, tok, info
 
 
-def _load(kind: str, log):
+def _load(kind: str, log, device: str):
     if kind == "tiny":
         from sstoken.testing import tiny_model, tiny_tokenizer
 
         return tiny_model("llama", seed=0), tiny_tokenizer(), "tiny random llama (sstoken.testing)", {}
     if kind in ARCHS:
-        model, tok, info = _small_base(log, kind)
+        model, tok, info = _small_base(log, device, kind)
         n = sum(p.numel() for p in model.parameters())
         return model, tok, f"{kind} llama pretrained from scratch ({n / 1e3:.0f}k parameters)", info
     from sstoken.models import EMBEDDED_MODEL, load_model, load_tokenizer
@@ -387,7 +358,8 @@ def _load(kind: str, log):
     return load_model(None), load_tokenizer(None), EMBEDDED_MODEL, {}
 
 
-def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: Path, log) -> list[dict]:
+def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: Path, log,
+             device: str) -> list[dict]:
     import torch
 
     from sstoken.history import build_nll_cache, sample_key
@@ -408,7 +380,7 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         started = time.time()
         base_cache = str(work / f"base_s{seed}")
         # the base model (no adapter) scored once; every method with history 'base' looks it up
-        build_nll_cache(_trainable_copy(base).to(_DEVICE), tokenizer, noisy_rows, base_cache, size.max_seq_length,
+        build_nll_cache(_trainable_copy(base).to(device), tokenizer, noisy_rows, base_cache, size.max_seq_length,
                         progress=False)
         shared_cost["base_cache_s"] = time.time() - started
         log(f"seed {seed}: base NLL cache in {shared_cost['base_cache_s']:.0f}s")
@@ -416,13 +388,13 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         started = time.time()
         n_ref = max(1, round(size.reference_fraction * len(clean_rows)))
         # the reference sees the clean versions of a small subset: a curated set, as in Rho-1 / TokenCleaning
-        ref = _train(base, tokenizer, clean_rows[:n_ref], size, str(work / f"ref_s{seed}"), seed,
+        ref = _train(base, tokenizer, clean_rows[:n_ref], size, str(work / f"ref_s{seed}"), seed, device,
                      selection_method="full", max_steps=size.reference_steps)
         reference_cache = str(work / f"ref_s{seed}_cache")
         build_nll_cache(ref.model, tokenizer, noisy_rows, reference_cache, size.max_seq_length, progress=False)
         shared_cost["reference_s"] = time.time() - started
         shared_cost["reference_rows"] = n_ref
-        shared_cost["reference_test_nll"] = _eval_nll(ref.model, test_rows, pad_id)
+        shared_cost["reference_test_nll"] = _eval_nll(ref.model, test_rows, pad_id, device)
         del ref
         log(f"seed {seed}: reference ({n_ref} clean rows, {size.reference_steps} steps) + cache in "
             f"{shared_cost['reference_s']:.0f}s, clean test NLL {shared_cost['reference_test_nll']:.3f}")
@@ -440,11 +412,11 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         recorder = None if clean else KeepRecorder(flags_by_key)
         started = time.time()
         trainer = _train(base, tokenizer, clean_rows if clean else noisy_rows, size, str(work / f"{method}_s{seed}"),
-                         seed, recorder, **overrides)
+                         seed, device, recorder, **overrides)
         train_s = time.time() - started
         model = trainer.model
-        nll = _eval_nll(model, test_rows, pad_id)
-        generations = _greedy(model, tokenizer, test_examples, size.max_new_tokens)
+        nll = _eval_nll(model, test_rows, pad_id, device)
+        generations = _greedy(model, tokenizer, test_examples, size.max_new_tokens, device)
         em = [exact_match(g, ex) for g, ex in zip(generations, test_examples)]
         ans = [answer_correct(g, ex) for g, ex in zip(generations, test_examples)]
         by_task = {}
@@ -558,12 +530,11 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 
 def run_quality(args) -> int:
-    """Entry point for ``sstoken bench quality`` (args: tiny, seeds, out, methods, plot, keep_work)."""
+    """Entry point of the quality benchmark (args: tiny, seeds, out, methods, plot, keep_work)."""
     warnings.filterwarnings("ignore")
     for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "sstoken.trainer", "sstoken.history"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    global _DEVICE
-    _DEVICE = getattr(args, "device", None) or "cpu"
+    device = getattr(args, "device", None) or "cpu"
     kind = "tiny" if args.tiny else getattr(args, "model", None) or "small"
     size = SIZES[kind]
     methods = list(getattr(args, "methods", None) or METHODS)
@@ -576,36 +547,37 @@ def run_quality(args) -> int:
     def log(msg):
         print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)
 
-    base, tokenizer, model_name, base_info = _load(kind, log)
+    base, tokenizer, model_name, base_info = _load(kind, log, device)
     log(f"model {model_name} loaded")
     work = Path(tempfile.mkdtemp(prefix="sstoken-quality-"))
     records = []
     try:
         for seed in args.seeds:
-            records += run_seed(base, tokenizer, size, seed, methods, work, log)
-            _write(out, args, size, model_name, base_info, records, started, partial=seed != args.seeds[-1])
+            records += run_seed(base, tokenizer, size, seed, methods, work, log, device)
+            _write(out, args, device, size, model_name, base_info, records, started, partial=seed != args.seeds[-1])
     finally:
         if not getattr(args, "keep_work", False):
             shutil.rmtree(work, ignore_errors=True)
-    summary = _write(out, args, size, model_name, base_info, records, started, partial=False)
+    summary = _write(out, args, device, size, model_name, base_info, records, started, partial=False)
     print(markdown_table(summary))
     print()
     print(kept_table(summary))
     if not args.tiny and not getattr(args, "no_plot", False):
         png = out.with_suffix(".png")
-        plot(summary, png, f"sstoken bench quality — {model_name}, {len(args.seeds)} seeds")
+        plot(summary, png, f"quality benchmark — {model_name}, {len(args.seeds)} seeds")
         log(f"wrote {png}")
     log(f"wrote {out}")
     return 0
 
 
-def _write(out: Path, args, size: Size, model_name: str, base_info: dict, records, started, partial: bool):
+def _write(out: Path, args, device: str, size: Size, model_name: str, base_info: dict, records, started,
+           partial: bool):
     summary = summarise(records)
     size_dict = asdict(size)
     payload = {
         "schema_version": SCHEMA_VERSION,
-        "command": "sstoken bench quality" + (" --tiny" if args.tiny else f" --model {args.model}") +
-                   ("" if _DEVICE == "cpu" else f" --device {_DEVICE}") +
+        "command": "python benchmarks/quality.py" + (" --tiny" if args.tiny else f" --model {args.model}") +
+                   ("" if device == "cpu" else f" --device {device}") +
                    " --seeds " + " ".join(map(str, args.seeds)),
         "partial": partial,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -614,7 +586,7 @@ def _write(out: Path, args, size: Size, model_name: str, base_info: dict, record
         "model": model_name,
         "base_model_info": base_info | ({"architecture": ARCHS[args.model]} if not args.tiny and args.model in ARCHS
                                         else {}),
-        "device": _DEVICE,
+        "device": device,
         "size": size_dict,
         "noise": size.noise.as_dict(),
         "methods": {m: METHODS[m] for m in dict.fromkeys(r["method"] for r in records)},
@@ -623,16 +595,13 @@ def _write(out: Path, args, size: Size, model_name: str, base_info: dict, record
         "summary": summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, payload)
     return summary
 
 
-def add_quality_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``quality`` under a ``bench`` sub-command parser."""
-    parser = subparsers.add_parser(
-        "quality", help="token selectors vs full SFT on generated tasks with injected noise",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/quality.py",
         description="Train every selector (and full SFT on clean and noisy data) with the same LoRA settings, "
                     "steps and seeds on generated tasks with known noise; score exact match / NLL on a clean "
                     "test set and record which tokens each selector keeps.")
@@ -643,25 +612,16 @@ def add_quality_parser(subparsers) -> argparse.ArgumentParser:
                              " medium: a 4-layer hidden-256 llama with more data and steps (for a GPU);"
                              " smollm2: the embedded SmolLM2-135M (needs far more compute)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="bench/results/quality.json")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of methods (default: all)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--keep-work", action="store_true", help="keep the caches and outputs (temp dir)")
-    parser.set_defaults(handler=lambda ns, rest=None: run_quality(ns))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sstoken.bench.quality")
-    sub = parser.add_subparsers(dest="bench_command", required=True)
-    add_quality_parser(sub)
-    ns = parser.parse_args(["quality"] + list(argv if argv is not None else os.sys.argv[1:]))
-    return run_quality(ns)
+    return run_quality(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-# sstoken.bench_cli looks for ``register(subparsers)`` in each optional benchmark module
-register = add_quality_parser

@@ -14,24 +14,18 @@ import time
 import traceback
 from pathlib import Path
 
-from sstoken.bench import common
+import common
 
 
 def _batches(rows, batch_size: int, pad_id: int):
-    import torch
-
+    from sstoken.batch import pad_rows
     from sstoken.history import plan_shards, sample_key
 
     by_key = {sample_key(r["input_ids"]): r for r in rows}
     ordered = [key for shard in plan_shards(rows, shard_size=1024) for key in shard]
     for start in range(0, len(ordered), batch_size):
         keys = ordered[start:start + batch_size]
-        lengths = [len(by_key[k]["input_ids"]) for k in keys]
-        ids = torch.full((len(keys), max(lengths)), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, key in enumerate(keys):
-            ids[r, :lengths[r]] = torch.tensor(by_key[key]["input_ids"])
-            mask[r, :lengths[r]] = 1
+        ids, _, mask = pad_rows([by_key[k] for k in keys], pad_id)
         yield ids, mask
 
 

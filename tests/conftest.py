@@ -1,0 +1,29 @@
+"""Shared test set-up and fixtures.
+
+The benchmarks in ``benchmarks/`` are scripts run from the repository, not part of the package; their modules
+import each other by bare name (``import common``), as they do when run as ``python benchmarks/overhead.py``.
+Putting the folder on ``sys.path`` here lets the tests import them the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """The tiny random llama (seed 0) and its tokenizer as a checkpoint folder, saved once per session.
+
+    Shared by every test that needs a model path: tests read it and must not write into it."""
+    from sstoken.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
