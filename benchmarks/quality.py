@@ -39,6 +39,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import selection_research
 from tasks import NoiseLevels, answer_correct, exact_match, make_splits
 
 from sstoken.io import atomic_write_json
@@ -58,6 +59,9 @@ METHODS: dict[str, dict] = {
     "sstoken": {"selection_method": "sstoken", "base_cache": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base_cache": True, "attention_warmup": 0.3},
 }
+# Experimental reference-free variants (issue 11): run on request (--methods x_...), not by default.
+RESEARCH_METHODS: dict[str, dict] = dict(selection_research.QUALITY_METHODS)
+ALL_METHODS: dict[str, dict] = {**METHODS, **RESEARCH_METHODS}
 
 
 @dataclass
@@ -374,7 +378,7 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     shared_cost = {}
-    needs = {k for m in methods for k, v in METHODS[m].items() if v is True}
+    needs = {k for m in methods for k, v in ALL_METHODS[m].items() if v is True}
     base_cache = reference_cache = None
     if "base_cache" in needs:
         started = time.time()
@@ -401,7 +405,7 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
 
     records = []
     for method in methods:
-        spec = dict(METHODS[method])
+        spec = dict(ALL_METHODS[method])
         clean = spec.pop("clean", False)
         overrides = {"selection_method": spec.pop("selection_method")}
         if spec.pop("base_cache", False):
@@ -538,9 +542,9 @@ def run_quality(args) -> int:
     kind = "tiny" if args.tiny else getattr(args, "model", None) or "small"
     size = SIZES[kind]
     methods = list(getattr(args, "methods", None) or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     out = Path(args.out)
     started = time.time()
 
@@ -589,7 +593,7 @@ def _write(out: Path, args, device: str, size: Size, model_name: str, base_info:
         "device": device,
         "size": size_dict,
         "noise": size.noise.as_dict(),
-        "methods": {m: METHODS[m] for m in dict.fromkeys(r["method"] for r in records)},
+        "methods": {m: ALL_METHODS[m] for m in dict.fromkeys(r["method"] for r in records)},
         "total_wall_s": time.time() - started,
         "records": records,
         "summary": summary,
@@ -613,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                              " smollm2: the embedded SmolLM2-135M (needs far more compute)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of methods (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS),
+                        help="a subset of methods (default: all but the experimental x_* variants)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--keep-work", action="store_true", help="keep the caches and outputs (temp dir)")
     return parser

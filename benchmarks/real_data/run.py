@@ -33,13 +33,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the experimental selectors
 
+import selection_research  # noqa: E402  (registers the x_* variants)
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
 
 from sstoken.evaluation import DEFAULT_TASKS, default_home, paired_bootstrap  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
-NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning"}
+RESEARCH_METHODS = selection_research.VARIANTS  # experimental (issue 11): run on request, listed after the rest
+NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning", *(m for m in RESEARCH_METHODS if m != "x_smallloss")}
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}
 
 
@@ -206,7 +209,7 @@ def aggregate(results: list[dict], tasks: list[str]) -> dict:
         by_method.setdefault(r["method"], []).append(r)
     full = by_method.get("full")
     summary = {}
-    for method in [m for m in METHODS if m in by_method]:
+    for method in [m for m in METHODS + RESEARCH_METHODS if m in by_method]:
         runs = by_method[method]
         if full is not None and method not in ("base",):
             seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in full})
@@ -462,7 +465,8 @@ def _run_workers(ns, argv: list[str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + RESEARCH_METHODS, default=list(METHODS),
+                        help="methods to run (default: all but the experimental x_* variants)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", choices=DEFAULT_TASKS, default=list(DEFAULT_TASKS))
     parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
