@@ -352,3 +352,15 @@ def test_a_selector_is_one_class_that_registers_itself(tmp_path):
         assert entry["kept_fraction"] == pytest.approx(expected_kept_fraction(rows, 0.5))
     finally:
         del SELECTORS["last_tokens_test"]
+
+
+def test_a_cpu_run_does_not_ask_for_pinned_memory(tmp_path):
+    """Pinned memory only helps copies to an accelerator; left on, torch warns on every CPU run."""
+    import warnings
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    assert trainer.args.dataloader_pin_memory is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "pin_memory" in str(w.message)]

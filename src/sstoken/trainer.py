@@ -109,6 +109,9 @@ class SSTokenConfig(SFTConfig):
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which transformers refuses on a machine without bf16 support.
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
+        if self.use_cpu or not torch.cuda.is_available():
+            # Pinned memory only speeds up copies to an accelerator; on a CPU run torch warns about it every run.
+            self.dataloader_pin_memory = False
         super().__post_init__()
         validate_selection_args(self)
 
