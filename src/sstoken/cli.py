@@ -331,9 +331,9 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"])
     if ns.adapter:
-        from peft import PeftModel
+        from sstoken.models import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(Path(ns.adapter).expanduser()))
+        model = load_adapter(model, ns.adapter)
     started = time.time()
     cache = build_nll_cache(model, tokenizer, rows, out, run["max_seq_length"], batch_size=run["cache_batch_size"])
     print(f"sstoken cache: {len(cache)} samples written to {out} in {time.time() - started:.1f}s")

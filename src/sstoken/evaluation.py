@@ -359,11 +359,9 @@ def load_for_eval(target: EvalTarget, dtype: str | None = None):
     tokenizer = load_tokenizer(target.tokenizer or target.model)
     model = load_model(target.model, dtype)
     if target.adapter:
-        from peft import PeftModel
+        from sstoken.models import load_adapter
 
-        if not (Path(target.adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"adapter {target.adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, target.adapter).merge_and_unload()
+        model = load_adapter(model, target.adapter).merge_and_unload()
     model.eval()
     return model, tokenizer
 
@@ -392,8 +390,8 @@ def run_lm_eval(model, tokenizer, tasks_dir: str | os.PathLike, tasks: Sequence[
     missing = [t for t in tasks if not (folder / f"{t}.yaml").is_file()]
     if missing:
         raise ConfigError(f"no prepared task {', '.join(missing)} in {folder}; run `sstoken eval --prepare` first")
-    for noisy in ("lm_eval", "lm-eval"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # lm-eval warns that a loaded model (not a path) is passed, and that num_fewshot is set: both intended here.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=max_length or _context_length(model), device=str(model.device))
     manager = TaskManager(include_path=str(folder), include_defaults=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 from sstoken.errors import ConfigError
@@ -90,3 +91,26 @@ def _forget_gguf_quantization(model) -> None:
         model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """PEFT (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model: a
+    FutureWarning on every LoRA run that no setting of ours can avoid, so that one message is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_adapter(model, path: str | os.PathLike):
+    """``model`` with the saved PEFT adapter at ``path`` applied (not merged); a clear error if it is none."""
+    from peft import PeftModel
+
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter {path} is not a PEFT adapter folder (no adapter_config.json there)")
+    try:
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"cannot load adapter {path}: {exc}") from exc

@@ -231,12 +231,9 @@ def _load_for_inspect(ns):
     rows, _ = load_training_rows(data, tokenizer, ns.max_seq_length)
     model = load_model(ns.model, ns.dtype)
     if ns.adapter:
-        from peft import PeftModel
+        from sstoken.models import load_adapter
 
-        try:
-            model = PeftModel.from_pretrained(model, ns.adapter)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ConfigError(f"cannot load adapter {ns.adapter}: {exc}") from exc
+        model = load_adapter(model, ns.adapter)
     return model, tokenizer, rows[:ns.samples]
 
 

@@ -40,6 +40,7 @@ from sstoken import lm_head, scoring
 from sstoken.batch import unwrap_model
 from sstoken.errors import ConfigError, did_you_mean
 from sstoken.guards import FiniteWeightsGuard
+from sstoken.models import quiet_peft_wrapping
 from sstoken.history import CacheFingerprints, EMAHistory, NLLCache, check_ema_decay, check_ema_interval
 from sstoken.io import atomic_path
 from sstoken.selection import SELECTORS, Selector, Signals, make_selector
@@ -228,11 +229,7 @@ class SSTokenTrainer(SFTTrainer):
                 if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
         elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
             kwargs["eval_dataset"] = _encode_dataset(eval_dataset, processing_class, sst_args, kwargs.get("model"))
-        with warnings.catch_warnings():
-            # PEFT (0.21) reads the deprecated `model.is_gradient_checkpointing` while wrapping the model
-            # (PeftModel.__init__): a FutureWarning on every LoRA run that no setting of ours can avoid.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+        with quiet_peft_wrapping():
             super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
