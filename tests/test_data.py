@@ -249,9 +249,9 @@ def test_long_chat_costs_work_linear_in_its_turns(tok, monkeypatch):
     rendered = {"messages": 0}
     real_render = data.render_chat
 
-    def counting_render(tokenizer, messages, add_generation_prompt):
+    def counting_render(tokenizer, messages, add_generation_prompt, **kwargs):
         rendered["messages"] += len(messages)
-        return real_render(tokenizer, messages, add_generation_prompt)
+        return real_render(tokenizer, messages, add_generation_prompt, **kwargs)
 
     monkeypatch.setattr(data, "render_chat", counting_render)
     long_row = chat(5000)

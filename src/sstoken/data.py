@@ -33,6 +33,7 @@ import bisect
 import codecs
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +69,18 @@ MAX_ASSISTANT_TURNS = 512
 and not counted). Locating turn k costs time proportional to k, so this bounds the check of one row to
 seconds instead of letting a pathological conversation stall the data check."""
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 METADATA_KEYS = frozenset({"id", "meta", "metadata", "source"})
-MESSAGE_KEYS = ("role", "content")
+MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls")
+_TOOL_CALL_KEYS = ("type", "id", "function")
+_FUNCTION_KEYS = ("name", "arguments")
+_TEXT_PART_KEYS = ("type", "text")
+_TOOL_CALL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'arguments': {...}}}"
+_TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'description': ..., 'parameters': {...}}}"
+_TEXT_PART_SHAPE = "{'type': 'text', 'text': ...}"
+_PART_SEPARATOR = "\n"
+"""Joins the text parts of list content into one string, as OpenAI-compatible servers such as vLLM do for
+text-only models, so the model is trained on the text it will be served."""
 FORMATS = ("messages", "prompt_completion", "alpaca")
 
 # Keys that identify each format, and which of them are required.
@@ -358,44 +368,173 @@ def _text(value: Any, field: str, *, nonblank: bool = False, what: str = "") -> 
     return value
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
+def _is_set(mapping: Mapping[str, Any], key: str) -> bool:
+    # An optional key holding null counts as absent: a file loaded with `datasets` gives every message every
+    # key that any message of the file has, filled with null.
+    return mapping.get(key) is not None
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: tuple[str, ...], name: str, shape: str) -> None:
+    for key in obj:
+        if key not in allowed and obj[key] is not None:
+            raise _RowError(f"{name}.{_field_name(key)}", f"unknown field{did_you_mean(key, allowed)}; {shape}")
+
+
+def _text_parts(parts: list[Any], field: str) -> str:
+    """The text of list-of-parts content (``[{"type": "text", "text": ...}, ...]``), parts joined by
+    :data:`_PART_SEPARATOR`. Flattening keeps text-only templates (which read ``content`` as a string, or drop
+    it when it is not one) from losing the text."""
+    texts = []
+    for i, part in enumerate(parts):
+        name = f"{field}[{i}]"
+        if not isinstance(part, dict):
+            raise _RowError(name, f"must be a content part like {_TEXT_PART_SHAPE}, got {_json_type(part)}")
+        if not _is_set(part, "type"):
+            raise _RowError(f"{name}.type", f"missing (a content part is {_TEXT_PART_SHAPE})")
+        if part["type"] != "text":
+            raise _RowError(
+                f"{name}.type",
+                f"{part['type']!r} parts are not supported: sstoken trains text-only models, so content parts "
+                f"must be {_TEXT_PART_SHAPE}",
+            )
+        _check_keys(part, _TEXT_PART_KEYS, name, "a text part has only 'type' and 'text'")
+        if not _is_set(part, "text"):
+            raise _RowError(f"{name}.text", f"missing (a content part is {_TEXT_PART_SHAPE})")
+        texts.append(_text(part["text"], f"{name}.text"))
+    return _PART_SEPARATOR.join(texts)
+
+
+def _content(value: Any, field: str) -> str:
+    if isinstance(value, list):
+        return _text_parts(value, field)
+    if not isinstance(value, str):
+        raise _RowError(field, f"must be a string or a list of text parts, got {_json_type(value)}")
+    return _text(value, field)
+
+
+def _function_call(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _RowError(field, f"must be an object with 'name' and 'arguments', got {_json_type(value)}")
+    _check_keys(value, _FUNCTION_KEYS, field, "a function call has only 'name' and 'arguments'")
+    if not _is_set(value, "name"):
+        raise _RowError(f"{field}.name", "missing (the name of the called function)")
+    name = _text(value["name"], f"{field}.name", nonblank=True)
+    if not _is_set(value, "arguments"):
+        raise _RowError(f"{field}.arguments", "missing (use {} for a call without arguments)")
+    arguments = value["arguments"]
+    if isinstance(arguments, str):  # OpenAI's shape; passed to the template as given, but it must be JSON
+        try:
+            parsed = json.loads(_text(arguments, f"{field}.arguments"))
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _RowError(f"{field}.arguments", "is a string but not a JSON object; use an object or its JSON text")
+    elif not isinstance(arguments, dict):
+        raise _RowError(f"{field}.arguments", f"must be an object (or its JSON text), got {_json_type(arguments)}")
+    return {"name": name, "arguments": arguments}
+
+
+def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _RowError(field, f"must be a list of tool calls like {_TOOL_CALL_SHAPE}, got {_json_type(value)}")
+    if not value:
+        raise _RowError(field, "is an empty list (leave 'tool_calls' out when the turn calls no tool)")
+    calls = []
+    for i, call in enumerate(value):
+        name = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise _RowError(name, f"must be a tool call like {_TOOL_CALL_SHAPE}, got {_json_type(call)}")
+        if not _is_set(call, "function") and "name" in call:
+            raise _RowError(f"{name}.function", f"missing: put 'name' and 'arguments' inside 'function' ({_TOOL_CALL_SHAPE})")
+        _check_keys(call, _TOOL_CALL_KEYS, name, "a tool call has 'function' and optional 'type' and 'id'")
+        if _is_set(call, "type") and call["type"] != "function":
+            raise _RowError(f"{name}.type", f"only 'function' tool calls are supported, got {call['type']!r}")
+        if not _is_set(call, "function"):
+            raise _RowError(f"{name}.function", f"missing ({_TOOL_CALL_SHAPE})")
+        clean = {key: call[key] for key in _TOOL_CALL_KEYS if _is_set(call, key)}
+        clean["function"] = _function_call(call["function"], f"{name}.function")
+        if "id" in clean:
+            _text(clean["id"], f"{name}.id")
+        calls.append(clean)
+    return calls
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """The row's ``tools`` (function schemas for ``apply_chat_template(tools=...)``); None when there are none."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _RowError("tools", f"must be a list of tool schemas like {_TOOL_SHAPE}, got {_json_type(value)}")
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise _RowError(f"tools[{i}]", f"must be a tool schema like {_TOOL_SHAPE}, got {_json_type(tool)}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            got = "missing" if function is None else f"must be an object, got {_json_type(function)}"
+            raise _RowError(f"tools[{i}].function", f"{got} (a tool schema is {_TOOL_SHAPE})")
+        if not _is_set(function, "name"):
+            raise _RowError(f"tools[{i}].function.name", "missing (the name the model calls the function by)")
+        _text(function["name"], f"tools[{i}].function.name", nonblank=True)
+    return value or None
+
+
+def _message(message: Any, name: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise _RowError(name, f"must be an object with 'role' and 'content', got {_json_type(message)}")
+    _check_keys(
+        message,
+        MESSAGE_KEYS,
+        name,
+        "a message has 'role' and 'content', plus 'tool_calls' (assistant), 'tool_call_id' (tool) and 'name'",
+    )
+    if "role" not in message:
+        raise _RowError(f"{name}.role", "missing (every message needs 'role' and 'content')")
+    role = message["role"]
+    if not isinstance(role, str):
+        raise _RowError(f"{name}.role", f"must be a string, got {_json_type(role)}")
+    if role not in ROLES:
+        hint = f" (use {_ROLE_HINTS[role.lower()]!r})" if role.lower() in _ROLE_HINTS else ""
+        hint = hint or did_you_mean(role, ROLES)
+        raise _RowError(
+            f"{name}.role", f"unknown role {role!r}{hint}; expected 'system', 'user', 'assistant' or 'tool'"
+        )
+    tool_calls = None
+    if _is_set(message, "tool_calls"):
+        if role != "assistant":
+            raise _RowError(f"{name}.tool_calls", f"only assistant messages call tools, this one is {role!r}")
+        tool_calls = _tool_calls(message["tool_calls"], f"{name}.tool_calls")
+    if tool_calls is not None and message.get("content") is None:
+        content = ""  # a turn that only calls tools; templates expect a string
+    elif "content" not in message:
+        raise _RowError(f"{name}.content", "missing (every message needs 'role' and 'content')")
+    else:
+        content = _content(message["content"], f"{name}.content")
+    if role == "assistant" and tool_calls is None and not content.strip():
+        raise _RowError(
+            f"{name}.content",
+            "is empty or whitespace only (an assistant turn must have text or tool calls to train on)",
+        )
+    out: dict[str, Any] = {"role": role, "content": content}
+    if _is_set(message, "name"):
+        out["name"] = _text(message["name"], f"{name}.name", nonblank=True)
+    if _is_set(message, "tool_call_id"):
+        if role != "tool":
+            raise _RowError(f"{name}.tool_call_id", f"only tool messages answer a tool call, this one is {role!r}")
+        out["tool_call_id"] = _text(message["tool_call_id"], f"{name}.tool_call_id")
+    if tool_calls is not None:
+        out["tool_calls"] = tool_calls
+    return out
+
+
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _RowError(field, f"must be a list of messages, got {_json_type(value)}")
     if not value:
         raise _RowError(field, "is an empty list")
-    out = []
-    for i, message in enumerate(value):
-        name = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise _RowError(name, f"must be an object with 'role' and 'content', got {_json_type(message)}")
-        for key in message:
-            if key not in MESSAGE_KEYS:
-                raise _RowError(
-                    f"{name}.{_field_name(key)}",
-                    f"unknown field in a message{did_you_mean(key, MESSAGE_KEYS)}; a message has only "
-                    "'role' and 'content'",
-                )
-        for key in MESSAGE_KEYS:
-            if key not in message:
-                raise _RowError(f"{name}.{key}", "missing (every message needs 'role' and 'content')")
-        role = message["role"]
-        if not isinstance(role, str):
-            raise _RowError(f"{name}.role", f"must be a string, got {_json_type(role)}")
-        if role not in ROLES:
-            hint = f" (use {_ROLE_HINTS[role.lower()]!r})" if role.lower() in _ROLE_HINTS else ""
-            hint = hint or did_you_mean(role, ROLES)
-            raise _RowError(f"{name}.role", f"unknown role {role!r}{hint}; expected 'system', 'user' or 'assistant'")
-        content = _text(
-            message["content"],
-            f"{name}.content",
-            nonblank=role == "assistant",
-            what=" (an assistant turn must have text to train on)",
-        )
-        out.append({"role": role, "content": content})
-    return out
+    return [_message(message, f"{field}[{i}]") for i, message in enumerate(value)]
 
 
-def _check_system_first(messages: list[dict[str, str]], names: list[str]) -> None:
+def _check_system_first(messages: list[dict[str, Any]], names: list[str]) -> None:
     for i, message in enumerate(messages):
         if i > 0 and message["role"] == "system":
             raise _RowError(f"{names[i]}.role", "a system message is only allowed as the first message")
@@ -418,55 +557,149 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}")
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """The text the tokenizer's chat template makes of ``messages`` (a ChatML fallback where it has none)."""
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_EMPTY_REASONING = re.compile(r"<think>\s*</think>\s*")
+"""An empty reasoning block at the start of an assistant turn. Templates such as Qwen3's write one into the
+last assistant turn whether or not the data has reasoning; it carries no data, so it is context: training it
+would teach the model to skip reasoning. A block with text in it (reasoning from the data) is trained."""
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The text the tokenizer's chat template makes of ``messages`` and ``tools`` (the
+    :data:`FALLBACK_CHAT_TEMPLATE` where it has none)."""
     kwargs: dict[str, Any] = {}
     if getattr(tokenizer, "chat_template", None) is None:
         kwargs = {"chat_template": FALLBACK_CHAT_TEMPLATE, "eos_token": tokenizer.eos_token or ""}
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
     except Exception as exc:  # jinja's raise_exception, undefined variables, ... : the template refuses
-        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        raise _RowError(None, f"the chat template cannot render this conversation: {reason}") from None
+        raise _RowError(None, f"the chat template cannot render this conversation: {_reason(exc)}") from None
     if not isinstance(text, str):
         raise ConfigError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
-def _encode_conversation(
-    messages: list[dict[str, str]], names: list[str], train_from: int, tokenizer: Any, max_tokens: int
-) -> tuple[list[int], list[int]]:
-    """Tokenize a rendered conversation; train the assistant turns with index >= ``train_from``.
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def _uses_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or "tool_calls" in m for m in messages)
+
+
+def _has_generation_blocks(tokenizer: Any, tools: list[dict[str, Any]] | None) -> bool:
+    """Whether the chat template marks assistant text with ``{% generation %}`` (for assistant masks)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False
+    try:
+        template = tokenizer.get_chat_template(None, tools)  # picks the "tool_use" one of named templates
+    except Exception:  # noqa: BLE001 - no usable template: rendering reports it as a row error
+        return False
+    return bool(_GENERATION_BLOCK.search(template))
+
+
+def _check_tools_rendered(
+    tokenizer: Any, messages: list[dict[str, Any]], names: list[str], tools: Any, full: str
+) -> None:
+    """Refuse tool data that the template would silently drop. Whether a template renders tools or tool
+    messages is a property of the template, so one render (tools) and one substring search (the first tool
+    message) are enough; tool calls are checked per trained turn where the turn is located."""
+    if getattr(tokenizer, "chat_template", None) is None and _uses_tools(messages, tools):
+        raise _RowError(
+            None,
+            "the tokenizer has no chat template and the built-in fallback cannot render tools, tool calls or "
+            "tool messages; give the tokenizer a chat template that supports tools",
+        )
+    if tools and full == render_chat(tokenizer, messages, False):
+        raise _RowError(
+            "tools",
+            "the chat template ignores tools (the rendering is the same without them); use a chat template "
+            "that supports tools, or leave 'tools' out",
+        )
+    for k, message in enumerate(messages):
+        if message["role"] == "tool":
+            if message["content"].strip() and message["content"].strip() not in full:
+                raise _RowError(
+                    names[k],
+                    "the chat template drops 'tool' messages (their content is not in the rendering); use a "
+                    "chat template that supports tools",
+                )
+            break
+
+
+def _check_tool_calls_rendered(message: dict[str, Any], turn_text: str, name: str) -> None:
+    for i, call in enumerate(message.get("tool_calls", ())):
+        if call["function"]["name"] not in turn_text:
+            raise _RowError(
+                f"{name}.tool_calls[{i}]",
+                f"the chat template does not render tool calls (the function name {call['function']['name']!r} "
+                "is not in the rendered assistant turn); use a chat template that supports tools",
+            )
+
+
+def _shown_tail_length(turn: str, full: str, start: int) -> int:
+    """Length of the longest tail of ``turn`` that ``full`` shows at ``start``.
+
+    ``turn`` is an assistant turn as the model generates it at inference (rendered with nothing after it).
+    Templates such as Qwen3's rewrite the head of a turn once later messages follow (they drop its reasoning
+    block) but keep its content and end-of-turn token, so the full rendering shows a tail of the turn.
+    """
+    if full.startswith(turn, start):
+        return len(turn)
+    for i in range(1, len(turn)):
+        # A short probe first keeps a turn that never matches from costing a copy of the turn per character.
+        if full.startswith(turn[i : i + 16], start) and full.startswith(turn[i:], start):
+            return len(turn) - i
+    return 0
+
+
+def _prefix_spans(
+    messages: list[dict[str, Any]],
+    names: list[str],
+    train_from: int,
+    render: Any,
+    full: str,
+    window_end: int,
+    max_tokens: int,
+) -> list[tuple[int, int]]:
+    """Character spans in ``full`` of the assistant turns with index >= ``train_from``, found by prefixes.
+
+    Turn k starts where its prompt ends: ``prompt = render(messages[:k], add_generation_prompt=True)`` must
+    be a prefix of ``full`` (so the context before the turn is what the model sees at inference). The turn as
+    generated is ``render(messages[:k + 1])`` after the prompt, trailing whitespace removed. A prefix-stable
+    template shows it unchanged in ``full``; a template that rewrites earlier turns (Qwen3 drops their
+    reasoning) shows a tail of it, and that tail is the span.
 
     Locating a turn renders the conversation up to it, which costs time proportional to the turns before it.
-    Turns that start past the first ``max_tokens`` tokens are cut off by truncation anyway, so they are not
-    located: the work stays bounded by the turns inside the window, not by the length of the conversation.
+    Turns that start past ``window_end`` are cut off by truncation anyway, so they are not located: the work
+    stays bounded by the turns inside the window, not by the length of the conversation.
     """
-    full = render_chat(tokenizer, messages, False)
-    encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
-    input_ids = list(encoding["input_ids"])
-    offsets = list(encoding["offset_mapping"])
-    # Characters after this offset belong only to tokens that truncation removes.
-    window_end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(full)
-    starts: list[int] = []
-    ends: list[int] = []
+    spans: list[tuple[int, int]] = []
+    located = 0
     checked_generation_prompt = False
     for k, message in enumerate(messages):
         if k < train_from or message["role"] != "assistant":
             continue
-        prefix = render_chat(tokenizer, messages[:k], True)
-        if len(prefix) >= window_end:
+        prompt = render(messages[:k], True)
+        if len(prompt) >= window_end:
             break
-        if len(starts) == MAX_ASSISTANT_TURNS:
+        if located == MAX_ASSISTANT_TURNS:
             raise _RowError(
                 names[k],
                 f"more than {MAX_ASSISTANT_TURNS} assistant turns within max_seq_length={max_tokens} tokens "
                 "(MAX_ASSISTANT_TURNS); split the conversation into several rows",
             )
+        located += 1
         if not checked_generation_prompt:  # a property of the template: checking one turn is enough
-            if prefix == render_chat(tokenizer, messages[:k], False):
+            if prompt == render(messages[:k], False):
                 raise _RowError(
                     None,
                     "the chat template renders no generation prompt (add_generation_prompt=True changes "
@@ -474,29 +707,150 @@ def _encode_conversation(
                     "prompt",
                 )
             checked_generation_prompt = True
-        upto = render_chat(tokenizer, messages[: k + 1], False)
-        if not upto.startswith(prefix) or not full.startswith(upto):
+        if not full.startswith(prompt):
             raise _RowError(
                 names[k],
-                "the chat template is not prefix-stable (rendering the conversation up to this assistant "
-                "turn is not a prefix of the full rendering), so assistant turns cannot be marked",
+                "the chat template is not prefix-stable (the conversation before this assistant turn, rendered "
+                "with add_generation_prompt=True, is not a prefix of the full rendering), so assistant turns "
+                "cannot be marked",
             )
-        start, end = len(prefix), len(upto.rstrip())
-        if end > start:
-            starts.append(start)
-            ends.append(end)
-    # The spans are ordered and disjoint (each turn's rendering is a prefix of the next), so the only span a
-    # token can overlap is the last one starting before the token ends: a binary search instead of a scan.
+        upto = render(messages[: k + 1], False)
+        if not upto.startswith(prompt):
+            raise _RowError(
+                names[k],
+                "the chat template renders this assistant turn without the generation prompt it writes before "
+                "it (add_generation_prompt=True), so the turn cannot be located",
+            )
+        turn = upto[len(prompt) :].rstrip()
+        start = len(prompt)
+        end = start + _shown_tail_length(turn, full, start)
+        if turn and end == start:
+            raise _RowError(
+                names[k],
+                "the chat template renders this assistant turn differently once later messages follow, and "
+                "the full rendering shows no part of it as generated, so the turn cannot be located",
+            )
+        if spans and start < spans[-1][1]:
+            raise _RowError(names[k], "the chat template renders assistant turns out of order")
+        _check_tool_calls_rendered(message, full[start:end], names[k])
+        spans.append((start, end))
+    return spans
+
+
+def _generation_spans(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    names: list[str],
+    train_from: int,
+    tools: list[dict[str, Any]] | None,
+    render: Any,
+    full: str,
+) -> list[tuple[int, int]]:
+    """Character spans in ``full`` of the text the template marks with ``{% generation %}``.
+
+    One render, whatever the number of turns. Turns before ``train_from`` (the prompt of conversational
+    prompt/completion) are cut off at the end of the prompt rendered with ``add_generation_prompt=True``.
+    """
+    try:
+        out = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            tokenizer_kwargs={"return_offsets_mapping": True},
+        )
+    except Exception as exc:  # noqa: BLE001 - the template refuses the conversation
+        raise _RowError(None, f"the chat template cannot render this conversation: {_reason(exc)}") from None
+    spans: list[tuple[int, int]] = []
+    for marked, (start, end) in zip(out["assistant_masks"], out["offset_mapping"]):
+        if not marked:
+            continue
+        if spans and start <= spans[-1][1]:  # consecutive marked tokens: one span
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    if not spans:
+        raise _RowError(
+            None,
+            "the chat template has {% generation %} blocks but they mark no text of this conversation, so "
+            "assistant turns cannot be located",
+        )
+    trained = [k for k, m in enumerate(messages) if k >= train_from and m["role"] == "assistant"]
+    if train_from > 0:
+        prompt = render(messages[:train_from], True)
+        if not full.startswith(prompt):
+            raise _RowError(
+                names[trained[0]] if trained else None,
+                "the chat template is not prefix-stable (the prompt rendered with add_generation_prompt=True "
+                "is not a prefix of the full rendering), so the completion cannot be told from the prompt",
+            )
+        spans = [(max(start, len(prompt)), end) for start, end in spans if end > len(prompt)]
+    marked_text = "".join(full[start:end] for start, end in spans)
+    for k in trained:
+        _check_tool_calls_rendered(messages[k], marked_text, names[k])
+    return spans
+
+
+def _trim_span(full: str, start: int, end: int) -> tuple[int, int]:
+    """The span without a leading empty reasoning block and without trailing whitespace."""
+    empty_reasoning = _EMPTY_REASONING.match(full, start, end)
+    if empty_reasoning:
+        start = empty_reasoning.end()
+    while end > start and full[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _label_tokens(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """``input_ids`` where a token's characters overlap a span, else ``IGNORE_INDEX``."""
+    starts = [start for start, _ in spans]
+    ends = [end for _, end in spans]
+    # The spans are ordered and disjoint, so the only span a token can overlap is the last one starting before
+    # the token ends: a binary search instead of a scan.
     labels = []
     for token_id, (s, e) in zip(input_ids, offsets):
         if s == e:  # an empty token is trained when its position lies inside a span
             i = bisect.bisect_right(starts, s) - 1
-            trained = i >= 0 and s < ends[i]
         else:
             i = bisect.bisect_left(starts, e) - 1
-            trained = i >= 0 and s < ends[i]
+        trained = i >= 0 and s < ends[i]
         labels.append(token_id if trained else IGNORE_INDEX)
-    return input_ids, labels
+    return labels
+
+
+def _encode_conversation(
+    messages: list[dict[str, Any]],
+    names: list[str],
+    train_from: int,
+    tokenizer: Any,
+    max_tokens: int,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Tokenize one rendering of the whole conversation; train the assistant turns with index >= ``train_from``.
+
+    The spans come from the template's ``{% generation %}`` blocks where it has them, else from prefix
+    renderings (:func:`_prefix_spans`).
+    """
+
+    def render(part: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return render_chat(tokenizer, part, add_generation_prompt, tools=tools)
+
+    full = render(messages, False)
+    _check_tools_rendered(tokenizer, messages, names, tools, full)
+    encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
+    input_ids = list(encoding["input_ids"])
+    offsets = list(encoding["offset_mapping"])
+    if _has_generation_blocks(tokenizer, tools):
+        spans = _generation_spans(tokenizer, messages, names, train_from, tools, render, full)
+    else:
+        # Characters after this offset belong only to tokens that truncation removes.
+        window_end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(full)
+        spans = _prefix_spans(messages, names, train_from, render, full, window_end, max_tokens)
+    spans = [span for span in (_trim_span(full, start, end) for start, end in spans) if span[1] > span[0]]
+    return input_ids, _label_tokens(input_ids, offsets, spans)
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -529,20 +883,30 @@ def _alpaca_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
+def _refuse_tools(tools: list[dict[str, Any]] | None) -> None:
+    if tools:
+        raise _RowError(
+            "tools", "only conversations can use tools (messages, or prompt and completion as lists of messages)"
+        )
+
+
 def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> tuple[str, list[int], list[int]]:
-    fmt = _detect_format(row)
+    # 'tools' goes with any conversation format, so the format is told by the other keys.
+    fmt = _detect_format({key: value for key, value in row.items() if key != "tools"})
+    tools = _tools(row.get("tools"))
     if fmt == "messages":
         messages = _messages(row["messages"], "messages")
         names = [f"messages[{i}]" for i in range(len(messages))]
         _check_system_first(messages, names)
         if not any(m["role"] == "assistant" for m in messages):
             raise _RowError("messages", "has no assistant turn (nothing to train on)")
-        return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens)
+        return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens, tools)
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
             prompt = _text(prompt, "prompt")
             completion = _text(completion, "completion", nonblank=True, what=" (nothing to train on)")
+            _refuse_tools(tools)
             return fmt, *_encode_strings(prompt, completion, tokenizer)
         if isinstance(prompt, list) and isinstance(completion, list):
             prompt_messages = _messages(prompt, "prompt")
@@ -553,7 +917,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> t
             _check_system_first(messages, names)
             if not any(m["role"] == "assistant" for m in completion_messages):
                 raise _RowError("completion", "has no assistant message (nothing to train on)")
-            return fmt, *_encode_conversation(messages, names, len(prompt_messages), tokenizer, max_tokens)
+            return fmt, *_encode_conversation(messages, names, len(prompt_messages), tokenizer, max_tokens, tools)
         for name, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, (str, list)):
                 raise _RowError(name, f"must be a string or a list of messages, got {_json_type(value)}")
@@ -563,6 +927,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> t
             "strings or both lists of messages",
         )
     messages = _alpaca_messages(row)
+    _refuse_tools(tools)
     names = [{"system": "system", "user": "instruction", "assistant": "output"}[m["role"]] for m in messages]
     return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens)
 
