@@ -445,7 +445,9 @@ def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
         if not isinstance(call, dict):
             raise _RowError(name, f"must be a tool call like {_TOOL_CALL_SHAPE}, got {_json_type(call)}")
         if not _is_set(call, "function") and "name" in call:
-            raise _RowError(f"{name}.function", f"missing: put 'name' and 'arguments' inside 'function' ({_TOOL_CALL_SHAPE})")
+            raise _RowError(
+                f"{name}.function", f"missing: put 'name' and 'arguments' inside 'function' ({_TOOL_CALL_SHAPE})"
+            )
         _check_keys(call, _TOOL_CALL_KEYS, name, "a tool call has 'function' and optional 'type' and 'id'")
         if _is_set(call, "type") and call["type"] != "function":
             raise _RowError(f"{name}.type", f"only 'function' tool calls are supported, got {call['type']!r}")
