@@ -405,3 +405,16 @@ def test_template_that_changes_a_turn_beyond_its_head_is_refused():
         DataError, match=r"^f:1: messages\[1\]: the chat template renders this assistant turn differently"
     ):
         encode_row({"messages": [U("q"), A("a"), U("q2"), A("b")]}, with_template(template), 512, where="f:1")
+
+
+def test_tool_results_written_as_json_are_accepted():
+    # Llama 3.1's template writes tool results with tojson (a string is iterable in Jinja).
+    template = TOOL_CHATML.replace(
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}",
+        "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] | tojson) + '<|im_end|>\n' }}",
+    )
+    assert template != TOOL_CHATML
+    tok = with_template(template)
+    messages = [U("Weather?"), CALL(), TOOL('{"temperature": "22 C"}\n'), A("22 C.")]
+    enc = encode_row({"messages": messages}, tok, 512)
+    assert '<|im_start|>tool\n"{\\"temperature\\": \\"22 C\\"}\\n"<|im_end|>' in context_text(tok, enc)

@@ -609,7 +609,11 @@ def _has_generation_blocks(tokenizer: Any, tools: list[dict[str, Any]] | None) -
 
 
 def _check_tools_rendered(
-    tokenizer: Any, messages: list[dict[str, Any]], names: list[str], tools: Any, full: str
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    names: list[str],
+    tools: list[dict[str, Any]] | None,
+    full: str,
 ) -> None:
     """Refuse tool data that the template would silently drop. Whether a template renders tools or tool
     messages is a property of the template, so one render (tools) and one substring search (the first tool
@@ -628,13 +632,19 @@ def _check_tools_rendered(
         )
     for k, message in enumerate(messages):
         if message["role"] == "tool":
-            if message["content"].strip() and message["content"].strip() not in full:
+            if not _shows_text(full, message["content"].strip()):
                 raise _RowError(
                     names[k],
                     "the chat template drops 'tool' messages (their content is not in the rendering); use a "
                     "chat template that supports tools",
                 )
             break
+
+
+def _shows_text(full: str, text: str) -> bool:
+    """Whether ``full`` holds ``text`` as is or JSON-escaped (Llama 3.1's template writes tool results with
+    ``tojson``)."""
+    return text in full or json.dumps(text, ensure_ascii=False)[1:-1] in full
 
 
 def _check_tool_calls_rendered(message: dict[str, Any], turn_text: str, name: str) -> None:
