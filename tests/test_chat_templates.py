@@ -418,3 +418,27 @@ def test_tool_results_written_as_json_are_accepted():
     messages = [U("Weather?"), CALL(), TOOL('{"temperature": "22 C"}\n'), A("22 C.")]
     enc = encode_row({"messages": messages}, tok, 512)
     assert '<|im_start|>tool\n"{\\"temperature\\": \\"22 C\\"}\\n"<|im_end|>' in context_text(tok, enc)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"), A("9")],
+        [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("It is 22 C.")],
+        [U("q"), A("a1"), U("And 3 times 3?"), A("<think>3 threes.</think>9")],
+    ],
+)
+def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(messages, qwen_tok):
+    """TRL-style Qwen3 training templates mark the whole assistant output (reasoning block included) with
+    {% generation %}; the empty block is context there too, and both ways train the same tokens."""
+    start = "{{ '<|im_start|>assistant\n' }}"
+    end = "{{ '<|im_end|>\n' }}{% elif message.role == 'tool' %}"
+    template = QWEN3_LIKE.replace(start, start + "{% generation %}", 1).replace(
+        end, "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% elif message.role == 'tool' %}", 1
+    )
+    assert template.count("generation %}") == 2
+    generation_tok = with_template(template)
+    row = {"messages": messages, "tools": [WEATHER_TOOL]}
+    enc = encode_row(row, generation_tok, 512)
+    assert enc.as_dict() == encode_row(row, qwen_tok, 512).as_dict()
+    assert not any(run.startswith("<think>\n\n</think>") for run in trained_runs(generation_tok, enc))

@@ -34,7 +34,7 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -559,6 +559,9 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}")
 
 
+_Render = Callable[[list[dict[str, Any]], bool], str]
+"""``render(messages, add_generation_prompt)``: :func:`render_chat` bound to one row's tokenizer and tools."""
+
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _EMPTY_REASONING = re.compile(r"<think>\s*</think>\s*")
 """An empty reasoning block at the start of an assistant turn. Templates such as Qwen3's write one into the
@@ -677,7 +680,7 @@ def _prefix_spans(
     messages: list[dict[str, Any]],
     names: list[str],
     train_from: int,
-    render: Any,
+    render: _Render,
     full: str,
     window_end: int,
     max_tokens: int,
@@ -755,7 +758,7 @@ def _generation_spans(
     names: list[str],
     train_from: int,
     tools: list[dict[str, Any]] | None,
-    render: Any,
+    render: _Render,
     full: str,
 ) -> list[tuple[int, int]]:
     """Character spans in ``full`` of the text the template marks with ``{% generation %}``.
