@@ -265,3 +265,14 @@ def test_moe_aux_loss_is_added_to_the_loss_as_trl_does(tmp_path, coef, enabled):
 def test_router_aux_loss_coef_on_a_dense_model_is_refused_as_in_trl(tmp_path):
     with pytest.raises(ValueError, match="not a Mixture-of-Experts model"):
         tiny_trainer(tmp_path / "out", make_rows(4), router_aux_loss_coef=0.1, **SETTINGS)
+
+
+def test_evaluation_logs_trl_metrics_too(tmp_path):
+    from sstoken.testing import tiny_tokenizer
+
+    rows = make_rows(4)
+    trainer = SSTokenTrainer(model=tiny_model(), args=tiny_training_args(tmp_path / "out", **SETTINGS),
+                             train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                             processing_class=tiny_tokenizer(), peft_config=tiny_lora())
+    metrics = trainer.evaluate()
+    assert 0 < metrics["eval_entropy"] and 0 <= metrics["eval_mean_token_accuracy"] <= 1

@@ -189,3 +189,10 @@ def test_recipe_lora_flags_train_end_to_end(tmp_path, tiny_model_dir):
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["use_rslora"]) == (2, 4, True)
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_max_length_and_max_seq_length_are_one_setting():
+    with pytest.raises(ConfigError, match="max_seq_length and max_length are the same setting"):
+        split_recipe({"max_seq_length": 256, "max_length": 512})
+    run, config = split_recipe(merge_overrides({"max_seq_length": 256}, parse_overrides(["--max_length", "512"])))
+    assert run["max_seq_length"] == config["max_length"] == 512

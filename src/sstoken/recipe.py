@@ -200,11 +200,17 @@ def _takes_a_list(key: str) -> bool:
     return any(typing.get_origin(arg) is list or arg is list or arg is Any for arg in args)
 
 
+_SEQUENCE_LENGTH_KEYS = ("max_seq_length", "max_length")  # sstoken's run key, TRL's SFTConfig field
+
+
 def merge_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """The recipe with command-line flags on top. A flag in TRL's flat LoRA names (``--lora_r 8``) overrides that
     key of the recipe's ``lora:`` section, so flags and file may use different spellings."""
     merged = dict(recipe)
     for key, value in overrides.items():
+        if key in _SEQUENCE_LENGTH_KEYS:  # one setting under two names: the flag replaces either
+            for name in _SEQUENCE_LENGTH_KEYS:
+                merged.pop(name, None)
         inner = TRL_LORA_KEYS.get(key)
         if inner is not None and key not in merged and isinstance(merged.get("lora"), dict):
             merged["lora"] = {**merged["lora"], inner: value}
@@ -235,6 +241,8 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     run["lora"] = dict(RUN_KEYS["lora"])
     config: dict[str, Any] = {}
     recipe = _with_lora_section(recipe)
+    if all(key in recipe for key in _SEQUENCE_LENGTH_KEYS):
+        raise ConfigError("max_seq_length and max_length are the same setting; keep one of them")
     for old, new in _RENAMED.items():  # TRL recipes use the old names; transformers 5 warns on every run for them
         if old in recipe:
             if new in recipe:
@@ -247,12 +255,12 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
             if key == "lora":
                 value = _lora(value)
             run[key] = value
+        elif key == "max_length":  # TRL's name of max_seq_length (before the SSTokenConfig fields, which hold it)
+            run["max_seq_length"] = value
         elif key in fields:
             if isinstance(value, bool) and key.endswith("_strategy"):
                 value = "no" if value is False else value  # `save_strategy: no` read by YAML as false
             config[key] = value
-        elif key in ("max_length",):
-            run["max_seq_length"] = value
         else:
             known = list(RUN_KEYS) + list(TRL_LORA_KEYS) + ["use_peft"] + list(fields)
             raise ConfigError(f"unknown config key {shown(key)}{did_you_mean(key, known)}")
