@@ -148,7 +148,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
     Values are parsed as YAML scalars (numbers, booleans, null); a flag without a value is ``true``. Several
     values make a list (``--report_to wandb tensorboard``, ``--lora_target_modules q_proj v_proj``); a setting
-    that takes a single value refuses several, naming the flag."""
+    that takes a single value refuses several, naming the flag. A flag given twice: the last wins, as with
+    argparse (``sstoken compare`` relies on it)."""
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -166,8 +167,6 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 raws.append(tokens[i])
                 i += 1
             raws = raws or ["true"]
-        if key in overrides:
-            raise ConfigError(f"--{key} is given twice; keep one")
         try:
             values = [_scalar(raw) for raw in raws]
         except ConfigError as exc:
