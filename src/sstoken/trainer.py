@@ -610,14 +610,10 @@ def _trl_sees_no_assistant_only_loss(args):
 
 def _load_tokenizer(model_path: str, args):
     """The tokenizer SFTTrainer would load for a model path (its revision and trust_remote_code)."""
-    from transformers import AutoTokenizer
+    from sstoken.models import load_tokenizer
 
     revision = (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
-    trust_remote_code = args.trust_remote_code  # False unless the user set it, as in TRL
-    try:
-        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the tokenizer of {model_path!r}: {exc}") from exc
+    return load_tokenizer(model_path, args.trust_remote_code, revision=revision)
 
 
 def _needs_sstoken_encoding(dataset) -> bool:
