@@ -205,3 +205,34 @@ def test_old_and_new_checkpointing_names_are_one_setting():
 
     with pytest.raises(ConfigError, match="are the same setting; keep activation_checkpointing"):
         split_recipe({"gradient_checkpointing": False, "activation_checkpointing": True})
+
+
+def test_chat_template_and_eos_of_the_recipe_are_those_the_data_was_encoded_with(tmp_path, tiny_dir, monkeypatch):
+    """The rows trained on are exactly what the saved tokenizer makes of the data (issue 14)."""
+    import sstoken.cli
+    from sstoken.data import load_training_rows
+    from sstoken.testing import CHATML_TEMPLATE
+    from transformers import AutoTokenizer
+
+    template = CHATML_TEMPLATE.replace("'\n' + message['content']", "'\n\n' + message['content']").replace(
+        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n\n'")
+    (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
+    used = []
+    real_load_rows = sstoken.cli._load_rows
+
+    def recording_load_rows(path, tokenizer, max_seq_length):
+        rows, stats = real_load_rows(path, tokenizer, max_seq_length)
+        used.extend(rows)
+        return rows, stats
+
+    monkeypatch.setattr(sstoken.cli, "_load_rows", recording_load_rows)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, max_steps=1, chat_template_path=str(tmp_path / "t.jinja"),
+                          eos_token="<|endoftext|>")
+    assert main(["train", "--config", recipe]) == 0
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == template and saved.eos_token == "<|endoftext|>"
+    expected, _ = load_training_rows(str(tiny_dir / "train.jsonl"), saved, 96)
+    assert [r["input_ids"] for r in used] == [r["input_ids"] for r in expected]
+    original, _ = load_training_rows(str(tiny_dir / "train.jsonl"), AutoTokenizer.from_pretrained(tiny_dir / "model"),
+                                     96)
+    assert [r["input_ids"] for r in used] != [r["input_ids"] for r in original]

@@ -32,10 +32,9 @@ examples:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _prepare(args_config: str | None, overrides: list[str]):
-    from sstoken.recipe import build_config, load_recipe, parse_overrides, split_recipe
+    from sstoken.recipe import build_config, load_recipe, merge_overrides, parse_overrides, split_recipe
 
-    recipe = load_recipe(args_config)
-    recipe.update(parse_overrides(overrides))
+    recipe = merge_overrides(load_recipe(args_config), parse_overrides(overrides))
     run, config_kwargs = split_recipe(recipe)
     if not run["data"]:
         raise ConfigError("no training data: set `data:` in the recipe or pass --data path.jsonl")
@@ -92,15 +91,19 @@ def _peft_config(lora: dict | None):
         return None
     from peft import LoraConfig
 
+    # TRL's get_peft_config passes target_parameters only when set (older PEFT versions lack it).
+    optional = {"target_parameters": lora["target_parameters"]} if lora.get("target_parameters") else {}
     return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+                      target_modules=lora["target_modules"], modules_to_save=lora.get("modules_to_save"),
+                      use_rslora=bool(lora.get("use_rslora")), use_dora=bool(lora.get("use_dora")),
+                      task_type=lora.get("task_type", "CAUSAL_LM"), **optional)
 
 
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(ns, overrides: list[str]) -> int:
     from sstoken.data import to_hf_dataset
     from sstoken.models import load_model, load_tokenizer
-    from sstoken.trainer import SSTokenTrainer, check_history_source
+    from sstoken.trainer import SSTokenTrainer, apply_tokenizer_settings, check_history_source
 
     run, config = _prepare(ns.config, overrides)
     for key in ("history_cache", "reference_cache"):
@@ -109,13 +112,18 @@ def cmd_train(ns, overrides: list[str]) -> int:
                               f"`sstoken cache --config {ns.config or '<recipe>'}`")
     _check_output_folder(config.output_dir, "output_dir", _RUN_MARKERS)
     check_history_source(config, trains_an_adapter=bool(run["lora"]))
+    if run["quantization"]:
+        from sstoken.models import check_quantization_possible
+
+        check_quantization_possible(run["quantization"])
     if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
         # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
         raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
-    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"])
+    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"], revision=_revision(config))
+    apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
     rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"])
     eval_dataset = None
     if run["eval_data"]:
@@ -124,7 +132,10 @@ def cmd_train(ns, overrides: list[str]) -> int:
     for cache_path in (config.history_cache, config.reference_cache):
         if cache_path:
             _check_cache_covers(cache_path, rows)
-    model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"])
+    model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"],
+                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"],
+                       activation_checkpointing=bool(config.activation_checkpointing or config.gradient_checkpointing))
+    config.model_init_kwargs = None  # used by load_model above; the trainer gets the built model
     try:
         trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows),
                                  eval_dataset=eval_dataset, processing_class=tokenizer,
@@ -157,6 +168,11 @@ def cmd_train(ns, overrides: list[str]) -> int:
             _write_plots(out)
         _print_summary(summary)
     return 0
+
+
+def _revision(config) -> str | None:
+    """The model revision of model_init_kwargs, which TRL also uses for the tokenizer."""
+    return (config.model_init_kwargs or {}).get("revision")
 
 
 def _raised_inside(exc: BaseException, package: str) -> bool:
@@ -282,6 +298,7 @@ def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
         "history": config.history,
         "history_cache": config.history_cache,
         "lora": run["lora"],
+        "quantization": run["quantization"],
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "final_loss_kept": last.get("loss_kept"),
@@ -327,9 +344,13 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     _check_output_folder(out, "cache folder", _CACHE_MARKERS)
     if ns.adapter and not (Path(ns.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {ns.adapter} is not a PEFT adapter folder (no adapter_config.json there)")
-    tokenizer = load_tokenizer(model_name, run["trust_remote_code"])
+    from sstoken.trainer import apply_tokenizer_settings
+
+    tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=_revision(config))
+    apply_tokenizer_settings(tokenizer, config)  # the cache must hold the rows that training will encode
     rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
-    model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"])
+    model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"],
+                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"])
     if ns.adapter:
         from sstoken.models import load_adapter
 
@@ -385,7 +406,7 @@ def _extra_commands():
 
 
 def _help_config() -> int:
-    from sstoken.recipe import RUN_KEYS, config_fields
+    from sstoken.recipe import RUN_KEYS, TRL_LORA_KEYS, config_fields
 
     print("run keys:")
     for key, default in RUN_KEYS.items():
@@ -399,7 +420,9 @@ def _help_config() -> int:
             continue
         print(f"  {name:28s} default {fld.default!r}: {fld.metadata.get('help', '')}")
     print(f"\nplus every TRL SFTConfig / TrainingArguments field ({len(inherited)} keys), e.g. learning_rate, "
-          f"max_steps, per_device_train_batch_size, gradient_accumulation_steps, save_steps, report_to.")
+          f"max_steps, per_device_train_batch_size, gradient_accumulation_steps, save_steps, report_to "
+          f"(docs/config.md says which are refused);")
+    print(f"LoRA also as TRL's flat names: {', '.join(TRL_LORA_KEYS)}, use_peft.")
     return 0
 
 

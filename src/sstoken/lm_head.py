@@ -69,20 +69,44 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return logits.float()
 
 
+def logit_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy of the predicted distribution, whether ``targets`` is its argmax) per row of float32 ``logits``
+    (N×V) whose log-sum-exp is ``lse``: TRL's ``entropy`` and ``mean_token_accuracy`` metrics, per token."""
+    probs = (logits - lse[:, None]).exp()
+    entropy = lse - (probs * logits).sum(-1)  # -Σ p·log p, with log p = logit - lse
+    return entropy, logits.argmax(-1) == targets
+
+
+@dataclass
+class RowStats:
+    """Per-row metrics of :func:`label_nll_and_lse` with ``stats=True`` (float32 entropy, bool argmax hit)."""
+
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+
+
 @torch.no_grad()
 def label_nll_and_lse(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None, softcap: float | None,
-                      chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL of ``targets``, log-sum-exp) per row of ``hidden`` (N×d), both float32, ``chunk_rows`` rows at a time."""
+                      chunk_rows: int, stats: bool = False):
+    """(NLL of ``targets``, log-sum-exp) per row of ``hidden`` (N×d), both float32, ``chunk_rows`` rows at a time.
+
+    With ``stats``, a third value: :class:`RowStats` computed from the same chunks of logits (two more passes over
+    each chunk, which is why the trainer asks for them only on logging steps)."""
     n = hidden.shape[0]
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    row_stats = RowStats(entropy=torch.empty(n, dtype=torch.float32, device=hidden.device),
+                         is_top1=torch.empty(n, dtype=torch.bool, device=hidden.device)) if stats else None
     for start in range(0, n, chunk_rows):
         stop = start + chunk_rows
         logits = project(hidden[start:stop], weight, bias, softcap)
         lse[start:stop] = torch.logsumexp(logits, dim=-1)
         nll[start:stop] = lse[start:stop] - logits.gather(1, targets[start:stop, None]).squeeze(1)
-    return nll, lse
+        if row_stats is not None:
+            row_stats.entropy[start:stop], row_stats.is_top1[start:stop] = logit_stats(
+                logits, lse[start:stop], targets[start:stop])
+    return (nll, lse, row_stats) if stats else (nll, lse)
 
 
 class _KeptRowsNLL(torch.autograd.Function):
@@ -162,6 +186,7 @@ class HeadRequest:
     labels: torch.Tensor
     score_mask: torch.Tensor
     select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    stats: bool = False  # also the entropy / argmax-accuracy sums over score_mask (TRL's logged metrics)
 
 
 @dataclass
@@ -169,6 +194,9 @@ class HeadOutput(ModelOutput):
     token_nll: torch.Tensor | None = None  # B×T float32, no gradient; 0 outside score_mask
     keep: torch.Tensor | None = None
     kept_nll_sum: torch.Tensor | None = None  # with gradient
+    entropy_sum: torch.Tensor | None = None  # over score_mask, when HeadRequest.stats
+    top1_count: torch.Tensor | None = None  # tokens of score_mask that are the argmax, when HeadRequest.stats
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, as the model's own forward returns it
 
 
 def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None,
@@ -182,19 +210,22 @@ def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | N
     batch_rows, positions = score_mask.nonzero(as_tuple=True)
     targets = request.labels.to(device)[batch_rows, positions]
     chunk_rows = chunk_rows_for(weight)
-    nll, lse = label_nll_and_lse(hidden.detach()[batch_rows, positions - 1], targets, weight, bias, softcap,
-                                 chunk_rows)
+    nll, lse, *row_stats = label_nll_and_lse(hidden.detach()[batch_rows, positions - 1], targets, weight, bias,
+                                             softcap, chunk_rows, stats=request.stats)
     token_nll = torch.zeros(score_mask.shape, dtype=torch.float32, device=device)
     token_nll[batch_rows, positions] = nll
+    stats = {}
+    if row_stats:
+        stats = dict(entropy_sum=row_stats[0].entropy.sum(), top1_count=row_stats[0].is_top1.sum())
     if request.select is None:
-        return HeadOutput(token_nll=token_nll)
+        return HeadOutput(token_nll=token_nll, **stats)
     keep = request.select(token_nll).to(device)
     if (keep & ~score_mask).any():
         raise ValueError("the keep mask selects tokens whose NLL was not computed (outside score_mask)")
     kept = keep[batch_rows, positions]
     kept_nll = kept_rows_nll(hidden[batch_rows[kept], positions[kept] - 1], targets[kept], nll[kept], lse[kept],
                              weight, bias, softcap, chunk_rows)
-    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum())
+    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum(), **stats)
 
 
 def _softcap(base: torch.nn.Module) -> float | None:
@@ -220,12 +251,47 @@ def add_sstoken_head(model: torch.nn.Module) -> None:
     def forward(self, *args, sstoken_head: HeadRequest | None = None, **kwargs):
         if sstoken_head is None:
             return original_forward(*args, **kwargs)
+        aux_loss_of = moe_aux_loss_function(self)
+        if aux_loss_of is not None:
+            kwargs["output_router_logits"] = True  # what the model's own forward passes its backbone
         # Looked up on each call: PEFT and FSDP replace modules after patching.
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        return head_outputs(hidden, self.get_output_embeddings(), softcap, sstoken_head)
+        backbone = self.base_model(*args, **kwargs)
+        outputs = head_outputs(backbone.last_hidden_state, self.get_output_embeddings(), softcap, sstoken_head)
+        if aux_loss_of is not None:
+            outputs.aux_loss = aux_loss_of(backbone.router_logits, kwargs.get("attention_mask"))
+        return outputs
 
     base.forward = types.MethodType(forward, base)
     base._sstoken_forward = base.forward
+
+
+def moe_aux_loss_function(base: torch.nn.Module) -> Callable | None:
+    """``fn(router_logits, attention_mask)`` → the load-balancing loss that ``base``'s own forward adds, when its
+    config asks for router logits (TRL sets ``output_router_logits`` from ``router_aux_loss_coef``); else None.
+
+    transformers' MoE causal LMs compute it with their module's ``load_balancing_loss_func(router_logits,
+    self.num_experts, self.num_experts_per_tok, attention_mask)``; a model that does it otherwise gets None from
+    :func:`moe_aux_loss_parts` and the full-logits path (its own forward) instead."""
+    config = getattr(base, "config", None)
+    if config is None or not getattr(config.get_text_config(), "output_router_logits", False):
+        return None
+    parts = moe_aux_loss_parts(base)
+    if parts is None:
+        return None
+    loss_func, num_experts, top_k = parts
+    return lambda router_logits, attention_mask: loss_func(router_logits, num_experts, top_k, attention_mask)
+
+
+def moe_aux_loss_parts(base: torch.nn.Module):
+    """(load_balancing_loss_func, num_experts, num_experts_per_tok) of a transformers MoE causal LM, or None."""
+    import sys
+
+    module = sys.modules.get(type(base).__module__)
+    loss_func = getattr(module, "load_balancing_loss_func", None)
+    num_experts, top_k = getattr(base, "num_experts", None), getattr(base, "num_experts_per_tok", None)
+    if loss_func is None or not isinstance(num_experts, int) or not isinstance(top_k, int):
+        return None
+    return loss_func, num_experts, top_k
 
 
 # ----------------------------------------------------------------------------------------------- when not to
@@ -244,6 +310,9 @@ def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0
         return "the LM head carries a PEFT adapter, which sstoken's head would ignore"
     if getattr(base, "base_model", base) is base:
         return f"{type(base).__name__} exposes no backbone (base_model) separate from its LM head"
+    text_config = base.config.get_text_config() if getattr(base, "config", None) is not None else None
+    if getattr(text_config, "output_router_logits", False) and moe_aux_loss_parts(base) is None:
+        return f"{type(base).__name__}'s MoE load-balancing loss is computed in a way sstoken's head does not know"
     # Once per model: the architecture decides the answer, not the weights.
     if "_sstoken_probe_mismatch" not in vars(base):
         base._sstoken_probe_mismatch = _probe_mismatch(base, head)

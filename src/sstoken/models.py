@@ -47,11 +47,13 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
     return str(name_or_path), None
 
 
-def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     path, gguf = resolve_model(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if revision is not None:
+        kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
@@ -61,26 +63,101 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False):
     return tokenizer
 
 
+# model_init_kwargs keys that a recipe sets under its own keys (one place for each setting).
+_RECIPE_OWNED_KWARGS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",
+                        "trust_remote_code": "trust_remote_code", "quantization_config": "load_in_4bit / load_in_8bit",
+                        "gguf_file": "model"}
+
+
+def check_model_init_kwargs(model_init_kwargs) -> None:
+    """model_init_kwargs in a recipe: a mapping that does not repeat a setting the recipe has a key for."""
+    if model_init_kwargs is None:
+        return
+    if not isinstance(model_init_kwargs, dict):
+        raise ConfigError(f"model_init_kwargs must be a mapping of from_pretrained arguments, got "
+                          f"{type(model_init_kwargs).__name__}")
+    for key in model_init_kwargs:
+        if key in _RECIPE_OWNED_KWARGS:
+            raise ConfigError(f"model_init_kwargs {key}: set it with the recipe key {_RECIPE_OWNED_KWARGS[key]} "
+                              f"instead")
+
+
 def load_model(name_or_path: str | None, dtype: str | None = None, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False):
-    """A causal LM in training-ready form (SDPA attention unless told otherwise)."""
+               trust_remote_code: bool = False, extra_kwargs: dict | None = None, quantization: dict | None = None,
+               activation_checkpointing: bool = True):
+    """A causal LM in training-ready form (SDPA attention unless told otherwise).
+
+    ``extra_kwargs``: more from_pretrained arguments (a recipe's ``model_init_kwargs``). ``quantization``: the
+    recipe's bitsandbytes settings (QLoRA, see :func:`bnb_config`); the model is then prepared for k-bit training
+    with PEFT's ``prepare_model_for_kbit_training``, as TRL's example scripts do."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    kwargs.update(extra_kwargs or {})
     if dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, dtype)
+    if quantization:
+        check_quantization_possible(quantization)
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        kwargs["device_map"] = kbit_device_map()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: e.g. flash_attention_2 not installed
+    except (OSError, ValueError, ImportError, TypeError) as exc:  # ImportError: e.g. flash_attention_2 missing
         raise ConfigError(f"cannot load model {name_or_path!r}: {exc}") from exc
     if gguf:
         _forget_gguf_quantization(model)
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- QLoRA
+# Recipe keys of the bitsandbytes settings: TRL ModelConfig's names and defaults.
+QUANTIZATION_DEFAULTS = {"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+                         "bnb_4bit_compute_dtype": None, "use_bnb_nested_quant": False,
+                         "bnb_4bit_quant_storage": None}
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+
+
+def bnb_config(quantization: dict, dtype: str | None = None):
+    """transformers' BitsAndBytesConfig from the recipe's keys, as TRL's ``get_quantization_config`` builds it;
+    the 4-bit compute dtype defaults to the model's ``dtype`` (as in TRL), else bfloat16."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization["load_in_8bit"]:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = quantization["bnb_4bit_compute_dtype"] or (dtype if dtype not in (None, "auto") else "bfloat16")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, compute),
+                              bnb_4bit_quant_type=quantization["bnb_4bit_quant_type"],
+                              bnb_4bit_use_double_quant=quantization["use_bnb_nested_quant"],
+                              bnb_4bit_quant_storage=quantization["bnb_4bit_quant_storage"])
+
+
+def check_quantization_possible(quantization: dict) -> None:
+    """bitsandbytes installed and a CUDA device present; checked before the weights load. bitsandbytes stays an
+    optional dependency: it is only looked for here, never imported by sstoken."""
+    import torch
+
+    bits = "4-bit" if quantization["load_in_4bit"] else "8-bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{bits} loading (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{bits} loading (QLoRA) needs a CUDA GPU; none is available")
+
+
+def kbit_device_map() -> dict:
+    """Each process's quantized model on its own GPU (what TRL's get_kbit_device_map returns)."""
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
 
 
 def _forget_gguf_quantization(model) -> None:

@@ -3,6 +3,10 @@
 A recipe holds the run's own keys (model, data, LoRA, …) and any field of :class:`SSTokenConfig` (which
 includes every TRL ``SFTConfig`` / transformers ``TrainingArguments`` field). Command-line flags override
 the file, as with ``trl sft``: ``sstoken train --config r.yaml --rho 0.5 --max_steps 10``.
+
+LoRA is the ``lora:`` section (``r``, ``alpha``, ...) or, as in TRL's ``ModelConfig``, top-level ``lora_r``,
+``lora_alpha``, ..., ``use_peft`` (:data:`TRL_LORA_KEYS`); QLoRA is TRL's ``load_in_4bit`` / ``load_in_8bit`` /
+``bnb_4bit_*`` keys (:data:`sstoken.models.QUANTIZATION_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -24,14 +28,29 @@ RUN_KEYS: dict[str, Any] = {
     "data": None,
     "eval_data": None,
     "max_seq_length": 1024,
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear", "target_parameters": None,
+             "modules_to_save": None, "use_rslora": False, "use_dora": False, "task_type": "CAUSAL_LM"},
     "dtype": "auto",
     "attn_implementation": "sdpa",
     "trust_remote_code": False,
     "cache_batch_size": 8,
     "plots": True,
+    # QLoRA (bitsandbytes), TRL ModelConfig's names; the CLI builds a BitsAndBytesConfig from them.
+    "load_in_4bit": False,
+    "load_in_8bit": False,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": None,  # None: the model's dtype, else bfloat16
+    "use_bnb_nested_quant": False,
+    "bnb_4bit_quant_storage": None,
 }
-LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+LORA_KEYS = set(RUN_KEYS["lora"])
+# TRL ModelConfig's flat LoRA names → keys of the `lora:` section. `use_peft: false` is `lora: null`.
+TRL_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                 "lora_target_modules": "target_modules", "lora_target_parameters": "target_parameters",
+                 "lora_modules_to_save": "modules_to_save", "lora_task_type": "task_type",
+                 "use_rslora": "use_rslora", "use_dora": "use_dora"}
+QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype",
+                     "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -125,7 +144,12 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` pairs; values parsed as YAML scalars (numbers, booleans, null)."""
+    """``--key value`` / ``--key=value`` / ``--key v1 v2 ...`` flags, as TRL's parser reads them.
+
+    Values are parsed as YAML scalars (numbers, booleans, null); a flag without a value is ``true``. Several
+    values make a list (``--report_to wandb tensorboard``, ``--lora_target_modules q_proj v_proj``); a setting
+    that takes a single value refuses several, naming the flag. A flag given twice: the last wins, as with
+    argparse (``sstoken compare`` relies on it)."""
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -133,20 +157,65 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}; overrides are written --key value")
         key = token[2:].replace("-", "_")
+        i += 1
         if "=" in key:
             key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            raw = tokens[i + 1]
-            i += 2
+            raws = [raw]
         else:
-            raw = "true"
-            i += 1
+            raws = []
+            while i < len(tokens) and not tokens[i].startswith("--"):
+                raws.append(tokens[i])
+                i += 1
+            raws = raws or ["true"]
         try:
-            overrides[key] = _scalar(raw)
+            values = [_scalar(raw) for raw in raws]
         except ConfigError as exc:
             raise ConfigError(f"--{key}: {exc}") from None
+        if len(values) > 1 and not _takes_a_list(key):
+            raise ConfigError(f"--{key} takes one value, got {len(values)}: {shown(' '.join(raws))}")
+        overrides[key] = values if len(values) > 1 else values[0]
     return overrides
+
+
+_LIST_RUN_KEYS = {"lora_target_modules", "lora_target_parameters", "lora_modules_to_save", "data", "eval_data"}
+
+
+def _takes_a_list(key: str) -> bool:
+    """Whether setting ``key`` can hold a list (unknown keys: yes, so that the unknown-key message comes first)."""
+    import types
+    import typing
+
+    from sstoken.trainer import SSTokenConfig
+
+    if key in _LIST_RUN_KEYS:
+        return True
+    if key in RUN_KEYS or key in TRL_LORA_KEYS or key == "use_peft":
+        return False
+    hints = typing.get_type_hints(SSTokenConfig)
+    if key not in hints:
+        return True
+    hint = hints[key]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(typing.get_origin(arg) is list or arg is list or arg is Any for arg in args)
+
+
+_SEQUENCE_LENGTH_KEYS = ("max_seq_length", "max_length")  # sstoken's run key, TRL's SFTConfig field
+
+
+def merge_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with command-line flags on top. A flag in TRL's flat LoRA names (``--lora_r 8``) overrides that
+    key of the recipe's ``lora:`` section, so flags and file may use different spellings."""
+    merged = dict(recipe)
+    for key, value in overrides.items():
+        if key in _SEQUENCE_LENGTH_KEYS:  # one setting under two names: the flag replaces either
+            for name in _SEQUENCE_LENGTH_KEYS:
+                merged.pop(name, None)
+        inner = TRL_LORA_KEYS.get(key)
+        if inner is not None and key not in merged and isinstance(merged.get("lora"), dict):
+            merged["lora"] = {**merged["lora"], inner: value}
+        else:
+            merged[key] = value
+    return merged
 
 
 # YAML 1.1 reads yes/no/on/off as booleans; transformers' strategies are spelled "no", "steps", ...
@@ -170,6 +239,9 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     run = {key: value for key, value in RUN_KEYS.items()}
     run["lora"] = dict(RUN_KEYS["lora"])
     config: dict[str, Any] = {}
+    recipe = _with_lora_section(recipe)
+    if all(key in recipe for key in _SEQUENCE_LENGTH_KEYS):
+        raise ConfigError("max_seq_length and max_length are the same setting; keep one of them")
     for old, new in _RENAMED.items():  # TRL recipes use the old names; transformers 5 warns on every run for them
         if old in recipe:
             if new in recipe:
@@ -182,17 +254,84 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
             if key == "lora":
                 value = _lora(value)
             run[key] = value
+        elif key == "max_length":  # TRL's name of max_seq_length (before the SSTokenConfig fields, which hold it)
+            run["max_seq_length"] = value
         elif key in fields:
             if isinstance(value, bool) and key.endswith("_strategy"):
                 value = "no" if value is False else value  # `save_strategy: no` read by YAML as false
             config[key] = value
-        elif key in ("max_length",):
-            run["max_seq_length"] = value
         else:
-            raise ConfigError(f"unknown config key {shown(key)}{did_you_mean(key, list(RUN_KEYS) + list(fields))}")
+            known = list(RUN_KEYS) + list(TRL_LORA_KEYS) + ["use_peft"] + list(fields)
+            raise ConfigError(f"unknown config key {shown(key)}{did_you_mean(key, known)}")
     _check_run_values(run)
+    run["quantization"] = _quantization(run)
     config["max_length"] = run["max_seq_length"]
+    config["trust_remote_code"] = run["trust_remote_code"]  # one setting: TRL's field and the run key
+    from sstoken.models import check_model_init_kwargs
+
+    check_model_init_kwargs(config.get("model_init_kwargs"))
     return run, config
+
+
+def _with_lora_section(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with TRL's flat LoRA keys (``lora_r: 8``, ``use_peft: false``) moved into the ``lora:`` section."""
+    flat = {TRL_LORA_KEYS[key]: value for key, value in recipe.items() if key in TRL_LORA_KEYS}
+    if not flat and "use_peft" not in recipe:
+        return recipe
+    out = {key: value for key, value in recipe.items() if key not in TRL_LORA_KEYS and key != "use_peft"}
+    use_peft = recipe.get("use_peft", True)
+    if not isinstance(use_peft, bool):
+        raise ConfigError(f"use_peft must be true or false, got {shown(use_peft)}")
+    section = recipe.get("lora", {})
+    if not use_peft or section in (None, False):
+        if flat:
+            first = next(key for key in recipe if key in TRL_LORA_KEYS)
+            why = "use_peft is false" if not use_peft else "lora is null (full fine-tuning)"
+            raise ConfigError(f"{first} is set but {why}; remove one of them")
+        out["lora"] = None
+        return out
+    if section is True:
+        section = {}
+    if isinstance(section, dict):
+        for key, inner in TRL_LORA_KEYS.items():
+            if key in recipe and inner in section:
+                raise ConfigError(f"lora {inner} and {key} are the same setting; keep one of them")
+        section = {**section, **flat}
+    out["lora"] = section
+    return out
+
+
+def _quantization(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The QLoRA settings (TRL ModelConfig's keys) as one checked mapping, or None when the model is not quantized.
+
+    Only the combinations that can work are accepted: a quantized model's own weights cannot be trained, so
+    quantization needs LoRA, and the 4-bit options need load_in_4bit."""
+    from sstoken.models import BNB_4BIT_QUANT_TYPES, QUANTIZATION_DEFAULTS
+
+    settings = {key: run.pop(key) for key in QUANTIZATION_KEYS}
+    for key in ("load_in_4bit", "load_in_8bit", "use_bnb_nested_quant"):
+        if not isinstance(settings[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {shown(settings[key])}")
+    if settings["load_in_4bit"] and settings["load_in_8bit"]:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
+    four_bit_options = [key for key in QUANTIZATION_KEYS if key.startswith(("bnb_", "use_bnb"))
+                        and settings[key] != QUANTIZATION_DEFAULTS[key]]
+    if four_bit_options and not settings["load_in_4bit"]:
+        raise ConfigError(f"{four_bit_options[0]} only applies with load_in_4bit: true")
+    if not (settings["load_in_4bit"] or settings["load_in_8bit"]):
+        return None
+    bits = "load_in_4bit" if settings["load_in_4bit"] else "load_in_8bit"
+    if not run["lora"]:
+        raise ConfigError(f"{bits} needs LoRA (QLoRA): a quantized model's own weights cannot be trained; set a "
+                          f"lora: section or remove {bits}")
+    if settings["bnb_4bit_quant_type"] not in BNB_4BIT_QUANT_TYPES:
+        raise ConfigError(f"bnb_4bit_quant_type must be one of {', '.join(BNB_4BIT_QUANT_TYPES)}, got "
+                          f"{shown(settings['bnb_4bit_quant_type'])}")
+    for key, allowed in (("bnb_4bit_compute_dtype", DTYPES[1:]), ("bnb_4bit_quant_storage", DTYPES[1:] + ("uint8",))):
+        if settings[key] is not None and settings[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {shown(settings[key])}"
+                              f"{did_you_mean(settings[key], allowed)}")
+    return settings
 
 
 def _path(key: str, value: Any) -> Any:
@@ -219,7 +358,8 @@ def _lora(value: Any) -> dict | None:
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError("lora must be a mapping (r, alpha, dropout, target_modules), or null for full fine-tuning")
+        raise ConfigError("lora must be a mapping (r, alpha, dropout, target_modules, ...), or null for full "
+                          "fine-tuning")
     unknown = set(value) - LORA_KEYS
     if unknown:
         bad = sorted(unknown)[0]
@@ -231,11 +371,27 @@ def _lora(value: Any) -> dict | None:
             raise ConfigError(f"lora {key} must be in {'[0, 1)' if key == 'dropout' else f'[{low}, {high}]'}, "
                               f"got {shown(lora[key])}")
     targets = lora["target_modules"]
-    if not (isinstance(targets, str) and targets.strip()) and not (
-            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+    if not _is_names(targets):
         raise ConfigError(f"lora target_modules must be a module name, a list of names or 'all-linear', got "
                           f"{shown(targets)}")
+    for key in ("target_parameters", "modules_to_save"):
+        if lora[key] is not None and not _is_names(lora[key]):
+            raise ConfigError(f"lora {key} must be a name or a list of names, got {shown(lora[key])}")
+        if isinstance(lora[key], str):
+            lora[key] = [lora[key]]
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(lora[key], bool):
+            raise ConfigError(f"lora {key} must be true or false, got {shown(lora[key])}")
+    if lora["task_type"] != "CAUSAL_LM":
+        raise ConfigError(f"lora task_type must be CAUSAL_LM (sstoken trains causal language models), got "
+                          f"{shown(lora['task_type'])}")
     return lora
+
+
+def _is_names(value: Any) -> bool:
+    """A non-empty name, or a non-empty list of non-empty names."""
+    return (isinstance(value, str) and bool(value.strip())) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value))
 
 
 def _check_run_values(run: dict[str, Any]) -> None:

@@ -129,6 +129,7 @@ class SignalSources:
     probe: Any = None  # sstoken.attention.ContextShareProbe; None: no attention share
     sstoken_head: bool = True  # the model runs sstoken's head (lm_head.add_sstoken_head); False: full logits
     nll_chunk_size: int = 1024  # positions per chunk of per-token NLL from full logits
+    head_stats: bool = False  # sstoken's head also sums entropy / argmax hits over the response (logged metrics)
 
 
 @dataclass
@@ -188,7 +189,8 @@ def select_tokens(model, inputs: dict, selector, sources: SignalSources, *, prog
         return keep
 
     if sources.sstoken_head:
-        model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=layout.response, select=select)
+        model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=layout.response, select=select,
+                                                           stats=sources.head_stats)
     with contextlib.ExitStack() as stack:
         if selecting and sources.probe is not None:
             captured = stack.enter_context(sources.probe.capture(

@@ -38,7 +38,8 @@ from trl import SFTConfig, SFTTrainer
 
 from sstoken import lm_head, scoring
 from sstoken.batch import unwrap_model
-from sstoken.errors import ConfigError, did_you_mean
+from sstoken.errors import ConfigError, did_you_mean, shown
+from sstoken.field_policy import SFT_FIELD_POLICY
 from sstoken.guards import FiniteWeightsGuard
 from sstoken.models import quiet_peft_wrapping
 from sstoken.history import CacheFingerprints, EMAHistory, NLLCache, check_ema_decay, check_ema_interval
@@ -100,13 +101,17 @@ class SSTokenConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
     )
+    # TRL's default False means "train on the whole conversation", which sstoken never does; None (unset) lets an
+    # explicit False be refused instead of silently ignored (see SFT_FIELD_POLICY).
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "sstoken always trains on assistant turns only: leave unset or true; false is refused."},
+    )
 
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default
-        # TRL's chunked/fused loss paths compute the loss of every token inside the forward, unaware of selection.
-        if self.loss_type not in ("nll",):
-            raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {self.loss_type!r}")
+        check_sft_fields(self)  # before TRL's __post_init__, which rewrites some of them
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which transformers refuses on a machine without bf16 support.
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.use_cpu
@@ -115,6 +120,65 @@ class SSTokenConfig(SFTConfig):
             self.dataloader_pin_memory = False
         super().__post_init__()
         validate_selection_args(self)
+
+
+# Values of TRL fields that ask for something sstoken's loss or encoding does not do (see SFT_FIELD_POLICY).
+def check_sft_fields(args) -> None:
+    """Refuse TRL settings that sstoken would otherwise silently ignore; one-line ConfigError each."""
+    # TRL's loss variants act inside TRL's loss, which sstoken replaces.
+    if args.loss_type not in ("nll", "chunked_nll"):
+        raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {shown(args.loss_type)}")
+    if args.completion_only_loss is False:
+        raise ConfigError("sstoken always trains on the completion (response) tokens only; completion_only_loss "
+                          "false is not supported (remove it)")
+    if args.assistant_only_loss is False:
+        raise ConfigError("sstoken always trains on the assistant turns only; assistant_only_loss false is not "
+                          "supported (remove it)")
+    if args.dataset_text_field != "text":
+        raise ConfigError(f"dataset_text_field {shown(args.dataset_text_field)}: sstoken trains on responses and "
+                          f"reads messages, prompt/completion or instruction/output rows, not a text column")
+    if args.truncation_mode != "keep_start":
+        raise ConfigError(f"truncation_mode must be 'keep_start' (sstoken's encoding keeps the start of a row), got "
+                          f"{shown(args.truncation_mode)}")
+    if args.label_names not in (None, ["labels"]):
+        raise ConfigError(f"label_names must be unset or ['labels'] (sstoken reads the labels column), got "
+                          f"{shown(args.label_names)}")
+    if args.use_liger_kernel or args.liger_kernel_config:
+        raise ConfigError("use_liger_kernel is not supported: Liger's kernels replace the forward that sstoken's "
+                          "head and attention probe hook (and TRL deprecates it; try model_init_kwargs use_kernels)")
+    if args.padding_free and not args.packing and args.max_length is not None:
+        # TRL refuses this too, but only once the model has loaded.
+        raise ConfigError("padding_free without packing does not enforce max_length; set packing: true, or "
+                          "padding_free: false")
+    check_chat_template_path(args.chat_template_path)
+
+
+def check_chat_template_path(path: str | None) -> None:
+    """A chat template sstoken can apply before encoding: a Jinja file. (TRL also clones one from another
+    tokenizer, which adds tokens and resizes the model's embeddings: not possible before the model exists.)"""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path.endswith((".jinja", ".j2")):
+        raise ConfigError(f"chat_template_path must be a .jinja or .j2 file, got {shown(path)} (save the other "
+                          f"tokenizer's chat_template to a file; cloning from a tokenizer is not supported)")
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"chat_template_path {path} does not exist")
+
+
+def apply_tokenizer_settings(tokenizer, args) -> None:
+    """Apply ``eos_token`` and ``chat_template_path`` to ``tokenizer`` in place, as TRL's SFTTrainer would.
+
+    sstoken encodes raw rows before SFTTrainer sees them, so this must run before encoding: otherwise the data
+    would use the tokenizer's old template and EOS while the saved tokenizer has the new ones. (TRL applies the
+    same values again later, which changes nothing, and mirrors the EOS onto the model config.)"""
+    if args.eos_token is not None:
+        if args.eos_token not in tokenizer.get_vocab():
+            raise ConfigError(f"eos_token {shown(args.eos_token)} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = args.eos_token
+    if args.chat_template_path is not None:
+        check_chat_template_path(args.chat_template_path)
+        with open(os.path.expanduser(args.chat_template_path), encoding="utf-8") as handle:
+            tokenizer.chat_template = handle.read()
 
 
 def validate_selection_args(args) -> None:
@@ -216,8 +280,17 @@ class SSTokenTrainer(SFTTrainer):
             sst_args = args[1]
         if not isinstance(sst_args, SSTokenConfig):
             raise ConfigError("SSTokenTrainer needs args=SSTokenConfig(...)")
-        train_dataset = kwargs.get("train_dataset")
+        model = kwargs.get("model", args[0] if args else None)
+        if sst_args.model_init_kwargs is not None and model is not None and not isinstance(model, str):
+            raise ConfigError("model_init_kwargs only applies when model is a path; the model passed is already "
+                              "built (pass its path, or load it with those arguments yourself)")
         processing_class = kwargs.get("processing_class")
+        if processing_class is None and isinstance(model, str):
+            # Loaded here rather than by SFTTrainer, so that the data is encoded by the tokenizer that is saved.
+            processing_class = kwargs["processing_class"] = _load_tokenizer(model, sst_args)
+        if processing_class is not None:
+            apply_tokenizer_settings(processing_class, sst_args)
+        train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
         # An evaluation set is encoded exactly like the training set (assistant-only labels), so that its loss
@@ -229,7 +302,7 @@ class SSTokenTrainer(SFTTrainer):
                 if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
         elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
             kwargs["eval_dataset"] = _encode_dataset(eval_dataset, processing_class, sst_args, kwargs.get("model"))
-        with quiet_peft_wrapping():
+        with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
@@ -255,6 +328,7 @@ class SSTokenTrainer(SFTTrainer):
         self.selector.prepare(self.train_dataset, self.history_cache, self.reference_cache)
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
+        # After SFTTrainer.__init__, which sets the MoE config's output_router_logits from router_aux_loss_coef.
         self.full_logits_reason = lm_head.use_sstoken_head(self.model, "training", self.args.label_smoothing_factor)
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
@@ -342,6 +416,9 @@ class SSTokenTrainer(SFTTrainer):
         # Evaluation reports the plain NLL of every response token: no history, attention or selection.
         sources = self._signal_sources() if training else SignalSources(
             sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
+        # TRL's entropy / accuracy cost two extra passes over each chunk of logits: only on steps that log them.
+        wants_token_metrics = not training or self._logs_this_step()
+        sources.head_stats = wants_token_metrics
         progress = self._progress()
         selection = select_tokens(model, inputs, self.selector, sources, progress=progress,
                                   draw_key=self._draw_key() if training else None, selecting=training,
@@ -362,6 +439,8 @@ class SSTokenTrainer(SFTTrainer):
         loss = loss_sum / denominator
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        if self.aux_loss_enabled:
+            loss = loss + self._weighted_aux_loss(mode, outputs, num_items_in_batch)
 
         if not torch.isfinite(loss):
             self.skipped_nonfinite_steps += 1
@@ -371,6 +450,10 @@ class SSTokenTrainer(SFTTrainer):
             loss = torch.zeros((), device=loss.device, requires_grad=True)
         with self.timed_part("logging"):
             self._log_selection(mode, signals, keep, response, current_nll)
+            if wants_token_metrics:
+                self._log_token_metrics(mode, outputs, labels, response)
+            if training:
+                self._count_tokens(inputs)
         if signals is not None:
             event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
                                    step=self.state.global_step + 1)
@@ -382,6 +465,50 @@ class SSTokenTrainer(SFTTrainer):
             with torch.no_grad():
                 outputs = model(**model_inputs_of(inputs))
         return (loss, outputs) if return_outputs else loss
+
+    def _weighted_aux_loss(self, mode: str, outputs, num_items_in_batch) -> torch.Tensor:
+        """The MoE load-balancing loss, weighted as TRL weights it (its SFTTrainer.compute_loss), and logged."""
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is None:
+            raise RuntimeError("the MoE model returned no aux_loss although output_router_logits is set")
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        # A per-micro-batch mean that DDP averages across ranks; with num_items_in_batch the Trainer leaves gradient
+        # accumulation to the loss, so it is averaged over the accumulated micro-batches.
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        return self.router_aux_loss_coef * aux_loss.to(self.accelerator.device) / steps
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step now running will be logged (transformers' DefaultFlowCallback rule)."""
+        step, args = self.state.global_step + 1, self.args
+        if step == 1 and args.logging_first_step:
+            return True
+        if args.logging_strategy == "epoch":
+            return True  # the epoch's last step is not known here; measured on every step
+        logging_steps = self.state.logging_steps or 0
+        return args.logging_strategy == "steps" and logging_steps > 0 and step % logging_steps == 0
+
+    def _log_token_metrics(self, mode: str, outputs, labels, response) -> None:
+        """TRL's ``entropy`` and ``mean_token_accuracy``, over every response token of the batch (kept or not)."""
+        if isinstance(outputs, lm_head.HeadOutput):
+            entropy_sum, top1_count = outputs.entropy_sum, outputs.top1_count
+            count = response[:, 1:].sum()
+        else:
+            entropy_sum, top1_count, count = _full_logits_token_metrics(outputs.logits, labels, response,
+                                                                        self.args.nll_chunk_size)
+        gather = self.accelerator.gather_for_metrics
+        count = gather(count.to(entropy_sum.device)).sum()
+        entropy_sum, top1_count = gather(entropy_sum).sum(), gather(top1_count).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((top1_count / count).item() if count > 0 else 0.0)
+
+    def _count_tokens(self, inputs) -> None:
+        """TRL's ``num_tokens``: every input token (prompt and response, not padding) seen in training so far."""
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        else:  # padding-free batches carry position_ids instead
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def _draw_key(self) -> int:
         """Distinct for every (optimizer step, micro-batch, rank); the same again after a resume."""
@@ -452,6 +579,43 @@ class SSTokenTrainer(SFTTrainer):
         self.ema.load_state_dict(load_file(path))
 
 
+@torch.no_grad()
+def _full_logits_token_metrics(logits, labels, response, chunk_size: int):
+    """(entropy sum, argmax-hit count, token count) over ``response`` tokens from the model's B×T×V logits."""
+    response = response.clone()
+    response[:, 0] = False  # nothing predicts the first token
+    rows, cols = response.nonzero(as_tuple=True)
+    entropy_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
+    top1_count = torch.zeros((), dtype=torch.long, device=logits.device)
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+        chunk = logits[r, c - 1].float()
+        entropy, is_top1 = lm_head.logit_stats(chunk, torch.logsumexp(chunk, dim=-1), labels[r, c].to(chunk.device))
+        entropy_sum += entropy.sum()
+        top1_count += is_top1.sum()
+    return entropy_sum, top1_count, torch.tensor(rows.numel(), device=logits.device)
+
+
+@contextlib.contextmanager
+def _trl_sees_no_assistant_only_loss(args):
+    """``assistant_only_loss=True`` agrees with sstoken's encoding, but SFTTrainer would act on it: refuse the
+    already-encoded dataset as "not conversational" and swap the chat template. It sees None while it is built."""
+    value = args.assistant_only_loss
+    args.assistant_only_loss = None
+    try:
+        yield
+    finally:
+        args.assistant_only_loss = value
+
+
+def _load_tokenizer(model_path: str, args):
+    """The tokenizer SFTTrainer would load for a model path (its revision and trust_remote_code)."""
+    from sstoken.models import load_tokenizer
+
+    revision = (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
+    return load_tokenizer(model_path, args.trust_remote_code, revision=revision)
+
+
 def _needs_sstoken_encoding(dataset) -> bool:
     columns = getattr(dataset, "column_names", None) or []
     return "input_ids" not in columns and any(c in columns for c in ("messages", "prompt", "instruction"))
@@ -483,4 +647,5 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
     return Dataset.from_list(rows)
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "check_history_source", "validate_selection_args"]
+__all__ = ["SFT_FIELD_POLICY", "SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "apply_tokenizer_settings",
+           "check_history_source", "check_sft_fields", "validate_selection_args"]
