@@ -39,12 +39,9 @@ def _prepare(args_config: str | None, overrides: list[str]):
     run, config_kwargs = split_recipe(recipe)
     if not run["data"]:
         raise ConfigError("no training data: set `data:` in the recipe or pass --data path.jsonl")
-    for key in ("data", "eval_data"):
-        if run[key] and not Path(run[key]).exists():
-            raise ConfigError(f"{'training' if key == 'data' else 'evaluation'} data {run[key]} does not exist")
     config = build_config(config_kwargs)
     if config.eval_strategy != "no" and not run["eval_data"]:
-        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a JSONL file like data), "
+        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a data source like data), "
                           f"or set eval_strategy: no")
     return run, config
 
@@ -78,12 +75,17 @@ def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
-def _load_rows(path: str, tokenizer, max_seq_length: int):
-    from sstoken.data import load_training_rows
+def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data"):
+    """The encoded rows of a data spec (a ``datasets.Dataset``) and their LoadStats; a mixture is shuffled with
+    the run's data_seed (else seed), so that train and cache see the same rows."""
+    from sstoken.sources import load_data
 
-    rows, stats = load_training_rows(path, tokenizer, max_seq_length)
-    logger.info("data %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                escaped(path), stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
+    seed = config.data_seed if config.data_seed is not None else config.seed
+    rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
+                            num_proc=config.dataset_num_proc)
+    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
+                what, escaped(spec if isinstance(spec, str) else json.dumps(spec)), stats.rows_read, stats.used,
+                stats.skipped_no_trainable_token, stats.truncated)
     return rows, stats
 
 
@@ -98,7 +100,6 @@ def _peft_config(lora: dict | None):
 
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(ns, overrides: list[str]) -> int:
-    from sstoken.data import to_hf_dataset
     from sstoken.models import load_model, load_tokenizer
     from sstoken.trainer import SSTokenTrainer, check_history_source
 
@@ -116,17 +117,16 @@ def cmd_train(ns, overrides: list[str]) -> int:
     _check_attention_layer(run, config)
     started = time.time()
     tokenizer = load_tokenizer(run["model"], run["trust_remote_code"])
-    rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
     eval_dataset = None
     if run["eval_data"]:
-        eval_rows, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"])
-        eval_dataset = to_hf_dataset(eval_rows)
+        eval_dataset, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"], config, "eval_data")
     for cache_path in (config.history_cache, config.reference_cache):
         if cache_path:
-            _check_cache_covers(cache_path, rows)
+            _check_cache_covers(cache_path, rows["input_ids"])
     model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"])
     try:
-        trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows),
+        trainer = SSTokenTrainer(model=model, args=config, train_dataset=rows,
                                  eval_dataset=eval_dataset, processing_class=tokenizer,
                                  peft_config=_peft_config(run["lora"]))
     except ValueError as exc:
@@ -167,7 +167,7 @@ def _raised_inside(exc: BaseException, package: str) -> bool:
     return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
 
 
-def _check_cache_covers(path: str, rows: list[dict]) -> None:
+def _check_cache_covers(path: str, input_ids) -> None:
     """Every training sample must be in the NLL cache; checked from the cache index before the model loads.
 
     (Without this, a cache of other data would only fail at the first training step that misses it.)
@@ -180,9 +180,12 @@ def _check_cache_covers(path: str, rows: list[dict]) -> None:
         keys = {key for shard in index["shards"] for key in shard["keys"]}
     except (OSError, ValueError, KeyError, TypeError):
         return
-    missing = sum(1 for row in rows if sample_key(row["input_ids"]) not in keys)
+    total = missing = 0
+    for ids in input_ids:
+        total += 1
+        missing += sample_key(ids) not in keys
     if missing:
-        raise ConfigError(f"cache {path} was built for different data: {missing} of {len(rows)} training samples "
+        raise ConfigError(f"cache {path} was built for different data: {missing} of {total} training samples "
                           f"are not in it (the data, max_seq_length or tokenizer changed); rebuild it with "
                           f"`sstoken cache`")
 
@@ -328,7 +331,8 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     if ns.adapter and not (Path(ns.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {ns.adapter} is not a PEFT adapter folder (no adapter_config.json there)")
     tokenizer = load_tokenizer(model_name, run["trust_remote_code"])
-    rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
+    rows = rows.to_list()  # the very rows train uses: same spec, tokenizer, max_seq_length and mixture seed
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"])
     if ns.adapter:
         from sstoken.models import load_adapter
