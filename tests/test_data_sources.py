@@ -3,9 +3,9 @@ mixtures, ignored columns, the cached Dataset.map encoding, and the recipe / CLI
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +13,7 @@ import datasets
 import pytest
 
 import sstoken.models
-import sstoken.sources as sources
+from sstoken import sources
 from sstoken.cli import main
 from sstoken.data import load_training_rows
 from sstoken.errors import ConfigError, DataError
@@ -280,6 +280,18 @@ def test_encoding_fingerprint_tracks_template_vocabulary_and_length(tok, tmp_pat
     grown = own_tokenizer()
     grown.add_tokens(["<tool_call>"])
     assert encoding_fingerprint(grown, 64) != base
+
+
+def test_stats_count_skipped_truncated_and_tokens_of_the_used_rows(tok, tmp_path):
+    long_prompt = {"prompt": "word " * 200, "completion": "end."}  # the prompt fills the window: skipped
+    long_answer = {"prompt": "q? ", "completion": "word " * 200}  # cut short: truncated, kept
+    table([pc(0), long_prompt, long_answer, pc(1)]).to_parquet(tmp_path / "s.parquet")
+    encoded, stats = load_data(str(tmp_path / "s.parquet"), tok, MAX_LEN)
+    assert (stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated) == (4, 3, 1, 1)
+    assert len(encoded) == 3 and stats.tokens == sum(len(ids) for ids in ids_of(encoded))
+    assert max(len(ids) for ids in ids_of(encoded)) == MAX_LEN
+    labels = [list(x) for x in encoded["labels"]]
+    assert stats.trained_tokens == sum(sum(1 for lbl in row[1:] if lbl != -100) for row in labels)
 
 
 def test_a_failed_encoding_leaves_no_cache_behind(tok, tmp_path):

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
+from sstoken.errors import ConfigError, SSTokenError, escaped, one_line, shown
 from sstoken.io import atomic_write_json
 
 logger = logging.getLogger("sstoken")
@@ -84,7 +84,7 @@ def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data")
     rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
                             num_proc=config.dataset_num_proc)
     logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                what, escaped(spec if isinstance(spec, str) else json.dumps(spec)), stats.rows_read, stats.used,
+                what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read, stats.used,
                 stats.skipped_no_trainable_token, stats.truncated)
     return rows, stats
 
