@@ -26,7 +26,8 @@ MAX_LEN = 96
 
 @pytest.fixture(autouse=True)
 def private_datasets_cache(tmp_path, monkeypatch):
-    """Each test gets its own datasets cache (load_dataset's and sstoken's encodings), and no Hub access."""
+    """Each test gets its own datasets cache, and no Hub access (conftest moves sstoken's encodings out of the
+    user's cache too)."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
@@ -148,7 +149,8 @@ def test_hub_id_that_cannot_be_reached_is_one_config_error(tok):
     with pytest.raises(ConfigError) as info:
         load_data({"path": "someorg/some-sft-set", "config": "en"}, tok, MAX_LEN)
     message = str(info.value)
-    assert message.startswith("data: cannot load the Hub dataset 'someorg/some-sft-set' (config 'en'), split 'train'")
+    assert message.startswith("data: cannot load the Hub dataset 'someorg/some-sft-set' (config 'en'), split 'train' "
+                              "(and no local file or folder has that name): ConnectionError: ")
     assert "\n" not in message
 
 
@@ -297,9 +299,10 @@ def test_stats_count_skipped_truncated_and_tokens_of_the_used_rows(tok, tmp_path
 def test_a_failed_encoding_leaves_no_cache_behind(tok, tmp_path):
     path = tmp_path / "f.jsonl"
     write_jsonl(path, [chat(0), {"messages": "nope"}])
+    before = set(sources.encoding_cache_dir().iterdir())
     with pytest.raises(DataError, match=r"f.jsonl:2: messages: must be a list"):
         load_data(str(path), tok, MAX_LEN)
-    assert not list((tmp_path / "hf-datasets" / "sstoken").glob("*.arrow"))
+    assert set(sources.encoding_cache_dir().iterdir()) == before
 
 
 # ------------------------------------------------------------------------------------------ Python trainer path

@@ -47,6 +47,7 @@ __all__ = [
     "SourceSpec",
     "check_data_spec",
     "encode_dataset",
+    "encoding_cache_dir",
     "encoding_fingerprint",
     "load_data",
     "parse_data_spec",
@@ -287,7 +288,7 @@ def _resolve_files(base: Path, spec: SourceSpec, what: str) -> list[str]:
     if not files:
         raise ConfigError(f"{what} {spec.path}: no data files ({', '.join(sorted(_BUILDER_OF_SUFFIX))}) in the "
                           f"{spec.split} split")
-    return sorted(files)
+    return files  # in datasets' order: sorted for a pattern, as written for a list (a mixture takes the first rows)
 
 
 def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) -> _Part:
@@ -340,8 +341,9 @@ def _hub_part(spec: SourceSpec, what: str) -> _Part:
                                         data_dir=spec.data_dir)
     except Exception as exc:  # noqa: BLE001 - network, authentication, missing config or split: all fixable
         config = f" (config {spec.config!r})" if spec.config else ""
-        raise ConfigError(f"{what}: cannot load the Hub dataset {spec.path!r}{config}, split {spec.split!r}: "
-                          f"{_first_line(exc)}") from None
+        # Only a path that exists nowhere locally gets here, so "data/train" may be a mistyped folder too.
+        raise ConfigError(f"{what}: cannot load the Hub dataset {spec.path!r}{config}, split {spec.split!r} (and no "
+                          f"local file or folder has that name): {_first_line(exc)}") from None
     return _dataset_part(f"{spec.path}[{spec.split}]", dataset, spec.columns)
 
 
@@ -413,6 +415,13 @@ def encoding_fingerprint(tokenizer: Any, max_seq_length: int) -> str:
                   "max_seq_length": max_seq_length, "code": _code_fingerprint()})
 
 
+def encoding_cache_dir() -> Path:
+    """Where encoded rows are cached: ``$HF_DATASETS_CACHE/sstoken``, beside the datasets they come from."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "sstoken"
+
+
 def _encoded_features():
     import datasets
 
@@ -480,7 +489,7 @@ def _encode_part(part: _Part, columns, tokenizer, max_seq_length: int, encoding:
     fingerprint = _hash([source, columns, encoding])
     cache_file = None
     if datasets.is_caching_enabled():
-        folder = Path(datasets.config.HF_DATASETS_CACHE) / "sstoken"
+        folder = encoding_cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         cache_file = str(folder / f"encoded-{fingerprint}.arrow")
     return raw.map(_RowEncoder(part, columns, tokenizer, max_seq_length), with_indices=True,
