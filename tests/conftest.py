@@ -27,3 +27,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from sstoken.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_encoding_cache(tmp_path_factory):
+    """sstoken caches encoded data in the user's datasets cache; the tests encode many short-lived files, so their
+    encodings go to a session folder instead."""
+    from sstoken import sources
+
+    folder = tmp_path_factory.mktemp("encoded")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "encoding_cache_dir", lambda: folder)
+        yield folder

@@ -317,6 +317,24 @@ def test_format_of():
         format_of({"mesages": []}, where="r:1")
 
 
+def test_format_of_ignores_columns_no_format_uses():
+    assert format_of({"messages": [], "category": "x", "prompt_id": "p1", "tools": []}) == "messages"
+    # UltraChat rows carry the first question again as `prompt`: an incomplete format is ignored too
+    assert format_of({"messages": [], "prompt": "q", "prompt_id": "p1"}) == "messages"
+    assert format_of({"instruction": "a", "output": "b", "text": "a b"}) == "alpaca"
+    with pytest.raises(DataError, match="row mixes formats: 'messages' .* and 'system' .*'role': 'system'"):
+        format_of({"messages": [], "system": "be brief"})
+    with pytest.raises(DataError, match="row mixes formats"):
+        format_of({"messages": [], "prompt": "q", "completion": "a"})
+    # a near miss of a key the row lacks is still an error, not an ignored column
+    with pytest.raises(DataError, match="^<row>: inptu: unknown field .*did you mean 'input'"):
+        format_of({"instruction": "a", "output": "b", "inptu": "c"})
+    with pytest.raises(DataError, match="complettion: unknown field .*did you mean 'completion'"):
+        format_of({"prompt": "q", "complettion": "a"})
+    with pytest.raises(DataError, match=r"row has no data: .*\(the row has 'question', 'answer'\); map other names"):
+        format_of({"question": "q", "answer": "a"})
+
+
 def test_read_jsonl_line_numbers_skip_blank_lines(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'\n{"a": 1}\n\n  \t\r\n{"b": 2}')

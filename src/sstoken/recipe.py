@@ -62,7 +62,9 @@ def config_fields() -> dict[str, dataclasses.Field]:
 MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is a few dozen lines; anything near this size is the wrong file
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Recipe values that name files or folders: text, with `~` expanded (transformers expands it in output_dir only).
-PATH_KEYS = ("model", "data", "eval_data", "output_dir", "logging_dir", "history_cache", "reference_cache")
+PATH_KEYS = ("model", "output_dir", "logging_dir", "history_cache", "reference_cache")
+# Data specs: a path, a Hub dataset id, a mapping or a mixture (sstoken.sources); the name used in messages.
+DATA_KEYS = {"data": "training data", "eval_data": "evaluation data"}
 # Deprecated aliases in transformers 5, read under their current names.
 _RENAMED = {"gradient_checkpointing": "activation_checkpointing",
             "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
@@ -131,13 +133,11 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: the recipe must be a mapping of keys to values")
     recipe = dict(data)
     base = path.parent
-    for key in ("data", "eval_data"):  # relative data paths are relative to the recipe
-        if isinstance(recipe.get(key), str):
-            value = str(Path(recipe[key]).expanduser())
-            candidate = base / value
-            if not Path(value).is_absolute() and candidate.exists():
-                value = str(candidate)
-            recipe[key] = value
+    for key in DATA_KEYS:  # relative data paths are relative to the recipe
+        if recipe.get(key) is not None:
+            from sstoken.sources import resolve_relative_paths
+
+            recipe[key] = resolve_relative_paths(recipe[key], base)
     if path == DEMO_RECIPE and isinstance(recipe.get("data"), str):
         recipe["data"] = str(base / recipe["data"])
     return recipe
@@ -250,6 +250,10 @@ def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     for key, value in recipe.items():
         if key in PATH_KEYS:
             value = _path(key, value)
+        elif key in DATA_KEYS and value is not None:
+            from sstoken.sources import check_data_spec
+
+            check_data_spec(value, key, DATA_KEYS[key])  # the whole spec, before any model or data is loaded
         if key in RUN_KEYS:
             if key == "lora":
                 value = _lora(value)

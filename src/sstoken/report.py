@@ -218,9 +218,9 @@ def _load_for_inspect(ns):
     from sstoken.models import load_model, load_tokenizer
     from sstoken.selection import check_gamma, check_rho
 
-    data = Path(ns.data)
-    if not data.is_file():
-        raise ConfigError(f"data file {data} does not exist")
+    from sstoken.sources import check_data_spec
+
+    check_data_spec(ns.data, "--data", "data")
     if ns.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {ns.samples}")
     check_rho(ns.rho)  # the selector's own checks, before the model loads so that a typo fails fast
@@ -228,7 +228,7 @@ def _load_for_inspect(ns):
     if ns.adapter and not Path(ns.adapter).is_dir():
         raise ConfigError(f"adapter {ns.adapter} is not a directory (expected a saved PEFT adapter)")
     tokenizer = load_tokenizer(ns.model)
-    rows, _ = load_training_rows(data, tokenizer, ns.max_seq_length)
+    rows, _ = load_training_rows(ns.data, tokenizer, ns.max_seq_length)
     model = load_model(ns.model, ns.dtype)
     if ns.adapter:
         from sstoken.models import load_adapter
@@ -427,7 +427,8 @@ def register_cli(subparsers) -> None:
                     "each token's REL, attention share and score, and which tokens are kept.")
     inspect.add_argument("--model", help="model path or name (default: the embedded SmolLM2-135M-Instruct)")
     inspect.add_argument("--adapter", help="trained PEFT adapter: the current model; the base is the history")
-    inspect.add_argument("--data", default=demo_data_path(), help="JSONL data (default: the demo data)")
+    inspect.add_argument("--data", default=demo_data_path(),
+                         help="data: a file, folder or Hub dataset id, like data: in a recipe (default: the demo data)")
     inspect.add_argument("--out", default="inspect.html", help="HTML file to write (default: inspect.html)")
     inspect.add_argument("--json", help="also write the per-token numbers to this JSON file")
     inspect.add_argument("--samples", type=int, default=8, help="number of samples, from the top (default 8)")

@@ -622,10 +622,12 @@ def _needs_sstoken_encoding(dataset) -> bool:
 
 
 def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
-    """Raw messages / prompt-completion / alpaca rows → input_ids + labels with assistant-only masks."""
-    from datasets import Dataset
+    """Raw messages / prompt-completion / alpaca rows → input_ids + labels with assistant-only masks.
 
-    from sstoken.data import encode_row
+    The same cached ``Dataset.map`` encoding as the CLI's (:func:`sstoken.sources.encode_dataset`): columns no
+    format uses are dropped, and a bad row fails with its index.
+    """
+    from sstoken.sources import encode_dataset
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -633,18 +635,14 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
         if not isinstance(model, str):
             raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
         tokenizer = AutoTokenizer.from_pretrained(model)
-    rows, skipped = [], 0
-    for row in dataset:
-        encoded = encode_row(dict(row), tokenizer, args.max_length or 1024)
-        if encoded is None:
-            skipped += 1
-            continue
-        rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-    if skipped:
-        logger.warning("skipped %d rows with no trainable token after truncation", skipped)
-    if not rows:
-        raise ConfigError("no training row has a trainable token")
-    return Dataset.from_list(rows)
+    split = getattr(dataset, "split", None)  # set by load_dataset: where the rows came from
+    label = f"dataset[{split}]" if split else "dataset"
+    encoded, stats = encode_dataset(dataset, tokenizer, args.max_length or 1024, label=label,
+                                    num_proc=args.dataset_num_proc)
+    if stats.skipped_no_trainable_token:
+        logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
+                       stats.skipped_no_trainable_token)
+    return encoded
 
 
 __all__ = ["SFT_FIELD_POLICY", "SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "apply_tokenizer_settings",

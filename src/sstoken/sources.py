@@ -1,0 +1,571 @@
+"""Where training rows come from: local files and folders, saved datasets, Hub datasets, and mixtures of them.
+
+``data:`` and ``eval_data:`` in a recipe (and the ``--data`` / ``--eval_data`` / ``--held-out`` flags) take a
+*data spec*, one of:
+
+* text: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``; any other extension
+  is read as JSONL), a folder of such files or one written by ``Dataset.save_to_disk``, or a Hugging Face Hub
+  dataset id (anything that is not a local path);
+* a mapping with ``path`` and optionally ``config``, ``split``, ``data_files``, ``data_dir`` and ``columns``: the
+  fields of TRL's ``DatasetConfig``, with ``config`` for its ``name`` and ``columns`` either a rename mapping
+  (``{question: prompt}``) or, as in TRL, a list of the columns to keep;
+* a list of such texts or mappings: a mixture. With ``fraction`` on every item the rows are taken as TRL's
+  ``get_dataset`` takes them (fractions are normalised to shares of the mixture, which is as large as it can be
+  without repeating a row; the first rows of each source are kept); without it the sources are concatenated.
+  The mixture is shuffled with a seed.
+
+JSONL files are read by :func:`sstoken.data.read_jsonl` (errors name ``path:line``); everything else by
+``datasets`` (errors name ``path, row i``, 0-based as in ``dataset[i]``). Rows are encoded by ``Dataset.map``
+into a cache file whose name hashes the source, the tokenizer (its full definition and chat template),
+``max_seq_length`` and sstoken's encoding code, so that a second run on the same data reuses the encoding and
+any change to one of those encodes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sstoken.data import (
+    KNOWN_KEYS,
+    MAX_LINE_BYTES,
+    LoadStats,
+    _check_max_seq_length,
+    _check_tokenizer,
+    encode_row,
+    read_jsonl,
+)
+from sstoken.errors import ConfigError, DataError, did_you_mean, shown
+
+__all__ = [
+    "SOURCE_KEYS",
+    "SourceSpec",
+    "check_data_spec",
+    "encode_dataset",
+    "encoding_cache_dir",
+    "encoding_fingerprint",
+    "load_data",
+    "parse_data_spec",
+    "resolve_relative_paths",
+]
+
+logger = logging.getLogger("sstoken")
+
+SOURCE_KEYS = ("path", "config", "split", "data_files", "data_dir", "columns", "fraction")
+# Names other tools use for a source key: a pointed hint instead of a plain "unknown key".
+_KEY_ALIASES = {"name": "config", "subset": "config", "proportion": "fraction", "weight": "fraction"}
+_BUILDER_OF_SUFFIX = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+                      ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+_JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+BUILDERS = ("json", "parquet", "csv", "arrow")
+"""``path:`` values that name a ``datasets`` builder for the files in ``data_files`` (as in TRL recipes)."""
+_SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes
+_MESSAGE_LIST_KEYS = ("messages", "prompt", "completion")
+_ENCODED_COLUMNS = ("input_ids", "labels")
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+@dataclass
+class SourceSpec:
+    """One source of a data spec (see the module docstring); ``fraction`` is set only inside a mixture."""
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    data_dir: str | None = None
+    columns: dict[str, str] | list[str] | None = None
+    fraction: float | None = None
+
+
+def parse_data_spec(value: Any, what: str = "data") -> list[SourceSpec]:
+    """The sources of a data spec, checked for shape (not for existence); ``what`` names it in errors."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{what} is an empty list; give a path, a Hub dataset id or a list of sources")
+        specs = [_source(item, f"{what}[{i}]") for i, item in enumerate(value)]
+        with_fraction = [spec.fraction is not None for spec in specs]
+        if any(with_fraction) and not all(with_fraction):
+            raise ConfigError(f"{what}: set fraction on every source of the mixture or on none (none: concatenate)")
+        return specs
+    spec = _source(value, what)
+    if spec.fraction is not None:
+        raise ConfigError(f"{what}: fraction is for the sources of a mixture (a list under {what}:)")
+    return [spec]
+
+
+def _source(value: Any, what: str) -> SourceSpec:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what} must be a path, a Hub dataset id, a mapping with path: or a list of them, got "
+                          f"{shown(value)}")
+    for key in value:
+        if key not in SOURCE_KEYS:
+            hint = f" (write {_KEY_ALIASES[key]!r})" if key in _KEY_ALIASES else did_you_mean(key, SOURCE_KEYS)
+            raise ConfigError(f"unknown {what} key {shown(key)}{hint}; a source has {', '.join(SOURCE_KEYS)}")
+    path = value.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"{what}: path must be a file, a folder or a Hub dataset id (text), got {shown(path)}")
+    for key in ("config", "data_dir"):
+        if value.get(key) is not None and not (isinstance(value[key], str) and value[key].strip()):
+            raise ConfigError(f"{what}: {key} must be text, got {shown(value[key])}")
+    if path in BUILDERS and value.get("data_files") is None and not Path(path).exists():
+        raise ConfigError(f"{what}: path {path} names a datasets builder; add data_files: the files it reads")
+    split = value.get("split", "train")
+    if not isinstance(split, str) or not split.strip():
+        raise ConfigError(f"{what}: split must be a split name such as train or test, got {shown(split)}")
+    return SourceSpec(path=str(Path(path).expanduser()) if path.startswith("~") else path,
+                      config=value.get("config"), split=split, data_dir=value.get("data_dir"),
+                      data_files=_data_files(value.get("data_files"), what),
+                      columns=_columns(value.get("columns"), what), fraction=_fraction(value.get("fraction"), what))
+
+
+def _is_text_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+def _data_files(value: Any, what: str):
+    if value is None or (isinstance(value, str) and value) or _is_text_list(value):
+        return value
+    if isinstance(value, Mapping) and value and all(
+            isinstance(k, str) and ((isinstance(v, str) and v) or _is_text_list(v)) for k, v in value.items()):
+        return dict(value)
+    raise ConfigError(f"{what}: data_files must be a file, a list of files or a mapping of split to files, got "
+                      f"{shown(value)}")
+
+
+def _columns(value: Any, what: str):
+    if value is None or _is_text_list(value):
+        return value
+    if isinstance(value, Mapping) and value and all(isinstance(k, str) and isinstance(v, str) and v
+                                                    for k, v in value.items()):
+        targets = list(value.values())
+        duplicate = next((t for t in targets if targets.count(t) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"{what}: columns renames two columns to {duplicate!r}")
+        return dict(value)
+    raise ConfigError(f"{what}: columns must map column names to sstoken's (e.g. {{question: prompt, answer: "
+                      f"completion}}) or list the columns to keep, got {shown(value)}")
+
+
+def _fraction(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what}: fraction must be a number > 0, got {shown(value)}")
+    return float(value)
+
+
+def _is_builder_source(spec: SourceSpec) -> bool:
+    return spec.path in BUILDERS and spec.data_files is not None
+
+
+def _looks_local(path: str) -> bool:
+    """Whether ``path`` was meant as a local file or folder (a Hub id is ``name`` or ``org/name``)."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+            or Path(path).suffix.lower() in _BUILDER_OF_SUFFIX)
+
+
+def check_data_spec(value: Any, what: str = "data", label: str | None = None) -> list[SourceSpec]:
+    """:func:`parse_data_spec` plus what can be checked before loading: local paths exist.
+
+    ``label`` names the data in the "does not exist" message (default: ``what``).
+    """
+    specs = parse_data_spec(value, what)
+    for spec in specs:
+        if _is_builder_source(spec):
+            continue  # data_files may be globs: resolved (and reported when they match nothing) at load time
+        if not Path(spec.path).exists() and (_looks_local(spec.path) or spec.path in BUILDERS):
+            raise ConfigError(f"{label or what} {spec.path} does not exist")
+    return specs
+
+
+def resolve_relative_paths(value: Any, base: Path) -> Any:
+    """``value`` (a data spec from the recipe in ``base``) with relative local paths made relative to ``base``.
+
+    A path is rewritten only where ``base / path`` exists, so a Hub id is never mistaken for a file. The
+    ``data_files`` of a ``path: json`` (builder) source are local files too; those of a folder or a Hub dataset
+    are relative to it and stay as written.
+    """
+    if isinstance(value, str):
+        return _relative(value, base)
+    if isinstance(value, list):
+        return [resolve_relative_paths(item, base) for item in value]
+    if isinstance(value, Mapping):
+        out = dict(value)
+        if isinstance(out.get("path"), str):
+            out["path"] = _relative(out["path"], base)
+        if out.get("path") in BUILDERS:
+            files = out.get("data_files")
+            if isinstance(files, str):
+                out["data_files"] = _relative(files, base)
+            elif isinstance(files, list):
+                out["data_files"] = [_relative(f, base) if isinstance(f, str) else f for f in files]
+            elif isinstance(files, Mapping):
+                out["data_files"] = {k: _relative(v, base) if isinstance(v, str) else
+                                     [_relative(f, base) if isinstance(f, str) else f for f in v]
+                                     if isinstance(v, list) else v for k, v in files.items()}
+        return out
+    return value
+
+
+def _relative(path: str, base: Path) -> str:
+    expanded = str(Path(path).expanduser())
+    if not Path(expanded).is_absolute() and (base / expanded).exists():
+        return str(base / expanded)
+    return expanded
+
+
+# ------------------------------------------------------------------------------------------------ loading
+@dataclass
+class _Part:
+    """A run of raw rows from one file, saved dataset or Hub split; ``label`` names it in error messages."""
+
+    label: str
+    rows: list[tuple[int, dict]] | None = None  # JSONL: (line number, row)
+    dataset: Any = None  # anything else: a datasets.Dataset
+    fingerprint: str = ""  # JSONL: what identifies the file's content (the rows taken are added when encoding)
+    ignored: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.dataset)
+
+    def head(self, n: int) -> _Part:
+        if n >= len(self):
+            return self
+        if self.rows is not None:
+            return _Part(self.label, rows=self.rows[:n], fingerprint=self.fingerprint, ignored=self.ignored)
+        return _Part(self.label, dataset=self.dataset.select(range(n)), ignored=self.ignored)
+
+
+def _load_source(spec: SourceSpec, what: str, max_line_bytes: int) -> list[_Part]:
+    path = Path(spec.path)
+    if _is_builder_source(spec):
+        files = _resolve_files(Path("."), spec, what)
+    elif path.is_file():
+        if spec.split != "train" or spec.data_files is not None:
+            raise ConfigError(f"{what}: {spec.path} is one file, which is the train split; for other splits point "
+                              f"path at the folder or use data_files: {{split: file}}")
+        files = [str(path)]
+    elif path.is_dir() and any((path / m).is_file() for m in _SAVED_DATASET_MARKERS):
+        return [_saved_dataset_part(spec, what)]
+    elif path.is_dir():
+        files = _resolve_files(path / spec.data_dir if spec.data_dir else path, spec, what)
+    elif _looks_local(spec.path):
+        raise ConfigError(f"{what} {spec.path} does not exist")
+    else:
+        return [_hub_part(spec, what)]
+    builder = spec.path if _is_builder_source(spec) else None
+    return [_file_part(Path(f), builder, spec.columns, max_line_bytes) for f in files]
+
+
+def _resolve_files(base: Path, spec: SourceSpec, what: str) -> list[str]:
+    """The data files of ``spec.split`` under ``base``, found as ``load_dataset(folder)`` finds them (a
+    ``test.jsonl`` or ``data/test-*.parquet`` is the test split; files without a split name are train)."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+
+    try:
+        patterns = (sanitize_patterns(spec.data_files) if spec.data_files is not None
+                    else get_data_patterns(str(base)))
+        splits = DataFilesDict.from_local_or_remote(patterns, base_path=str(base))
+    except (EmptyDatasetError, FileNotFoundError) as exc:
+        raise ConfigError(f"{what} {spec.path}: no data files found ({_first_line(exc)})") from None
+    splits = {str(name): files for name, files in splits.items()}
+    if spec.split not in splits:
+        raise ConfigError(f"{what} {spec.path}: no split {spec.split!r}{did_you_mean(spec.split, splits)}; it has "
+                          f"{', '.join(sorted(splits))}")
+    files = [f for f in splits[spec.split] if Path(f).suffix.lower() in _BUILDER_OF_SUFFIX or spec.path in BUILDERS]
+    if not files:
+        raise ConfigError(f"{what} {spec.path}: no data files ({', '.join(sorted(_BUILDER_OF_SUFFIX))}) in the "
+                          f"{spec.split} split")
+    return files  # in datasets' order: sorted for a pattern, as written for a list (a mixture takes the first rows)
+
+
+def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) -> _Part:
+    suffix = path.suffix.lower()
+    builder = builder or _BUILDER_OF_SUFFIX.get(suffix, "json")
+    # JSON Lines go through sstoken's strict reader (errors name path:line); a .json file holding one array
+    # is left to datasets, like every other format.
+    if builder == "json" and not (suffix == ".json" and _starts_with_array(path)):
+        rows = list(read_jsonl(path, max_line_bytes=max_line_bytes))
+        stat = path.stat()
+        ignored = {key for _, row in rows for key in _renamed_keys(row, columns)} - KNOWN_KEYS
+        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", str(path.resolve()), stat.st_size,
+                                                              stat.st_mtime_ns]), ignored=ignored)
+    import datasets
+
+    options = {"sep": "\t"} if suffix == ".tsv" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
+        raise DataError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
+    return _dataset_part(str(path), dataset, columns)
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return start.startswith(b"[")
+
+
+def _saved_dataset_part(spec: SourceSpec, what: str) -> _Part:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(spec.path)
+    except Exception as exc:  # noqa: BLE001 - a damaged folder raises whatever pyarrow or json raise
+        raise DataError(f"{spec.path}: cannot load the saved dataset: {_first_line(exc)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if spec.split not in loaded:
+            raise ConfigError(f"{what} {spec.path}: no split {spec.split!r}{did_you_mean(spec.split, list(loaded))}; "
+                              f"it has {', '.join(loaded)}")
+        return _dataset_part(f"{spec.path}[{spec.split}]", loaded[spec.split], spec.columns)
+    return _dataset_part(spec.path, loaded, spec.columns)
+
+
+def _hub_part(spec: SourceSpec, what: str) -> _Part:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(spec.path, name=spec.config, split=spec.split, data_files=spec.data_files,
+                                        data_dir=spec.data_dir)
+    except Exception as exc:  # noqa: BLE001 - network, authentication, missing config or split: all fixable
+        config = f" (config {spec.config!r})" if spec.config else ""
+        # Only a path that exists nowhere locally gets here, so "data/train" may be a mistyped folder too.
+        raise ConfigError(f"{what}: cannot load the Hub dataset {spec.path!r}{config}, split {spec.split!r} (and no "
+                          f"local file or folder has that name): {_first_line(exc)}") from None
+    return _dataset_part(f"{spec.path}[{spec.split}]", dataset, spec.columns)
+
+
+def _dataset_part(label: str, dataset, columns) -> _Part:
+    names = list(dataset.column_names)
+    wanted = list(columns) if columns is not None else []
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ConfigError(f"{label}: columns: {missing[0]!r} is not a column{did_you_mean(missing[0], names)}; it "
+                          f"has {', '.join(names)}")
+    ignored = set(_renamed_keys(dict.fromkeys(names), columns)) - KNOWN_KEYS
+    return _Part(label, dataset=dataset.with_format(None), ignored=ignored)
+
+
+def _renamed_keys(row: Mapping[str, Any], columns) -> list[str]:
+    if columns is None:
+        return list(row)
+    if isinstance(columns, list):
+        return [k for k in row if k in columns]
+    return [columns.get(k, k) for k in row]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _hash(value: Any) -> str:
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(value)
+
+
+def _mixture_heads(sources: list[list[_Part]], fractions: list[float]) -> list[list[_Part]]:
+    """TRL's ``get_dataset`` rule: shares ``fraction / sum(fractions)``, the largest mixture that repeats no row,
+    and the first ``round(share * total)`` rows of each source."""
+    sizes = [sum(len(p) for p in parts) for parts in sources]
+    shares = [f / sum(fractions) for f in fractions]
+    total = min(size / share for size, share in zip(sizes, shares))
+    out = []
+    for parts, share in zip(sources, shares):
+        remaining, taken = round(share * total), []
+        for part in parts:
+            if remaining <= 0:
+                break
+            taken.append(part.head(remaining))
+            remaining -= len(taken[-1])
+        out.append(taken)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def _code_fingerprint() -> str:
+    """The encoding rules are code: a cache written by another sstoken version must not be reused."""
+    from sstoken import data
+
+    return _hash([Path(data.__file__).read_bytes(), Path(__file__).read_bytes()])
+
+
+def encoding_fingerprint(tokenizer: Any, max_seq_length: int) -> str:
+    """Hash of everything besides the rows that decides their encoding: the tokenizer's full definition
+    (vocabulary, merges, normalizer, added and special tokens), its chat template, ``max_seq_length`` and
+    sstoken's encoding code."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return _hash({"tokenizer": [type(tokenizer).__name__, definition, special],
+                  "chat_template": getattr(tokenizer, "chat_template", None),
+                  "max_seq_length": max_seq_length, "code": _code_fingerprint()})
+
+
+def encoding_cache_dir() -> Path:
+    """Where encoded rows are cached: ``$HF_DATASETS_CACHE/sstoken``, beside the datasets they come from."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "sstoken"
+
+
+def _encoded_features():
+    import datasets
+
+    sequence = getattr(datasets, "List", None) or datasets.Sequence
+    return datasets.Features({"input_ids": sequence(datasets.Value("int64")),
+                              "labels": sequence(datasets.Value("int64")),
+                              "format": datasets.Value("string"), "truncated": datasets.Value("bool"),
+                              "trained": datasets.Value("int64")})
+
+
+def _without_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An Arrow row as the row that was meant: Arrow gives every row every column, and every message every key
+    any message has, with null where the data had nothing. (In JSONL, a null is what was written, and checked.)"""
+    out = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key in _MESSAGE_LIST_KEYS and isinstance(value, list):
+            value = [{k: v for k, v in m.items() if v is not None or k in ("role", "content")}
+                     if isinstance(m, dict) else m for m in value]
+        out[key] = value
+    return out
+
+
+def _apply_columns(row: dict[str, Any], columns, where: str) -> dict[str, Any]:
+    if columns is None:
+        return row
+    if isinstance(columns, list):
+        return {k: v for k, v in row.items() if k in columns}
+    for old, new in columns.items():
+        if old in row and new in row and new not in columns:
+            raise DataError(f"{where}: columns: renaming {old!r} to {new!r} would overwrite the row's own {new!r}")
+    return {columns.get(k, k): v for k, v in row.items()}
+
+
+class _RowEncoder:
+    """The ``Dataset.map`` function for one part (a class, so that ``num_proc`` workers can pickle it)."""
+
+    def __init__(self, part: _Part, columns, tokenizer: Any, max_seq_length: int):
+        self.label, self.rows, self.columns = part.label, part.rows, columns
+        self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
+
+    def __call__(self, example: dict, index: int) -> dict:
+        if self.rows is not None:
+            line, row = self.rows[index]
+            where = f"{self.label}:{line}"
+        else:
+            row, where = _without_nulls(example), f"{self.label}, row {index}"
+        encoded = encode_row(_apply_columns(row, self.columns, where), self.tokenizer, self.max_seq_length,
+                             where=where)
+        if encoded is None:
+            return {"input_ids": [], "labels": [], "format": "", "truncated": False, "trained": 0}
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "format": encoded.format,
+                "truncated": encoded.truncated, "trained": encoded.num_trained}
+
+
+def _encode_part(part: _Part, columns, tokenizer, max_seq_length: int, encoding: str, num_proc: int | None):
+    import datasets
+
+    if part.rows is not None:
+        raw = datasets.Dataset.from_dict({"line": [line for line, _ in part.rows]})
+        source = _hash([part.fingerprint, len(part.rows)])
+    else:
+        raw, source = part.dataset, part.dataset._fingerprint
+    fingerprint = _hash([source, columns, encoding])
+    cache_file = None
+    if datasets.is_caching_enabled():
+        folder = encoding_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        cache_file = str(folder / f"encoded-{fingerprint}.arrow")
+    return raw.map(_RowEncoder(part, columns, tokenizer, max_seq_length), with_indices=True,
+                   remove_columns=raw.column_names, features=_encoded_features(), new_fingerprint=fingerprint,
+                   cache_file_name=cache_file, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                   desc=f"sstoken: encoding {Path(part.label).name}")
+
+
+def _encode(sources: list[list[_Part]], specs_columns: list, tokenizer, max_seq_length: int, label: str,
+            num_proc: int | None) -> tuple[Any, LoadStats]:
+    """Encode every part; the used rows (input_ids, labels) and their :class:`LoadStats`."""
+    import datasets
+
+    encoding = encoding_fingerprint(tokenizer, max_seq_length)
+    encoded = [_encode_part(part, columns, tokenizer, max_seq_length, encoding, num_proc)
+               for parts, columns in zip(sources, specs_columns) for part in parts]
+    everything = encoded[0] if len(encoded) == 1 else datasets.concatenate_datasets(encoded)
+    summary = everything.select_columns(["format", "truncated", "trained"]).to_dict()
+    used = [i for i, trained in enumerate(summary["trained"]) if trained > 0]
+    stats = LoadStats(rows_read=len(everything), used=len(used))
+    stats.skipped_no_trainable_token = stats.rows_read - stats.used
+    stats.truncated = sum(1 for i in used if summary["truncated"][i])
+    stats.trained_tokens = sum(summary["trained"][i] for i in used)
+    for i in used:
+        stats.formats[summary["format"][i]] = stats.formats.get(summary["format"][i], 0) + 1
+    stats.ignored_columns = sorted({c for parts in sources for p in parts for c in p.ignored})
+    if not used:
+        raise DataError(f"{label}: no usable rows: all {stats.rows_read} rows were skipped because no trained token "
+                        f"remains after truncation to max_seq_length={max_seq_length}")
+    rows = everything.select(used, keep_in_memory=True) if len(used) < len(everything) else everything
+    rows = rows.select_columns(list(_ENCODED_COLUMNS))
+    stats.tokens = sum(len(ids) for ids in rows.with_format("arrow")["input_ids"].to_pylist())
+    return rows, stats
+
+
+def load_data(spec: Any, tokenizer: Any, max_seq_length: int, *, what: str = "data", seed: int = 42,
+              num_proc: int | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[Any, LoadStats]:
+    """Load, validate and encode a data spec: a ``datasets.Dataset`` of ``input_ids`` and ``labels`` (rows with
+    no trained token left after truncation are dropped) and its :class:`LoadStats`.
+
+    Fails fast: the first malformed row raises :class:`DataError` naming its file and line or row. A mixture
+    (several sources) is shuffled with ``seed``. ``what`` names the spec in configuration errors.
+    """
+    _check_tokenizer(tokenizer)
+    _check_max_seq_length(max_seq_length)
+    if max_line_bytes < 1:
+        raise ConfigError(f"max_line_bytes must be >= 1, got {max_line_bytes}")
+    specs = parse_data_spec(spec, what)
+    sources = [_load_source(s, what, max_line_bytes) for s in specs]
+    for s, parts in zip(specs, sources):
+        if sum(len(p) for p in parts) == 0:
+            raise DataError(f"{s.path}: no rows (the {'file is' if Path(s.path).is_file() else 'source is'} empty "
+                            "or has only blank lines)")
+    if specs[0].fraction is not None:
+        sources = _mixture_heads(sources, [s.fraction for s in specs])
+    label = specs[0].path if len(specs) == 1 else f"{what} (a mixture of {len(specs)} sources)"
+    rows, stats = _encode(sources, [s.columns for s in specs], tokenizer, max_seq_length, label, num_proc)
+    if len(specs) > 1:
+        rows = rows.shuffle(seed=seed, keep_in_memory=True)
+    if stats.ignored_columns:
+        logger.info("%s: ignored columns that no format uses: %s", what,
+                    ", ".join(shown(c) for c in stats.ignored_columns))
+    return rows, stats
+
+
+def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: str = "train_dataset",
+                   num_proc: int | None = None) -> tuple[Any, LoadStats]:
+    """Encode a raw ``datasets.Dataset`` (messages, prompt/completion or alpaca columns) like :func:`load_data`
+    does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``."""
+    _check_tokenizer(tokenizer)
+    _check_max_seq_length(max_seq_length)
+    part = _dataset_part(label, dataset, None)
+    if len(part) == 0:
+        raise DataError(f"{label}: no rows")
+    rows, stats = _encode([[part]], [None], tokenizer, max_seq_length, label, num_proc)
+    if stats.ignored_columns:
+        logger.info("%s: ignored columns that no format uses: %s", label,
+                    ", ".join(shown(c) for c in stats.ignored_columns))
+    return rows, stats
