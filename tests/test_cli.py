@@ -220,8 +220,8 @@ def test_chat_template_and_eos_of_the_recipe_are_those_the_data_was_encoded_with
     used = []
     real_load_rows = sstoken.cli._load_rows
 
-    def recording_load_rows(path, tokenizer, max_seq_length):
-        rows, stats = real_load_rows(path, tokenizer, max_seq_length)
+    def recording_load_rows(spec, tokenizer, max_seq_length, *args, **kwargs):
+        rows, stats = real_load_rows(spec, tokenizer, max_seq_length, *args, **kwargs)
         used.extend(rows)
         return rows, stats
 

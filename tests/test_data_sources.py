@@ -98,6 +98,27 @@ def test_messages_from_parquet_keep_their_structure(tok, tmp_path):
     assert stats.formats == {"messages": 2, "alpaca": 2}
 
 
+def test_tool_calls_from_parquet_do_not_render_keys_of_other_rows(tmp_path):
+    """Arrow merges the tool-call argument structs of all rows: {"city"} and {"query"} both become
+    {"city", "query"}, null where a row had nothing. Those nulls must not reach the rendered text."""
+    from test_chat_templates import TOOL_CHATML, WEATHER_TOOL
+
+    tok = own_tokenizer()
+    tok.chat_template = TOOL_CHATML
+
+    def call(**arguments):
+        return {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": arguments}}]}
+
+    rows = [{"messages": [{"role": "user", "content": "Weather in Oslo?"}, call(city="Oslo")], "tools": [WEATHER_TOOL]},
+            {"messages": [{"role": "user", "content": "Find cats."}, call(query="cats")], "tools": [WEATHER_TOOL]}]
+    expected, _ = load_data(write_jsonl(tmp_path / "a.jsonl", rows), tok, 4096)
+    table(rows).to_parquet(tmp_path / "a.parquet")
+    encoded, _ = load_data(str(tmp_path / "a.parquet"), tok, 4096)
+    assert ids_of(encoded) == ids_of(expected)
+    assert "null" not in tok.decode(encoded[0]["input_ids"]) and "Oslo" in tok.decode(encoded[0]["input_ids"])
+
+
 def test_folder_of_jsonl_files_with_split_names(tok, tmp_path):
     folder = tmp_path / "data"
     write_jsonl(folder / "train.jsonl", [pc(i, "train") for i in range(3)])

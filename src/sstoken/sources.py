@@ -440,10 +440,22 @@ def _without_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if key in _MESSAGE_LIST_KEYS and isinstance(value, list):
-            value = [{k: v for k, v in m.items() if v is not None or k in ("role", "content")}
+            value = [{k: _nested_without_nulls(v) for k, v in m.items() if v is not None or k in ("role", "content")}
                      if isinstance(m, dict) else m for m in value]
+        elif key == "tools":
+            value = _nested_without_nulls(value)
         out[key] = value
     return out
+
+
+def _nested_without_nulls(value: Any) -> Any:
+    """Arrow merges the structs of all rows, so a tool call's arguments or a tool's schema gains every key that any
+    row has, as null; left in, those nulls would be rendered into the trained text."""
+    if isinstance(value, dict):
+        return {k: _nested_without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_nested_without_nulls(v) for v in value]
+    return value
 
 
 def _apply_columns(row: dict[str, Any], columns, where: str) -> dict[str, Any]:
