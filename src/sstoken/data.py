@@ -4,7 +4,8 @@ Rows come from a JSONL file (read here, strictly, by :func:`read_jsonl`) or from
 :mod:`sstoken.sources` loads (Parquet, CSV, JSON, Arrow, saved datasets, Hub datasets, mixtures). Each row is
 a mapping in one of three formats (detected per row from its keys):
 
-* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]}, ...]}``
+  (assistant messages may carry ``tool_calls``)
 * ``prompt_completion``: ``{"prompt": str, "completion": str}`` or, conversational,
   ``{"prompt": [messages...], "completion": [messages...]}``
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
@@ -18,10 +19,13 @@ Every row becomes ``{"input_ids": [...], "labels": [...]}`` with Hugging Face's 
 Rules (see ``docs/data.md`` for the long version):
 
 * Conversations are rendered once with the tokenizer's chat template and tokenized once with offsets; a
-  token is trained when its characters overlap an assistant turn's span. The span of assistant turn ``k``
-  is ``[len(render(messages[:k], add_generation_prompt=True)), len(render(messages[:k + 1])))`` minus
-  trailing whitespace, so it holds the content and the template's end-of-turn token. Every assistant
-  turn is trained (multi-turn). Without a chat template, :data:`FALLBACK_CHAT_TEMPLATE` is used.
+  token is trained when its characters overlap an assistant turn's span. A template with ``{% generation %}``
+  blocks gives the spans through its assistant-token mask. Otherwise the span of assistant turn ``k`` starts
+  at ``len(render(messages[:k], add_generation_prompt=True))`` and holds the turn as ``render(messages[:k + 1])``
+  writes it, minus trailing whitespace (content and end-of-turn token); for templates that rewrite earlier
+  turns (Qwen3 drops their reasoning) it is the tail of that turn which the full rendering shows. An empty
+  reasoning block at the start of a span is context. Every assistant turn is trained (multi-turn). Without a
+  chat template, :data:`FALLBACK_CHAT_TEMPLATE` is used.
 * Plain prompt/completion strings are tokenized separately and concatenated: prompt (plus BOS when the
   tokenizer adds one to plain text) is context, completion + EOS is trained.
 * Sequences are truncated from the right to ``max_seq_length``; a row with no trained token left at a
