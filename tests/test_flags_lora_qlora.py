@@ -28,6 +28,37 @@ def test_equals_form_negative_numbers_and_the_last_value_wins():
                             "--rho=0.6"]) == {"lora_alpha": 16, "attention_layer": -1, "lora_dropout": 0.1, "rho": 0.6}
 
 
+def test_values_keep_their_dashes_and_exponents_are_numbers():
+    """Only the flag name's dashes become underscores; `1e-6` is a number at any depth (YAML 1.1 reads it as text)."""
+    assert parse_overrides(["--model=Qwen/Qwen2.5-0.5B", "--output-dir=runs/my-run", "--learning_rate=-1e-5",
+                            "--lr_scheduler_kwargs", '{"min_lr": 1e-6}']) == {
+        "model": "Qwen/Qwen2.5-0.5B", "output_dir": "runs/my-run", "learning_rate": -1e-5,
+        "lr_scheduler_kwargs": {"min_lr": 1e-6}}
+
+
+def test_a_recipe_reads_exponents_inside_mappings_as_numbers(tmp_path):
+    from sstoken.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("lr_scheduler_kwargs: {min_lr: 1e-6}\nlearning_rate: 2E-4\nname: 1e5x\n")
+    assert load_recipe(path) == {"lr_scheduler_kwargs": {"min_lr": 1e-6}, "learning_rate": 2e-4, "name": "1e5x"}
+
+
+@pytest.mark.parametrize(("targets", "expected"), [
+    ("q_proj", ["q_proj"]),  # PEFT would read a bare string as a regex over full paths and match nothing
+    ("all-linear", "all-linear"),
+    (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+    (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+])
+def test_one_target_module_name_is_a_list_and_regexes_stay_strings(targets, expected):
+    assert split_recipe({"lora": {"target_modules": targets}})[0]["lora"]["target_modules"] == expected
+
+
+def test_use_peft_true_with_lora_null_is_refused():
+    with pytest.raises(ConfigError, match="use_peft is true but lora is null"):
+        split_recipe(merge_overrides({"lora": None}, parse_overrides(["--use_peft"])))
+
+
 @pytest.mark.parametrize(("tokens", "expected"), [
     (["--max_steps", "10", "20"], "--max_steps takes one value, got 2: '10 20'"),
     (["--lora_r", "8", "16"], "--lora_r takes one value"),
@@ -103,7 +134,8 @@ def test_quantization_mistakes_are_refused(recipe, expected):
 
 
 class FakeLoad:
-    """AutoModelForCausalLM.from_pretrained and prepare_model_for_kbit_training, recorded; a tiny model back."""
+    """AutoModelForCausalLM.from_pretrained recorded, a tiny model back; prepare_model_for_kbit_training, which TRL's
+    SFT path does not call, recorded if it ever is."""
 
     def __init__(self, monkeypatch, bitsandbytes=True, cuda=True):
         from transformers import AutoModelForCausalLM
@@ -137,20 +169,20 @@ def quantization_of(**recipe):
 def test_4bit_settings_reach_from_pretrained_as_a_bitsandbytes_config(monkeypatch):
     fake = FakeLoad(monkeypatch)
     quantization = quantization_of(load_in_4bit=True, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True)
-    sstoken.models.load_model("some/model", "float16", quantization=quantization, activation_checkpointing=False,
+    sstoken.models.load_model("some/model", "float16", quantization=quantization,
                               extra_kwargs={"revision": "abc"})
     config = fake.kwargs["quantization_config"]
     assert config.load_in_4bit and not config.load_in_8bit
     assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == ("fp4", True)
     assert config.bnb_4bit_compute_dtype == torch.float16  # the model's dtype, as in TRL
     assert fake.kwargs["device_map"] == {"": 0} and fake.kwargs["revision"] == "abc"
-    assert fake.prepared == [False]
+    assert fake.prepared == []
 
 
 def test_8bit_and_the_default_compute_dtype(monkeypatch):
     fake = FakeLoad(monkeypatch)
     sstoken.models.load_model("some/model", quantization=quantization_of(load_in_8bit=True))
-    assert fake.kwargs["quantization_config"].load_in_8bit and fake.prepared == [True]
+    assert fake.kwargs["quantization_config"].load_in_8bit and fake.prepared == []
     assert sstoken.models.bnb_config(quantization_of(load_in_4bit=True)).bnb_4bit_compute_dtype == torch.bfloat16
 
 

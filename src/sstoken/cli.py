@@ -133,8 +133,7 @@ def cmd_train(ns, overrides: list[str]) -> int:
         if cache_path:
             _check_cache_covers(cache_path, rows["input_ids"])
     model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"],
-                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"],
-                       activation_checkpointing=bool(config.activation_checkpointing or config.gradient_checkpointing))
+                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"])
     config.model_init_kwargs = None  # used by load_model above; the trainer gets the built model
     try:
         trainer = SSTokenTrainer(model=model, args=config, train_dataset=rows,

@@ -92,8 +92,8 @@ SFT_FIELD_POLICY.update({
                                                "none, so only the default ('text') is accepted"),
     "dataset_kwargs": FieldPolicy(TRL, "as in TRL (skip_prepare_dataset skips truncation and packing of encoded "
                                        "rows)"),
-    "dataset_num_proc": FieldPolicy(TRL, "TRL's map steps (truncation, packing); sstoken's own encoding of raw "
-                                         "rows runs in one process"),
+    "dataset_num_proc": FieldPolicy(TRL, "processes of TRL's map steps (truncation, packing) and of sstoken's own "
+                                         "encoding of raw rows"),
     "max_length": FieldPolicy(SSTOKEN, "sstoken's encoding truncates to it (keeping the start); the CLI's "
                                        "max_seq_length is the same setting"),
     "truncation_mode": FieldPolicy(REFUSED, "only 'keep_start' (sstoken's encoding keeps the start); 'keep_end' "

@@ -83,13 +83,14 @@ def check_model_init_kwargs(model_init_kwargs) -> None:
 
 
 def load_model(name_or_path: str | None, dtype: str | None = None, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, extra_kwargs: dict | None = None, quantization: dict | None = None,
-               activation_checkpointing: bool = True):
+               trust_remote_code: bool = False, extra_kwargs: dict | None = None, quantization: dict | None = None):
     """A causal LM in training-ready form (SDPA attention unless told otherwise).
 
     ``extra_kwargs``: more from_pretrained arguments (a recipe's ``model_init_kwargs``). ``quantization``: the
-    recipe's bitsandbytes settings (QLoRA, see :func:`bnb_config`); the model is then prepared for k-bit training
-    with PEFT's ``prepare_model_for_kbit_training``, as TRL's example scripts do."""
+    recipe's bitsandbytes settings (QLoRA, see :func:`bnb_config`). As in TRL's SFT path, the quantized model is
+    not passed through PEFT's ``prepare_model_for_kbit_training`` (which would upcast every non-quantized weight,
+    embeddings and LM head included, to float32); SFTTrainer enables input gradients for activation checkpointing
+    and keeps QLoRA adapters in bfloat16."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,10 +112,6 @@ def load_model(name_or_path: str | None, dtype: str | None = None, attn_implemen
         raise ConfigError(f"cannot load model {name_or_path!r}: {exc}") from exc
     if gguf:
         _forget_gguf_quantization(model)
-    if quantization:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     return model
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads `1e-6` (no dot) as text, so `lr_scheduler_kwargs: {min_lr: 1e-6}` would reach the scheduler as a
+# string; top-level fields are converted by type, values inside mappings are not. Read them as YAML 1.2 does.
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def _parse_yaml(text: str):
     loader = _RecipeLoader(text)  # what yaml.safe_load does, with the duplicate-key check
     try:
@@ -156,10 +164,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         token = tokens[i]
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}; overrides are written --key value")
-        key = token[2:].replace("-", "_")
+        key, equals, raw = token[2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps is --max_steps; the value keeps its dashes
         i += 1
-        if "=" in key:
-            key, raw = key.split("=", 1)
+        if equals:
             raws = [raw]
         else:
             raws = []
@@ -287,6 +295,8 @@ def _with_lora_section(recipe: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(use_peft, bool):
         raise ConfigError(f"use_peft must be true or false, got {shown(use_peft)}")
     section = recipe.get("lora", {})
+    if "use_peft" in recipe and use_peft and section in (None, False):
+        raise ConfigError("use_peft is true but lora is null (full fine-tuning); remove one of them")
     if not use_peft or section in (None, False):
         if flat:
             first = next(key for key in recipe if key in TRL_LORA_KEYS)
@@ -378,6 +388,10 @@ def _lora(value: Any) -> dict | None:
     if not _is_names(targets):
         raise ConfigError(f"lora target_modules must be a module name, a list of names or 'all-linear', got "
                           f"{shown(targets)}")
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        # PEFT reads a string as a regex over full module paths, so a plain name ("q_proj") would match nothing;
+        # as a list it matches by name, as `--lora_target_modules q_proj` does in TRL. Regexes stay strings.
+        lora["target_modules"] = [targets]
     for key in ("target_parameters", "modules_to_save"):
         if lora[key] is not None and not _is_names(lora[key]):
             raise ConfigError(f"lora {key} must be a name or a list of names, got {shown(lora[key])}")
