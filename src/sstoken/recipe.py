@@ -241,6 +241,17 @@ def _scalar(raw: str) -> Any:
         raise ConfigError(f"{shown(raw)} has too many digits to be a number") from None
 
 
+def data_flag(raw: str) -> Any:
+    """A data flag's value (``--eval_data``, ``--held-out``): a path or Hub id as written, or a YAML mapping/list
+    in the shape of the recipe's ``data:`` (``'{path: org/ds, split: test}'``)."""
+    if raw.lstrip().startswith(("{", "[")):
+        try:
+            return _parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{shown(raw)} is not a valid YAML mapping or list: {str(exc).splitlines()[0]}") from None
+    return raw
+
+
 def split_recipe(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run settings with defaults filled in, SSTokenConfig kwargs); unknown keys and bad run values are errors."""
     fields = config_fields()
