@@ -34,7 +34,8 @@ TOOL_CHATML = (
 
 # Imitates Qwen3's template: the last assistant turn after the last user message gets a <think> block (empty
 # when the data has no reasoning); earlier turns lose theirs, so the template is not prefix-stable; tool
-# results go into a user turn.
+# results go into a user turn. Reasoning comes from message.reasoning_content when it is a string, else from a
+# <think> block in the content.
 QWEN3_LIKE = (
     "{% set ns = namespace(last_query=-1) %}"
     "{% for message in messages %}{% if message.role == 'user' %}{% set ns.last_query = loop.index0 %}"
@@ -49,12 +50,13 @@ QWEN3_LIKE = (
     "{% if message.role == 'user' %}{{ '<|im_start|>user\n' + message.content + '<|im_end|>\n' }}"
     "{% elif message.role == 'assistant' %}"
     "{% set content = message.content %}{% set reasoning = '' %}"
-    "{% if '</think>' in content %}"
+    "{% if message.reasoning_content is string %}{% set reasoning = message.reasoning_content %}"
+    "{% elif '</think>' in content %}"
     "{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
     "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
     "{{ '<|im_start|>assistant\n' }}"
     "{% if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
-    "{{ '<think>\n' + reasoning + '\n</think>\n\n' }}{% endif %}"
+    "{{ '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' }}{% endif %}"
     "{{ content }}"
     "{% for call in message.tool_calls or [] %}{% if content or not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<tool_call>\n' + {'name': call.function.name, 'arguments': call.function.arguments} | tojson"
@@ -393,6 +395,70 @@ def test_qwen3_long_chat_stays_linear_and_truncates_like_a_short_one(qwen_tok, m
     assert enc.truncated and trained_runs(qwen_tok, enc)[:2] == ["answer 0.<|im_end|>", "answer 1.<|im_end|>"]
 
 
+def R(content, reasoning, **extra):
+    """An assistant message with its reasoning in reasoning_content (Qwen3 / vLLM reasoning parsers)."""
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning, **extra}
+
+
+def test_qwen3_reasoning_content_is_trained_where_the_template_renders_it(qwen_tok):
+    messages = [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")]
+    enc = encode_row({"messages": messages}, qwen_tok, 512)
+    assert_one_rendering(qwen_tok, enc, messages)
+    # The last turn shows its reasoning and trains it; the earlier one is rendered (and trained) without it.
+    assert trained_runs(qwen_tok, enc) == ["4<|im_end|>", "<think>\nThree threes.\n</think>\n\n9<|im_end|>"]
+    assert "Two and two" not in qwen_tok.decode(enc.input_ids)
+    # reasoning_content and a <think> block in the content are the same data to this template
+    inline = [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"),
+              A("<think>Three threes.</think>9")]
+    assert enc.as_dict() == encode_row({"messages": inline}, qwen_tok, 512).as_dict()
+
+
+def test_qwen3_reasoning_content_of_a_tool_call_turn_is_trained(qwen_tok):
+    messages = [U("Weather in Paris?"), {**CALL(), "reasoning_content": "I need the weather."}, TOOL("22 C"),
+                A("It is 22 C.")]
+    enc = encode_row({"messages": messages, "tools": [WEATHER_TOOL]}, qwen_tok, 512)
+    assert_one_rendering(qwen_tok, enc, messages, [WEATHER_TOOL])
+    assert trained_runs(qwen_tok, enc) == [
+        '<think>\nI need the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 22 C.<|im_end|>",
+    ]
+
+
+def test_qwen3_blank_reasoning_content_is_context(qwen_tok):
+    enc = encode_row({"messages": [U("q"), R("Paris.", "")]}, qwen_tok, 512)
+    assert trained_runs(qwen_tok, enc) == ["Paris.<|im_end|>"]
+    assert context_text(qwen_tok, enc).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n\n")
+
+
+def test_reasoning_content_in_the_prompt_is_context(qwen_tok):
+    row = {"prompt": [U("q"), R("a1", "Thinking about q.")], "completion": [R("a2", "Still thinking.")]}
+    enc = encode_row(row, qwen_tok, 512)
+    # No user message after a1: both turns keep their reasoning, and the prompt's turn is context.
+    assert "<think>\nThinking about q.\n</think>\n\na1<|im_end|>" in context_text(qwen_tok, enc)
+    assert trained_runs(qwen_tok, enc) == ["<think>\nStill thinking.\n</think>\n\na2<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "template, row, field, message",
+    [
+        (CHATML_TEMPLATE, {"messages": [U("q"), R("a", "why")]}, "messages[1].reasoning_content",
+         "the chat template does not render reasoning_content"),
+        (None, {"messages": [U("q"), R("a", "why")]}, "messages[1].reasoning_content",
+         "the chat template does not render reasoning_content"),
+        (QWEN3_LIKE, {"messages": [{**U("q"), "reasoning_content": "why"}, A("a")]}, "messages[0].reasoning_content",
+         "only assistant messages reason"),
+        (QWEN3_LIKE, {"messages": [U("q"), R("a", ["why"])]}, "messages[1].reasoning_content",
+         "must be a string, got array"),
+    ],
+)
+def test_unusable_reasoning_content_is_refused(template, row, field, message):
+    with pytest.raises(DataError) as info:
+        encode_row(row, with_template(template), 512, where="f:1")
+    text = str(info.value)
+    assert text.startswith(f"f:1: {field}: ") and message in text and "\n" not in text, text
+
+
 def test_template_that_changes_a_turn_beyond_its_head_is_refused():
     # The end-of-turn token of a turn depends on whether it is the last one: no tail of the turn as
     # generated appears in the full rendering, so it cannot be located.
@@ -426,6 +492,7 @@ def test_tool_results_written_as_json_are_accepted():
         [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"), A("9")],
         [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("It is 22 C.")],
         [U("q"), A("a1"), U("And 3 times 3?"), A("<think>3 threes.</think>9")],
+        [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")],
     ],
 )
 def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(messages, qwen_tok):
