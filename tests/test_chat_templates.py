@@ -183,6 +183,34 @@ def test_tool_call_with_text_and_string_arguments(tool_tok):
     )
 
 
+def test_sharegpt_function_call_and_observation_are_a_tool_loop(tool_tok):
+    """LLaMA-Factory's ShareGPT shape: tools as the JSON text of bare function schemas, a function_call turn
+    holding the JSON text of {"name", "arguments"}, the result in an observation turn."""
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": "22 C"},
+            {"from": "gpt", "value": "22 C."},
+        ],
+        "tools": json.dumps([WEATHER_TOOL["function"]]),
+    }
+    enc = encode_row(row, tool_tok, 512)
+    assert enc.format == "sharegpt"
+    assert enc.as_dict() == encode_row(
+        {"messages": [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("22 C.")], "tools": [WEATHER_TOOL]}, tool_tok, 512
+    ).as_dict()
+    assert trained_runs(tool_tok, enc) == [
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>',
+        "22 C.<|im_end|>",
+    ]
+    # Several calls in one turn are a JSON list; no tools is "" in LLaMA-Factory's files.
+    two = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {}}]'
+    row["conversations"][1]["value"] = two
+    row["tools"] = ""
+    assert trained_runs(tool_tok, encode_row(row, tool_tok, 512))[0].count("<tool_call>") == 2
+
+
 def test_null_keys_count_as_absent(tool_tok):
     """A file loaded with `datasets` gives every message every key of the file, filled with null."""
     nulls = {"tool_calls": None, "tool_call_id": None, "name": None}

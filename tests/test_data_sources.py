@@ -224,6 +224,30 @@ def test_columns_rename_before_format_detection_and_list_keeps_columns(tok, tmp_
         load_data({"path": str(tmp_path / "qa.parquet"), "columns": {"questoin": "prompt"}}, tok, MAX_LEN)
 
 
+def sharegpt(i: int) -> dict:
+    return {"conversations": [{"from": "human", "value": f"row question {i}?"},
+                              {"from": "gpt", "value": f"row answer {i}."}], "system": "", "tools": ""}
+
+
+def test_sharegpt_conversations_load_from_parquet_and_through_a_column_mapping(tok, tmp_path):
+    expected, _ = load_data(write_jsonl(tmp_path / "chat.jsonl", [chat(i) for i in range(4)]), tok, MAX_LEN)
+    # LLaMA-Factory's Parquet layout: from/value turns, blank system and tools columns
+    table([sharegpt(i) for i in range(4)]).to_parquet(tmp_path / "sg.parquet")
+    encoded, stats = load_data(str(tmp_path / "sg.parquet"), tok, MAX_LEN)
+    assert ids_of(encoded) == ids_of(expected) and stats.formats == {"sharegpt": 4} and not stats.ignored_columns
+    # role/content turns under `conversations`: read as is, or renamed to messages as before
+    role_content = [{"conversations": chat(i)["messages"]} for i in range(4)]
+    path = write_jsonl(tmp_path / "rc.jsonl", role_content)
+    as_is, stats = load_data(path, tok, MAX_LEN)
+    assert ids_of(as_is) == ids_of(expected) and stats.formats == {"sharegpt": 4}
+    renamed, stats = load_data({"path": path, "columns": {"conversations": "messages"}}, tok, MAX_LEN)
+    assert ids_of(renamed) == ids_of(expected) and stats.formats == {"messages": 4}
+    # from/value turns renamed to messages: pointed back to `conversations`
+    path = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": sharegpt(i)["conversations"]} for i in range(4)])
+    with pytest.raises(DataError, match=r"sg\.jsonl:1: messages\[0\]: is a ShareGPT turn"):
+        load_data({"path": path, "columns": {"conversations": "messages"}}, tok, MAX_LEN)
+
+
 def test_extra_columns_are_ignored_and_reported_once(tok, tmp_path, caplog):
     plain = [chat(i) for i in range(3)]
     extra = [{**row, "prompt_id": f"p{i}", "category": "chat", "id\x1b[2J": i} for i, row in enumerate(plain)]
