@@ -405,6 +405,16 @@ def test_a_bad_data_spec_fails_before_the_model_loads(tmp_path, tiny_model_dir, 
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_text_data_is_refused_before_the_model_loads_for_attention_selectors(tmp_path, tiny_model_dir,
+                                                                              no_model_loads, capsys):
+    texts = [{"text": f"Person {i} was born in Paris."} for i in range(3)]
+    data = write_jsonl(tmp_path / "lm.jsonl", [chat(0), *texts])
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=data, output_dir=str(tmp_path / "o"))
+    assert main(["train", "--config", str(recipe)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the encoding's progress bar
+    assert last.startswith("sstoken: error: data: 3 of 4 rows are plain text") and "selection_method rel or rho1" in last
+
+
 def test_an_unreachable_hub_dataset_fails_before_the_model_loads(tmp_path, tiny_model_dir, no_model_loads, capsys):
     recipe = write_tiny_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data="someorg/sft-data",
                                output_dir=str(tmp_path / "o"))
