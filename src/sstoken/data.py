@@ -2,13 +2,16 @@
 
 Rows come from a JSONL file (read here, strictly, by :func:`read_jsonl`) or from any other source that
 :mod:`sstoken.sources` loads (Parquet, CSV, JSON, Arrow, saved datasets, Hub datasets, mixtures). Each row is
-a mapping in one of three formats (detected per row from its keys):
+a mapping in one of five formats (detected per row from its keys):
 
 * ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]}, ...]}``
-  (assistant messages may carry ``tool_calls``)
+  (assistant messages may carry ``tool_calls`` and ``reasoning_content``)
 * ``prompt_completion``: ``{"prompt": str, "completion": str}`` or, conversational,
   ``{"prompt": [messages...], "completion": [messages...]}``
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
+* ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system": str (optional)}``,
+  converted to messages
+* ``text``: ``{"text": str}`` (language modelling: every token trained), only when no other format's key is there
 
 plus ``tools`` (handed to the encoder with the row). Any other key (``id``, ``category``, ``prompt_id``, ...) is
 ignored, except a near miss of a format key the row lacks (``mesages``), which is an error.
@@ -27,7 +30,8 @@ Rules (see ``docs/data.md`` for the long version):
   reasoning block at the start of a span is context. Every assistant turn is trained (multi-turn). Without a
   chat template, :data:`FALLBACK_CHAT_TEMPLATE` is used.
 * Plain prompt/completion strings are tokenized separately and concatenated: prompt (plus BOS when the
-  tokenizer adds one to plain text) is context, completion + EOS is trained.
+  tokenizer adds one to plain text) is context, completion + EOS is trained. A ``text`` row is tokenized as
+  TRL does (special tokens, EOS appended) and trained whole.
 * Sequences are truncated from the right to ``max_seq_length``; a row with no trained token left at a
   position >= 1 (position 0 never carries loss after the shift) is skipped and counted, not an error.
 * Any malformed row raises :class:`~sstoken.errors.DataError` whose message starts with
