@@ -73,6 +73,39 @@ QWEN3_LIKE = (
     "{% endif %}"
 )
 
+# Imitates gpt-oss's "harmony" template: the last assistant message, and only it, is written with its reasoning
+# (analysis channel) and ends with <|return|>; earlier ones keep only the final channel and end with <|end|>.
+# (The real template reads message.thinking; the fixture reads reasoning_content, which sstoken accepts.)
+HARMONY_LIKE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' %}"
+    "{% if loop.last and message.reasoning_content %}"
+    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + message.reasoning_content + '<|end|>' }}{% endif %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message.content }}"
+    "{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + message.role + '<|message|>' + message.content + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+# Imitates Mistral's v3 template: the tools list is written just before the last user message, so it moves
+# when a later user message follows (not prefix-stable in a multi-turn conversation).
+MISTRAL_LIKE = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
+    "{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'user' %}"
+    "{% if tools and loop.index0 == ns.last_user %}"
+    "{{ '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+    "{{ '[INST]' + message.content + '[/INST]' }}"
+    "{% elif message.role == 'assistant' %}{{ message.content }}"
+    "{% for call in message.tool_calls or [] %}{{ '[TOOL_CALLS]' + [call.function] | tojson }}{% endfor %}"
+    "{{ '</s>' }}"
+    "{% elif message.role == 'tool' %}{{ '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' }}{% endif %}"
+    "{% endfor %}"
+)
+
 # ChatML whose assistant text (content and <|im_end|>) is marked for assistant masks.
 GENERATION_CHATML = (
     "{% for message in messages %}"
@@ -537,3 +570,64 @@ def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(mes
     enc = encode_row(row, generation_tok, 512)
     assert enc.as_dict() == encode_row(row, qwen_tok, 512).as_dict()
     assert not any(run.startswith("<think>\n\n</think>") for run in trained_runs(generation_tok, enc))
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates that rewrite earlier turns beyond their head: gpt-oss (harmony), Mistral's tools placement
+# --------------------------------------------------------------------------------------------------
+
+
+def test_harmony_single_turn_trains_analysis_and_final_channels():
+    tok = with_template(HARMONY_LIKE)
+    messages = [U("What is 2 plus 2?"), R("4", "Two and two.")]
+    enc = encode_row({"messages": messages}, tok, 512)
+    assert_one_rendering(tok, enc, messages)
+    assert trained_runs(tok, enc) == [
+        "<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
+    ]
+    assert context_text(tok, enc) == "<|start|>user<|message|>What is 2 plus 2?<|end|><|start|>assistant"
+
+
+def test_harmony_multi_turn_is_refused_with_the_fix_and_the_fix_works():
+    tok = with_template(HARMONY_LIKE)
+    messages = [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")]
+    # An earlier turn ends with <|end|> where the model, generating it, writes <|return|>: the full rendering
+    # shows no tail of the turn as generated, so there is no sound span to train.
+    with pytest.raises(DataError) as info:
+        encode_row({"messages": messages}, tok, 512, where="f:1")
+    assert str(info.value).startswith("f:1: messages[1]: the chat template renders this assistant turn differently")
+    assert "put the earlier turns in a conversational prompt (prompt/completion)" in str(info.value)
+    enc = encode_row({"prompt": messages[:3], "completion": messages[3:]}, tok, 512)
+    assert_one_rendering(tok, enc, messages)
+    assert trained_runs(tok, enc) == [
+        "<|channel|>analysis<|message|>Three threes.<|end|><|start|>assistant<|channel|>final<|message|>9<|return|>"
+    ]
+    assert "<|start|>assistant<|channel|>final<|message|>4<|end|>" in context_text(tok, enc)
+
+
+def test_mistral_tools_before_the_last_user_message():
+    tok = with_template(MISTRAL_LIKE)
+    tools = [WEATHER_TOOL]
+    single = [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("It is 22 C.")]
+    enc = encode_row({"messages": single, "tools": tools}, tok, 512)
+    assert_one_rendering(tok, enc, single, tools)
+    assert trained_runs(tok, enc) == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>', "It is 22 C.</s>"
+    ]
+    # No generation prompt, and a first turn without content: a probe turn shows that the content comes first.
+    enc = encode_row({"messages": single[:3], "tools": tools}, tok, 512)
+    assert trained_runs(tok, enc) == ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>']
+    headed = TOOL_CHATML.replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", "")
+    assert headed != TOOL_CHATML
+    with pytest.raises(DataError, match="renders no generation prompt .* writes something of its own"):
+        encode_row({"messages": single[:3], "tools": tools}, with_template(headed), 512)
+    # A second user message moves the tools list after the first exchange: the context of the first turns is
+    # not what the model saw when it generated them (documented limit), and the fix is the conversational prompt.
+    multi = [U("Hi"), A("Hello."), *single]
+    with pytest.raises(DataError, match=r"^f:1: messages\[1\]: the chat template is not prefix-stable .*prompt/completion"):
+        encode_row({"messages": multi, "tools": tools}, tok, 512, where="f:1")
+    enc = encode_row({"prompt": multi[:3], "completion": multi[3:], "tools": tools}, tok, 512)
+    assert trained_runs(tok, enc) == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>', "It is 22 C.</s>"
+    ]
+    assert context_text(tok, enc).startswith("[INST]Hi[/INST]Hello.</s>[AVAILABLE_TOOLS]")

@@ -194,6 +194,20 @@ def test_template_without_generation_prompt_is_rejected(tok):
         encode_row({"messages": [U("q"), A("a")]}, t, 512, where="f.jsonl:3")
 
 
+MISTRAL_TEMPLATE = (  # no generation prompt: the assistant content follows [/INST] directly
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m.content + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_template_that_needs_no_generation_prompt_is_accepted(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = MISTRAL_TEMPLATE
+    enc = encode_row({"messages": [U("What is 2 plus 2?"), A("4"), U("And 3 times 3?"), A("9.")]}, t, 512)
+    assert trained_runs(t, enc) == [" 4<|im_end|>", " 9.<|im_end|>"]  # eos_token is <|im_end|> here
+    assert context_text(t, enc) == "[INST] What is 2 plus 2? [/INST][INST] And 3 times 3? [/INST]"
+
+
 def test_template_not_prefix_stable_is_rejected(tok):
     t = copy.deepcopy(tok)
     t.chat_template = "{{ messages | length }}\n" + CHATML_TEMPLATE

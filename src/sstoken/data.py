@@ -735,6 +735,13 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}")
 
 
+_LAST_TURN_ONLY = (
+    "to train only the last turn, put the earlier turns in a conversational prompt (prompt/completion), or split "
+    "the conversation into one row per assistant turn"
+)
+"""The fix for a template that rewrites earlier turns beyond recognition (gpt-oss's end-of-turn token, Mistral's
+tools placement): the prompt's turns are context, located by one prefix at the end of the prompt."""
+
 _Render = Callable[[list[dict[str, Any]], bool], str]
 """``render(messages, add_generation_prompt)``: :func:`render_chat` bound to one row's tokenizer and tools."""
 
@@ -910,21 +917,12 @@ def _prefix_spans(
                 "(MAX_ASSISTANT_TURNS); split the conversation into several rows",
             )
         located += 1
-        if not checked_generation_prompt:  # a property of the template: checking one turn is enough
-            if prompt == render(messages[:k], False):
-                raise _RowError(
-                    None,
-                    "the chat template renders no generation prompt (add_generation_prompt=True changes "
-                    "nothing), so assistant turns cannot be located; use a chat template with a generation "
-                    "prompt",
-                )
-            checked_generation_prompt = True
         if not full.startswith(prompt):
             raise _RowError(
                 names[k],
                 "the chat template is not prefix-stable (the conversation before this assistant turn, rendered "
                 "with add_generation_prompt=True, is not a prefix of the full rendering), so assistant turns "
-                "cannot be marked",
+                f"cannot be marked; {_LAST_TURN_ONLY}",
             )
         upto = render(messages[: k + 1], False)
         if not upto.startswith(prompt):
@@ -934,19 +932,51 @@ def _prefix_spans(
                 "it (add_generation_prompt=True), so the turn cannot be located",
             )
         turn = upto[len(prompt) :].rstrip()
+        if not checked_generation_prompt:  # a property of the template: checking one turn is enough
+            _check_generation_prompt(render, messages[:k], prompt, message, turn)
+            checked_generation_prompt = True
         start = len(prompt)
         end = start + _shown_tail_length(turn, full, start)
         if turn and end == start:
             raise _RowError(
                 names[k],
                 "the chat template renders this assistant turn differently once later messages follow, and "
-                "the full rendering shows no part of it as generated, so the turn cannot be located",
+                f"the full rendering shows no part of it as generated, so the turn cannot be located; {_LAST_TURN_ONLY}",
             )
         if spans and start < spans[-1][1]:
             raise _RowError(names[k], "the chat template renders assistant turns out of order")
         _check_tool_calls_rendered(message, full[start:end], names[k])
         spans.append((start, end))
     return spans
+
+
+_PROBE_CONTENT = "sstoken probe answer"
+
+
+def _check_generation_prompt(
+    render: _Render, before: list[dict[str, Any]], prompt: str, message: dict[str, Any], turn: str
+) -> None:
+    """Refuse a template whose prompt does not end where the model starts generating.
+
+    A template whose ``add_generation_prompt=True`` changes nothing either needs no generation prompt
+    (Mistral's: the assistant content follows ``[/INST]`` directly) or writes its assistant header inside the
+    assistant turn, where it would be trained as if the model generated it. The two differ in where the turn
+    starts: with the assistant's content, or with something of the template's. A turn without content (tool
+    calls only) is told by a probe turn with content in its place.
+    """
+    if prompt != render(before, False):
+        return
+    content = message["content"].strip()
+    if not content:
+        content = _PROBE_CONTENT
+        turn = render([*before, {"role": "assistant", "content": content}], False)[len(prompt) :]
+    if not turn.lstrip().startswith(content):
+        raise _RowError(
+            None,
+            "the chat template renders no generation prompt (add_generation_prompt=True changes nothing) and "
+            "writes something of its own before the assistant's content, so assistant turns cannot be located; "
+            "use a chat template with a generation prompt",
+        )
 
 
 def _generation_spans(
