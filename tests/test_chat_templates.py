@@ -75,12 +75,12 @@ QWEN3_LIKE = (
 
 # Imitates gpt-oss's "harmony" template: the last assistant message, and only it, is written with its reasoning
 # (analysis channel) and ends with <|return|>; earlier ones keep only the final channel and end with <|end|>.
-# (The real template reads message.thinking; the fixture reads reasoning_content, which sstoken accepts.)
+# Like the real template, it reads the reasoning from message.thinking.
 HARMONY_LIKE = (
     "{% for message in messages %}"
     "{% if message.role == 'assistant' %}"
-    "{% if loop.last and message.reasoning_content %}"
-    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + message.reasoning_content + '<|end|>' }}{% endif %}"
+    "{% if loop.last and message.thinking %}"
+    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + message.thinking + '<|end|>' }}{% endif %}"
     "{{ '<|start|>assistant<|channel|>final<|message|>' + message.content }}"
     "{{ '<|return|>' if loop.last else '<|end|>' }}"
     "{% else %}{{ '<|start|>' + message.role + '<|message|>' + message.content + '<|end|>' }}{% endif %}"
@@ -461,6 +461,11 @@ def R(content, reasoning, **extra):
     return {"role": "assistant", "content": content, "reasoning_content": reasoning, **extra}
 
 
+def T(content, thinking):
+    """An assistant message with its reasoning in thinking (gpt-oss's template reads that key)."""
+    return {"role": "assistant", "content": content, "thinking": thinking}
+
+
 def test_qwen3_reasoning_content_is_trained_where_the_template_renders_it(qwen_tok):
     messages = [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")]
     enc = encode_row({"messages": messages}, qwen_tok, 512)
@@ -472,6 +477,16 @@ def test_qwen3_reasoning_content_is_trained_where_the_template_renders_it(qwen_t
     inline = [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"),
               A("<think>Three threes.</think>9")]
     assert enc.as_dict() == encode_row({"messages": inline}, qwen_tok, 512).as_dict()
+
+
+def test_reasoning_under_any_name_reaches_the_template_that_reads_another():
+    """transformers' names for reasoning: a Qwen3 template trains `thinking` data, gpt-oss's `reasoning_content`."""
+    for template, key in ((QWEN3_LIKE, "thinking"), (HARMONY_LIKE, "reasoning_content"), (HARMONY_LIKE, "reasoning")):
+        tok = with_template(template)
+        by_name = encode_row({"messages": [U("q"), {**A("Paris."), key: "Capital."}]}, tok, 512)
+        native = {QWEN3_LIKE: R, HARMONY_LIKE: T}[template]
+        assert by_name.as_dict() == encode_row({"messages": [U("q"), native("Paris.", "Capital.")]}, tok, 512).as_dict()
+        assert "Capital." in trained_runs(tok, by_name)[0]
 
 
 def test_qwen3_reasoning_content_of_a_tool_call_turn_is_trained(qwen_tok):
@@ -503,14 +518,18 @@ def test_reasoning_content_in_the_prompt_is_context(qwen_tok):
 @pytest.mark.parametrize(
     "template, row, field, message",
     [
-        (CHATML_TEMPLATE, {"messages": [U("q"), R("a", "why")]}, "messages[1].reasoning_content",
-         "the chat template does not render reasoning_content"),
-        (None, {"messages": [U("q"), R("a", "why")]}, "messages[1].reasoning_content",
-         "the chat template does not render reasoning_content"),
+        (CHATML_TEMPLATE, {"messages": [U("q"), R("a", "why")]}, "messages[1]",
+         "the chat template does not render the message's reasoning"),
+        (None, {"messages": [U("q"), R("a", "why")]}, "messages[1]",
+         "the chat template does not render the message's reasoning"),
         (QWEN3_LIKE, {"messages": [{**U("q"), "reasoning_content": "why"}, A("a")]}, "messages[0].reasoning_content",
          "only assistant messages reason"),
         (QWEN3_LIKE, {"messages": [U("q"), R("a", ["why"])]}, "messages[1].reasoning_content",
          "must be a string, got array"),
+        (QWEN3_LIKE, {"messages": [U("q"), {**R("a", "why"), "thinking": "how"}]}, "messages[1].thinking",
+         "differs from reasoning_content"),
+        (HARMONY_LIKE, {"messages": [U("q"), T("a", ""), {**U("q"), "thinking": "why"}, A("b")]},
+         "messages[2].thinking", "only assistant messages reason"),
     ],
 )
 def test_unusable_reasoning_content_is_refused(template, row, field, message):
@@ -579,7 +598,7 @@ def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(mes
 
 def test_harmony_single_turn_trains_analysis_and_final_channels():
     tok = with_template(HARMONY_LIKE)
-    messages = [U("What is 2 plus 2?"), R("4", "Two and two.")]
+    messages = [U("What is 2 plus 2?"), T("4", "Two and two.")]
     enc = encode_row({"messages": messages}, tok, 512)
     assert_one_rendering(tok, enc, messages)
     assert trained_runs(tok, enc) == [
@@ -590,7 +609,7 @@ def test_harmony_single_turn_trains_analysis_and_final_channels():
 
 def test_harmony_multi_turn_is_refused_with_the_fix_and_the_fix_works():
     tok = with_template(HARMONY_LIKE)
-    messages = [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")]
+    messages = [U("What is 2 plus 2?"), T("4", "Two and two."), U("And 3 times 3?"), T("9", "Three threes.")]
     # An earlier turn ends with <|end|> where the model, generating it, writes <|return|>: the full rendering
     # shows no tail of the turn as generated, so there is no sound span to train.
     with pytest.raises(DataError) as info:

@@ -82,7 +82,11 @@ seconds instead of letting a pathological conversation stall the data check."""
 
 ROLES = ("system", "user", "assistant", "tool")
 METADATA_KEYS = frozenset({"id", "meta", "metadata", "source"})
-MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls", "reasoning_content")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""Names of an assistant message's reasoning, the ones transformers aliases: Qwen3's template and vLLM's
+reasoning parsers use ``reasoning_content``, gpt-oss's template ``thinking``. The reasoning is handed to the
+template under the first two, whichever the data used (as recent transformers versions do themselves)."""
+MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls", *REASONING_KEYS)
 _TOOL_CALL_KEYS = ("type", "id", "function")
 _FUNCTION_KEYS = ("name", "arguments")
 _TEXT_PART_KEYS = ("type", "text")
@@ -592,11 +596,24 @@ def _message(message: Any, name: str) -> dict[str, Any]:
         out["tool_call_id"] = _text(message["tool_call_id"], f"{name}.tool_call_id")
     if tool_calls is not None:
         out["tool_calls"] = tool_calls
-    if _is_set(message, "reasoning_content"):
-        if role != "assistant":
-            raise _RowError(f"{name}.reasoning_content", f"only assistant messages reason, this one is {role!r}")
-        out["reasoning_content"] = _text(message["reasoning_content"], f"{name}.reasoning_content")
+    reasoning = _reasoning(message, role, name)
+    if reasoning is not None:
+        out["reasoning_content"] = out["thinking"] = reasoning
     return out
+
+
+def _reasoning(message: Mapping[str, Any], role: str, name: str) -> str | None:
+    """The message's reasoning, under whichever of :data:`REASONING_KEYS` it is written; None without any."""
+    given = [key for key in REASONING_KEYS if _is_set(message, key)]
+    if not given:
+        return None
+    if role != "assistant":
+        raise _RowError(f"{name}.{given[0]}", f"only assistant messages reason, this one is {role!r}")
+    texts = [_text(message[key], f"{name}.{key}") for key in given]
+    for key, text in zip(given[1:], texts[1:]):
+        if text != texts[0]:
+            raise _RowError(f"{name}.{key}", f"differs from {given[0]}: a message has one reasoning; keep one key")
+    return texts[0]
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:
@@ -830,20 +847,20 @@ def _check_tools_rendered(
 def _check_reasoning_rendered(
     messages: list[dict[str, Any]], names: list[str], train_from: int, render: _Render
 ) -> None:
-    """Refuse ``reasoning_content`` that the template never renders (it does not read the key), which would
-    silently train the answers without their reasoning. Templates may drop the reasoning of earlier turns
-    (Qwen3 does), so the first trained turn that has some is rendered as the last message, where a template
-    that reads the key writes it; one render per row, whatever the number of turns."""
-    for k, message in enumerate(messages):
-        reasoning = message.get("reasoning_content", "").strip()
-        if k < train_from or not reasoning:
+    """Refuse reasoning that the template never renders because it reads neither ``reasoning_content`` nor
+    ``thinking``: the answers would silently be trained without their reasoning. Templates may drop the
+    reasoning of earlier turns (Qwen3 and gpt-oss do), so the first trained turn that has some is rendered as
+    the last message, where a template that reads it writes it: one render per row, whatever the turns."""
+    for k in range(train_from, len(messages)):
+        reasoning = messages[k].get("reasoning_content", "").strip()
+        if not reasoning:
             continue
         if not _shows_text(render(messages[: k + 1], False), reasoning):
             raise _RowError(
-                f"{names[k]}.reasoning_content",
-                "the chat template does not render reasoning_content (it is not in the rendered turn); use a "
-                "chat template that reads message.reasoning_content (e.g. Qwen3's), or put the reasoning in "
-                "the content",
+                names[k],
+                "the chat template does not render the message's reasoning (it reads neither "
+                "message.reasoning_content nor message.thinking); use a chat template that does (Qwen3's, "
+                "gpt-oss's), or put the reasoning in the content",
             )
         return
 
