@@ -495,8 +495,10 @@ def test_qwen3_reasoning_content_of_a_tool_call_turn_is_trained(qwen_tok):
     enc = encode_row({"messages": messages, "tools": [WEATHER_TOOL]}, qwen_tok, 512)
     assert_one_rendering(qwen_tok, enc, messages, [WEATHER_TOOL])
     assert trained_runs(qwen_tok, enc) == [
-        '<think>\nI need the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
-        '{"city": "Paris"}}\n</tool_call><|im_end|>',
+        (
+            '<think>\nI need the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Paris"}}\n</tool_call><|im_end|>'
+        ),
         "It is 22 C.<|im_end|>",
     ]
 
@@ -643,7 +645,8 @@ def test_mistral_tools_before_the_last_user_message():
     # A second user message moves the tools list after the first exchange: the context of the first turns is
     # not what the model saw when it generated them (documented limit), and the fix is the conversational prompt.
     multi = [U("Hi"), A("Hello."), *single]
-    with pytest.raises(DataError, match=r"^f:1: messages\[1\]: the chat template is not prefix-stable .*prompt/completion"):
+    not_prefix_stable = r"^f:1: messages\[1\]: the chat template is not prefix-stable .*prompt/completion"
+    with pytest.raises(DataError, match=not_prefix_stable):
         encode_row({"messages": multi, "tools": tools}, tok, 512, where="f:1")
     enc = encode_row({"prompt": multi[:3], "completion": multi[3:], "tools": tools}, tok, 512)
     assert trained_runs(tok, enc) == [

@@ -236,8 +236,8 @@ def text_rows(n=8):
     return [{"text": f"Person {i} was born in Paris in {1950 + i}."} for i in range(n)]
 
 
-@pytest.mark.parametrize("settings, name", [(dict(), "sstoken"), (dict(selection_method="attn"), "attn"),
-                                            (dict(selection_method="rel", attention_warmup=0.5), "rel")])
+@pytest.mark.parametrize("settings, name", [({}, "sstoken"), ({"selection_method": "attn"}, "attn"),
+                                            ({"selection_method": "rel", "attention_warmup": 0.5}, "rel")])
 def test_raw_text_dataset_is_refused_when_selection_reads_the_attention_share(tmp_path, settings, name):
     with pytest.raises(ConfigError, match=rf"^train_dataset: 8 of 8 rows are plain text .*selection_method {name!r}"):
         SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64, **settings),
@@ -247,9 +247,9 @@ def test_raw_text_dataset_is_refused_when_selection_reads_the_attention_share(tm
 
 def test_raw_text_dataset_trains_every_token_with_rel(tmp_path):
     tok = tiny_tokenizer()
-    trainer = SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64, selection_method="rel",
-                                                                         max_steps=1),
-                             train_dataset=Dataset.from_list(text_rows()), processing_class=tok, peft_config=tiny_lora())
+    args = make_config(tmp_path, max_length=64, selection_method="rel", max_steps=1)
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(text_rows()),
+                             processing_class=tok, peft_config=tiny_lora())
     example = trainer.train_dataset[0]
     assert example["labels"] == example["input_ids"]  # no context: every token is a response token, as in TRL
     assert tok.decode(example["input_ids"]) == "Person 0 was born in Paris in 1950." + tok.eos_token

@@ -679,7 +679,8 @@ def _sharegpt_turn(turn: Any, name: str) -> dict[str, Any]:
         )
     message: dict[str, Any] = {"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]}
     if speaker == "function_call":
-        message = {"role": "assistant", "content": None, "tool_calls": _sharegpt_tool_calls(turn["value"], f"{name}.value")}
+        calls = _sharegpt_tool_calls(turn["value"], f"{name}.value")
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
     try:
         return _message(message, name)
     except _RowError as exc:
@@ -957,8 +958,8 @@ def _prefix_spans(
         if turn and end == start:
             raise _RowError(
                 names[k],
-                "the chat template renders this assistant turn differently once later messages follow, and "
-                f"the full rendering shows no part of it as generated, so the turn cannot be located; {_LAST_TURN_ONLY}",
+                "the chat template renders this assistant turn differently once later messages follow, and the "
+                f"full rendering shows no part of it as generated, so the turn cannot be located; {_LAST_TURN_ONLY}",
             )
         if spans and start < spans[-1][1]:
             raise _RowError(names[k], "the chat template renders assistant turns out of order")
@@ -1166,7 +1167,8 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> t
     tools = _tools(_sharegpt_tools(row.get("tools")) if fmt == "sharegpt" else row.get("tools"))
     if fmt == TEXT_KEY:
         _refuse_tools(tools)
-        return fmt, *_encode_text(_text(row[TEXT_KEY], TEXT_KEY, nonblank=True, what=" (nothing to train on)"), tokenizer)
+        text = _text(row[TEXT_KEY], TEXT_KEY, nonblank=True, what=" (nothing to train on)")
+        return fmt, *_encode_text(text, tokenizer)
     if fmt == "sharegpt":
         messages, names = _sharegpt_messages(row)
         _check_system_first(messages, names)
