@@ -425,6 +425,8 @@ def test_format_of_ignores_columns_no_format_uses():
     # a near miss of a key the row lacks is still an error, not an ignored column
     with pytest.raises(DataError, match="^<row>: inptu: unknown field .*did you mean 'input'"):
         format_of({"instruction": "a", "output": "b", "inptu": "c"})
+    with pytest.raises(DataError, match="conversation: unknown field .*did you mean 'conversations'"):
+        format_of({"conversation": [], "id": 1})
     with pytest.raises(DataError, match="complettion: unknown field .*did you mean 'completion'"):
         format_of({"prompt": "q", "complettion": "a"})
     with pytest.raises(DataError, match=r"row has no data: .*\(the row has 'question', 'answer'\); map other names"):
