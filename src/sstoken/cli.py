@@ -82,9 +82,10 @@ def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data")
     seed = config.data_seed if config.data_seed is not None else config.seed
     rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
                             num_proc=config.dataset_num_proc)
-    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read, stats.used,
-                stats.skipped_no_trainable_token, stats.truncated)
+    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated; "
+                "formats: %s", what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read,
+                stats.used, stats.skipped_no_trainable_token, stats.truncated,
+                ", ".join(f"{fmt} {count}" for fmt, count in sorted(stats.formats.items())))
     return rows, stats
 
 
