@@ -34,7 +34,8 @@ TOOL_CHATML = (
 
 # Imitates Qwen3's template: the last assistant turn after the last user message gets a <think> block (empty
 # when the data has no reasoning); earlier turns lose theirs, so the template is not prefix-stable; tool
-# results go into a user turn.
+# results go into a user turn. Reasoning comes from message.reasoning_content when it is a string, else from a
+# <think> block in the content.
 QWEN3_LIKE = (
     "{% set ns = namespace(last_query=-1) %}"
     "{% for message in messages %}{% if message.role == 'user' %}{% set ns.last_query = loop.index0 %}"
@@ -49,12 +50,13 @@ QWEN3_LIKE = (
     "{% if message.role == 'user' %}{{ '<|im_start|>user\n' + message.content + '<|im_end|>\n' }}"
     "{% elif message.role == 'assistant' %}"
     "{% set content = message.content %}{% set reasoning = '' %}"
-    "{% if '</think>' in content %}"
+    "{% if message.reasoning_content is string %}{% set reasoning = message.reasoning_content %}"
+    "{% elif '</think>' in content %}"
     "{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
     "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
     "{{ '<|im_start|>assistant\n' }}"
     "{% if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
-    "{{ '<think>\n' + reasoning + '\n</think>\n\n' }}{% endif %}"
+    "{{ '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' }}{% endif %}"
     "{{ content }}"
     "{% for call in message.tool_calls or [] %}{% if content or not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<tool_call>\n' + {'name': call.function.name, 'arguments': call.function.arguments} | tojson"
@@ -69,6 +71,39 @@ QWEN3_LIKE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
     "{% endif %}"
+)
+
+# Imitates gpt-oss's "harmony" template: the last assistant message, and only it, is written with its reasoning
+# (analysis channel) and ends with <|return|>; earlier ones keep only the final channel and end with <|end|>.
+# Like the real template, it reads the reasoning from message.thinking.
+HARMONY_LIKE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' %}"
+    "{% if loop.last and message.thinking %}"
+    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + message.thinking + '<|end|>' }}{% endif %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message.content }}"
+    "{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + message.role + '<|message|>' + message.content + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+# Imitates Mistral's v3 template: the tools list is written just before the last user message, so it moves
+# when a later user message follows (not prefix-stable in a multi-turn conversation).
+MISTRAL_LIKE = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
+    "{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'user' %}"
+    "{% if tools and loop.index0 == ns.last_user %}"
+    "{{ '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+    "{{ '[INST]' + message.content + '[/INST]' }}"
+    "{% elif message.role == 'assistant' %}{{ message.content }}"
+    "{% for call in message.tool_calls or [] %}{{ '[TOOL_CALLS]' + [call.function] | tojson }}{% endfor %}"
+    "{{ '</s>' }}"
+    "{% elif message.role == 'tool' %}{{ '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' }}{% endif %}"
+    "{% endfor %}"
 )
 
 # ChatML whose assistant text (content and <|im_end|>) is marked for assistant masks.
@@ -179,6 +214,34 @@ def test_tool_call_with_text_and_string_arguments(tool_tok):
         'Let me check. <tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>'
         "<|im_end|>"
     )
+
+
+def test_sharegpt_function_call_and_observation_are_a_tool_loop(tool_tok):
+    """LLaMA-Factory's ShareGPT shape: tools as the JSON text of bare function schemas, a function_call turn
+    holding the JSON text of {"name", "arguments"}, the result in an observation turn."""
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": "22 C"},
+            {"from": "gpt", "value": "22 C."},
+        ],
+        "tools": json.dumps([WEATHER_TOOL["function"]]),
+    }
+    enc = encode_row(row, tool_tok, 512)
+    assert enc.format == "sharegpt"
+    assert enc.as_dict() == encode_row(
+        {"messages": [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("22 C.")], "tools": [WEATHER_TOOL]}, tool_tok, 512
+    ).as_dict()
+    assert trained_runs(tool_tok, enc) == [
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>',
+        "22 C.<|im_end|>",
+    ]
+    # Several calls in one turn are a JSON list; no tools is "" in LLaMA-Factory's files.
+    two = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {}}]'
+    row["conversations"][1]["value"] = two
+    row["tools"] = ""
+    assert trained_runs(tool_tok, encode_row(row, tool_tok, 512))[0].count("<tool_call>") == 2
 
 
 def test_null_keys_count_as_absent(tool_tok):
@@ -393,6 +456,91 @@ def test_qwen3_long_chat_stays_linear_and_truncates_like_a_short_one(qwen_tok, m
     assert enc.truncated and trained_runs(qwen_tok, enc)[:2] == ["answer 0.<|im_end|>", "answer 1.<|im_end|>"]
 
 
+def R(content, reasoning, **extra):
+    """An assistant message with its reasoning in reasoning_content (Qwen3 / vLLM reasoning parsers)."""
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning, **extra}
+
+
+def T(content, thinking):
+    """An assistant message with its reasoning in thinking (gpt-oss's template reads that key)."""
+    return {"role": "assistant", "content": content, "thinking": thinking}
+
+
+def test_qwen3_reasoning_content_is_trained_where_the_template_renders_it(qwen_tok):
+    messages = [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")]
+    enc = encode_row({"messages": messages}, qwen_tok, 512)
+    assert_one_rendering(qwen_tok, enc, messages)
+    # The last turn shows its reasoning and trains it; the earlier one is rendered (and trained) without it.
+    assert trained_runs(qwen_tok, enc) == ["4<|im_end|>", "<think>\nThree threes.\n</think>\n\n9<|im_end|>"]
+    assert "Two and two" not in qwen_tok.decode(enc.input_ids)
+    # reasoning_content and a <think> block in the content are the same data to this template
+    inline = [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"),
+              A("<think>Three threes.</think>9")]
+    assert enc.as_dict() == encode_row({"messages": inline}, qwen_tok, 512).as_dict()
+
+
+def test_reasoning_under_any_name_reaches_the_template_that_reads_another():
+    """transformers' names for reasoning: a Qwen3 template trains `thinking` data, gpt-oss's `reasoning_content`."""
+    for template, key in ((QWEN3_LIKE, "thinking"), (HARMONY_LIKE, "reasoning_content"), (HARMONY_LIKE, "reasoning")):
+        tok = with_template(template)
+        by_name = encode_row({"messages": [U("q"), {**A("Paris."), key: "Capital."}]}, tok, 512)
+        native = {QWEN3_LIKE: R, HARMONY_LIKE: T}[template]
+        assert by_name.as_dict() == encode_row({"messages": [U("q"), native("Paris.", "Capital.")]}, tok, 512).as_dict()
+        assert "Capital." in trained_runs(tok, by_name)[0]
+
+
+def test_qwen3_reasoning_content_of_a_tool_call_turn_is_trained(qwen_tok):
+    messages = [U("Weather in Paris?"), {**CALL(), "reasoning_content": "I need the weather."}, TOOL("22 C"),
+                A("It is 22 C.")]
+    enc = encode_row({"messages": messages, "tools": [WEATHER_TOOL]}, qwen_tok, 512)
+    assert_one_rendering(qwen_tok, enc, messages, [WEATHER_TOOL])
+    assert trained_runs(qwen_tok, enc) == [
+        (
+            '<think>\nI need the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Paris"}}\n</tool_call><|im_end|>'
+        ),
+        "It is 22 C.<|im_end|>",
+    ]
+
+
+def test_qwen3_blank_reasoning_content_is_context(qwen_tok):
+    enc = encode_row({"messages": [U("q"), R("Paris.", "")]}, qwen_tok, 512)
+    assert trained_runs(qwen_tok, enc) == ["Paris.<|im_end|>"]
+    assert context_text(qwen_tok, enc).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n\n")
+
+
+def test_reasoning_content_in_the_prompt_is_context(qwen_tok):
+    row = {"prompt": [U("q"), R("a1", "Thinking about q.")], "completion": [R("a2", "Still thinking.")]}
+    enc = encode_row(row, qwen_tok, 512)
+    # No user message after a1: both turns keep their reasoning, and the prompt's turn is context.
+    assert "<think>\nThinking about q.\n</think>\n\na1<|im_end|>" in context_text(qwen_tok, enc)
+    assert trained_runs(qwen_tok, enc) == ["<think>\nStill thinking.\n</think>\n\na2<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "template, row, field, message",
+    [
+        (CHATML_TEMPLATE, {"messages": [U("q"), R("a", "why")]}, "messages[1]",
+         "the chat template does not render the message's reasoning"),
+        (None, {"messages": [U("q"), R("a", "why")]}, "messages[1]",
+         "the chat template does not render the message's reasoning"),
+        (QWEN3_LIKE, {"messages": [{**U("q"), "reasoning_content": "why"}, A("a")]}, "messages[0].reasoning_content",
+         "only assistant messages reason"),
+        (QWEN3_LIKE, {"messages": [U("q"), R("a", ["why"])]}, "messages[1].reasoning_content",
+         "must be a string, got array"),
+        (QWEN3_LIKE, {"messages": [U("q"), {**R("a", "why"), "thinking": "how"}]}, "messages[1].thinking",
+         "differs from reasoning_content"),
+        (HARMONY_LIKE, {"messages": [U("q"), T("a", ""), {**U("q"), "thinking": "why"}, A("b")]},
+         "messages[2].thinking", "only assistant messages reason"),
+    ],
+)
+def test_unusable_reasoning_content_is_refused(template, row, field, message):
+    with pytest.raises(DataError) as info:
+        encode_row(row, with_template(template), 512, where="f:1")
+    text = str(info.value)
+    assert text.startswith(f"f:1: {field}: ") and message in text and "\n" not in text, text
+
+
 def test_template_that_changes_a_turn_beyond_its_head_is_refused():
     # The end-of-turn token of a turn depends on whether it is the last one: no tail of the turn as
     # generated appears in the full rendering, so it cannot be located.
@@ -426,6 +574,7 @@ def test_tool_results_written_as_json_are_accepted():
         [U("What is 2 plus 2?"), A("<think>Two and two.</think>4"), U("And 3 times 3?"), A("9")],
         [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("It is 22 C.")],
         [U("q"), A("a1"), U("And 3 times 3?"), A("<think>3 threes.</think>9")],
+        [U("What is 2 plus 2?"), R("4", "Two and two."), U("And 3 times 3?"), R("9", "Three threes.")],
     ],
 )
 def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(messages, qwen_tok):
@@ -442,3 +591,65 @@ def test_qwen3_generation_mask_agrees_with_the_rendering_cut_after_each_turn(mes
     enc = encode_row(row, generation_tok, 512)
     assert enc.as_dict() == encode_row(row, qwen_tok, 512).as_dict()
     assert not any(run.startswith("<think>\n\n</think>") for run in trained_runs(generation_tok, enc))
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates that rewrite earlier turns beyond their head: gpt-oss (harmony), Mistral's tools placement
+# --------------------------------------------------------------------------------------------------
+
+
+def test_harmony_single_turn_trains_analysis_and_final_channels():
+    tok = with_template(HARMONY_LIKE)
+    messages = [U("What is 2 plus 2?"), T("4", "Two and two.")]
+    enc = encode_row({"messages": messages}, tok, 512)
+    assert_one_rendering(tok, enc, messages)
+    assert trained_runs(tok, enc) == [
+        "<|channel|>analysis<|message|>Two and two.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
+    ]
+    assert context_text(tok, enc) == "<|start|>user<|message|>What is 2 plus 2?<|end|><|start|>assistant"
+
+
+def test_harmony_multi_turn_is_refused_with_the_fix_and_the_fix_works():
+    tok = with_template(HARMONY_LIKE)
+    messages = [U("What is 2 plus 2?"), T("4", "Two and two."), U("And 3 times 3?"), T("9", "Three threes.")]
+    # An earlier turn ends with <|end|> where the model, generating it, writes <|return|>: the full rendering
+    # shows no tail of the turn as generated, so there is no sound span to train.
+    with pytest.raises(DataError) as info:
+        encode_row({"messages": messages}, tok, 512, where="f:1")
+    assert str(info.value).startswith("f:1: messages[1]: the chat template renders this assistant turn differently")
+    assert "put the earlier turns in a conversational prompt (prompt/completion)" in str(info.value)
+    enc = encode_row({"prompt": messages[:3], "completion": messages[3:]}, tok, 512)
+    assert_one_rendering(tok, enc, messages)
+    assert trained_runs(tok, enc) == [
+        "<|channel|>analysis<|message|>Three threes.<|end|><|start|>assistant<|channel|>final<|message|>9<|return|>"
+    ]
+    assert "<|start|>assistant<|channel|>final<|message|>4<|end|>" in context_text(tok, enc)
+
+
+def test_mistral_tools_before_the_last_user_message():
+    tok = with_template(MISTRAL_LIKE)
+    tools = [WEATHER_TOOL]
+    single = [U("Weather in Paris?"), CALL(), TOOL("22 C"), A("It is 22 C.")]
+    enc = encode_row({"messages": single, "tools": tools}, tok, 512)
+    assert_one_rendering(tok, enc, single, tools)
+    assert trained_runs(tok, enc) == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>', "It is 22 C.</s>"
+    ]
+    # No generation prompt, and a first turn without content: a probe turn shows that the content comes first.
+    enc = encode_row({"messages": single[:3], "tools": tools}, tok, 512)
+    assert trained_runs(tok, enc) == ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>']
+    headed = TOOL_CHATML.replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", "")
+    assert headed != TOOL_CHATML
+    with pytest.raises(DataError, match="renders no generation prompt .* writes something of its own"):
+        encode_row({"messages": single[:3], "tools": tools}, with_template(headed), 512)
+    # A second user message moves the tools list after the first exchange: the context of the first turns is
+    # not what the model saw when it generated them (documented limit), and the fix is the conversational prompt.
+    multi = [U("Hi"), A("Hello."), *single]
+    not_prefix_stable = r"^f:1: messages\[1\]: the chat template is not prefix-stable .*prompt/completion"
+    with pytest.raises(DataError, match=not_prefix_stable):
+        encode_row({"messages": multi, "tools": tools}, tok, 512, where="f:1")
+    enc = encode_row({"prompt": multi[:3], "completion": multi[3:], "tools": tools}, tok, 512)
+    assert trained_runs(tok, enc) == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>', "It is 22 C.</s>"
+    ]
+    assert context_text(tok, enc).startswith("[INST]Hi[/INST]Hello.</s>[AVAILABLE_TOOLS]")

@@ -194,6 +194,20 @@ def test_template_without_generation_prompt_is_rejected(tok):
         encode_row({"messages": [U("q"), A("a")]}, t, 512, where="f.jsonl:3")
 
 
+MISTRAL_TEMPLATE = (  # no generation prompt: the assistant content follows [/INST] directly
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m.content + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_template_that_needs_no_generation_prompt_is_accepted(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = MISTRAL_TEMPLATE
+    enc = encode_row({"messages": [U("What is 2 plus 2?"), A("4"), U("And 3 times 3?"), A("9.")]}, t, 512)
+    assert trained_runs(t, enc) == [" 4<|im_end|>", " 9.<|im_end|>"]  # eos_token is <|im_end|> here
+    assert context_text(t, enc) == "[INST] What is 2 plus 2? [/INST][INST] And 3 times 3? [/INST]"
+
+
 def test_template_not_prefix_stable_is_rejected(tok):
     t = copy.deepcopy(tok)
     t.chat_template = "{{ messages | length }}\n" + CHATML_TEMPLATE
@@ -303,6 +317,88 @@ def test_bad_max_seq_length_and_slow_tokenizer(tok):
 
 
 # --------------------------------------------------------------------------------------------------
+# ShareGPT conversations and language-modelling text
+# --------------------------------------------------------------------------------------------------
+
+
+def G(speaker, value, **extra):
+    return {"from": speaker, "value": value, **extra}
+
+
+def test_sharegpt_is_encoded_like_the_same_messages(tok):
+    row = {"conversations": [G("human", "What is 2 plus 2?"), G("gpt", "4"), G("human", "And 3 times 3?"),
+                             G("gpt", "9.")], "system": "Be brief.", "id": 7}
+    enc = encode_row(row, tok, 512)
+    assert enc.format == "sharegpt"
+    assert trained_runs(tok, enc) == ["4<|im_end|>", "9.<|im_end|>"]
+    assert context_text(tok, enc).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    same = [S("Be brief."), U("What is 2 plus 2?"), A("4"), U("And 3 times 3?"), A("9.")]
+    assert enc.as_dict() == encode_row({"messages": same}, tok, 512).as_dict()
+
+
+def test_sharegpt_variants_system_turn_role_content_and_blank_system(tok):
+    expected = encode_row({"messages": [S("Be brief."), U("q"), A("Paris.")]}, tok, 512).as_dict()
+    as_turn = {"conversations": [G("system", "Be brief."), G("human", "q"), G("gpt", "Paris.")], "system": ""}
+    role_content = {"conversations": [S("Be brief."), U("q"), A("Paris.")]}
+    weights = {"conversations": [G("system", "Be brief.", weight=0), G("human", "q", weight=0),
+                                 G("gpt", "Paris.", weight=1)]}
+    for row in (as_turn, role_content, weights):
+        enc = encode_row(row, tok, 512)
+        assert enc.format == "sharegpt" and enc.as_dict() == expected
+
+
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        ({"conversations": [G("human", "q"), G("gtp", "a")]}, "conversations[1].from", "unknown speaker 'gtp'"),
+        ({"conversations": [G("Human", "q"), G("gpt", "a")]}, "conversations[0].from", "did you mean 'human'?"),
+        ({"conversations": [G("human", "q"), G("bot", "a")]}, "conversations[1].from", "(use 'gpt')"),
+        ({"conversations": [G("human", "q"), G("gpt", " ")]}, "conversations[1].value", "empty or whitespace"),
+        ({"conversations": [G("human", "q"), G("gpt", None)]}, "conversations[1].value", "got null"),
+        ({"conversations": [G("human", "q"), {"from": "gpt"}]}, "conversations[1].value", "missing"),
+        ({"conversations": [G("human", "q"), {"value": "a"}]}, "conversations[1].from", "missing"),
+        ({"conversations": [G("human", "q"), G("gpt", "a", weight=0)]}, "conversations[1].weight",
+         "every assistant turn is trained"),
+        ({"conversations": [G("human", "q", weight=1), G("gpt", "a")]}, "conversations[0].weight", "no other"),
+        ({"conversations": [G("human", "q"), G("gpt", "a", loss=True)]}, "conversations[1].loss",
+         "a ShareGPT turn has 'from' and 'value'"),
+        ({"conversations": [G("human", "q"), G("system", "s"), G("gpt", "a")]}, "conversations[1].from",
+         "only allowed as the first turn"),
+        ({"conversations": [G("system", "s"), G("human", "q"), G("gpt", "a")], "system": "t"}, "system",
+         "two system prompts"),
+        ({"conversations": [G("human", "q")]}, "conversations", "has no assistant turn"),
+        ({"conversations": []}, "conversations", "empty list"),
+        ({"conversations": "q"}, "conversations", "must be a list of turns"),
+        ({"conversations": [G("human", "q"), G("function_call", "get the weather")]}, "conversations[1].value",
+         "must hold the JSON text of a tool call"),
+        ({"conversations": [G("human", "q"), G("function_call", '{"name": "f"}')]},
+         "conversations[1].value.arguments", "missing"),
+        ({"conversations": [U("q"), {"role": "gpt", "content": "a"}]}, "conversations[1].role", "use 'assistant'"),
+        ({"messages": [G("human", "q"), G("gpt", "a")]}, "messages[0]", "goes in a 'conversations' column"),
+        ({"conversations": [G("human", "q"), G("gpt", "a")], "instruction": "q", "output": "a"}, None,
+         "row mixes formats"),
+    ],
+)
+def test_malformed_sharegpt_rows_name_the_field(tok, row, field, message):
+    with pytest.raises(DataError) as info:
+        encode_row(row, tok, 512, where="f:1")
+    text = str(info.value)
+    assert text.startswith(f"f:1: {field}: " if field else "f:1: ") and message in text and "\n" not in text, text
+
+
+def test_text_row_trains_every_token_as_trl_does(tok):
+    enc = encode_row({"text": "Alice was born in Paris.", "id": 1}, tok, 512)
+    assert enc.format == "text" and enc.labels == enc.input_ids
+    assert tok.decode(enc.input_ids) == "Alice was born in Paris." + tok.eos_token
+    # a text column beside a conversation format is a rendered copy of the row, not a second format
+    assert format_of({"messages": [], "text": "<|im_start|>..."}) == "messages"
+    with pytest.raises(DataError, match=r"^f:1: text: is empty or whitespace only"):
+        encode_row({"text": " "}, tok, 512, where="f:1")
+    with pytest.raises(DataError, match=r"^f:1: tools: only conversations can use tools"):
+        encode_row({"text": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}, tok, 512, where="f:1")
+
+
+# --------------------------------------------------------------------------------------------------
 # format_of, read_jsonl, limits
 # --------------------------------------------------------------------------------------------------
 
@@ -329,6 +425,8 @@ def test_format_of_ignores_columns_no_format_uses():
     # a near miss of a key the row lacks is still an error, not an ignored column
     with pytest.raises(DataError, match="^<row>: inptu: unknown field .*did you mean 'input'"):
         format_of({"instruction": "a", "output": "b", "inptu": "c"})
+    with pytest.raises(DataError, match="conversation: unknown field .*did you mean 'conversations'"):
+        format_of({"conversation": [], "id": 1})
     with pytest.raises(DataError, match="complettion: unknown field .*did you mean 'completion'"):
         format_of({"prompt": "q", "complettion": "a"})
     with pytest.raises(DataError, match=r"row has no data: .*\(the row has 'question', 'answer'\); map other names"):
@@ -421,7 +519,7 @@ def test_bad_input_corpus(name, tok):
 GOOD_CASES = {
     "bom_first_line.jsonl": 2,  # a UTF-8 BOM on line 1 is accepted and dropped
     "crlf_blank_lines_no_final_newline.jsonl": 2,
-    "metadata_and_all_formats.jsonl": 9,
+    "metadata_and_all_formats.jsonl": 11,
 }
 
 

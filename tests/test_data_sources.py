@@ -224,6 +224,30 @@ def test_columns_rename_before_format_detection_and_list_keeps_columns(tok, tmp_
         load_data({"path": str(tmp_path / "qa.parquet"), "columns": {"questoin": "prompt"}}, tok, MAX_LEN)
 
 
+def sharegpt(i: int) -> dict:
+    return {"conversations": [{"from": "human", "value": f"row question {i}?"},
+                              {"from": "gpt", "value": f"row answer {i}."}], "system": "", "tools": ""}
+
+
+def test_sharegpt_conversations_load_from_parquet_and_through_a_column_mapping(tok, tmp_path):
+    expected, _ = load_data(write_jsonl(tmp_path / "chat.jsonl", [chat(i) for i in range(4)]), tok, MAX_LEN)
+    # LLaMA-Factory's Parquet layout: from/value turns, blank system and tools columns
+    table([sharegpt(i) for i in range(4)]).to_parquet(tmp_path / "sg.parquet")
+    encoded, stats = load_data(str(tmp_path / "sg.parquet"), tok, MAX_LEN)
+    assert ids_of(encoded) == ids_of(expected) and stats.formats == {"sharegpt": 4} and not stats.ignored_columns
+    # role/content turns under `conversations`: read as is, or renamed to messages as before
+    role_content = [{"conversations": chat(i)["messages"]} for i in range(4)]
+    path = write_jsonl(tmp_path / "rc.jsonl", role_content)
+    as_is, stats = load_data(path, tok, MAX_LEN)
+    assert ids_of(as_is) == ids_of(expected) and stats.formats == {"sharegpt": 4}
+    renamed, stats = load_data({"path": path, "columns": {"conversations": "messages"}}, tok, MAX_LEN)
+    assert ids_of(renamed) == ids_of(expected) and stats.formats == {"messages": 4}
+    # from/value turns renamed to messages: pointed back to `conversations`
+    path = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": sharegpt(i)["conversations"]} for i in range(4)])
+    with pytest.raises(DataError, match=r"sg\.jsonl:1: messages\[0\]: is a ShareGPT turn"):
+        load_data({"path": path, "columns": {"conversations": "messages"}}, tok, MAX_LEN)
+
+
 def test_extra_columns_are_ignored_and_reported_once(tok, tmp_path, caplog):
     plain = [chat(i) for i in range(3)]
     extra = [{**row, "prompt_id": f"p{i}", "category": "chat", "id\x1b[2J": i} for i, row in enumerate(plain)]
@@ -332,11 +356,11 @@ def test_trainer_encoding_uses_the_same_path(tok):
 
     args = SimpleNamespace(max_length=MAX_LEN, dataset_num_proc=None)
     raw = table([{**chat(i), "prompt_id": f"p{i}", "category": "x"} for i in range(3)])
-    encoded = _encode_dataset(raw, tok, args, None)
-    assert encoded.column_names == ["input_ids", "labels"] and len(encoded) == 3
+    encoded, stats = _encode_dataset(raw, tok, args, None, "train_dataset")
+    assert encoded.column_names == ["input_ids", "labels"] and len(encoded) == 3 and stats.formats == {"messages": 3}
     bad = table([chat(0), {"messages": [{"role": "user", "content": "only a question"}]}])
-    with pytest.raises(DataError, match=r"^dataset, row 1: messages: has no assistant turn"):
-        _encode_dataset(bad, tok, args, None)
+    with pytest.raises(DataError, match=r"^eval_dataset, row 1: messages: has no assistant turn"):
+        _encode_dataset(bad, tok, args, None, "eval_dataset")
 
 
 def test_load_training_rows_still_returns_lists(tok, tmp_path):
@@ -379,6 +403,16 @@ def test_a_bad_data_spec_fails_before_the_model_loads(tmp_path, tiny_model_dir, 
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_text_data_is_refused_before_the_model_loads_for_attention_selectors(tmp_path, tiny_model_dir,
+                                                                              no_model_loads, capsys):
+    texts = [{"text": f"Person {i} was born in Paris."} for i in range(3)]
+    data = write_jsonl(tmp_path / "lm.jsonl", [chat(0), *texts])
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=data, output_dir=str(tmp_path / "o"))
+    assert main(["train", "--config", str(recipe)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the encoding's progress bar
+    assert last.startswith("sstoken: error: data: 3 of 4 rows are plain text") and "selection_method rel or rho1" in last
 
 
 def test_an_unreachable_hub_dataset_fails_before_the_model_loads(tmp_path, tiny_model_dir, no_model_loads, capsys):

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from sstoken import scoring
-from sstoken.errors import ConfigError
+from sstoken.errors import ConfigError, DataError
 from sstoken.history import build_nll_cache
 from sstoken.testing import random_rows, tiny_lora, tiny_model, tiny_tokenizer, tiny_trainer, tiny_training_args
 from sstoken.trainer import SSTokenTrainer
@@ -230,6 +230,49 @@ def test_raw_messages_dataset_is_encoded_with_assistant_only_labels(tmp_path):
     trained = tiny_tokenizer().decode([t for t, label in zip(example["input_ids"], labels) if label != -100])
     assert trained.startswith("0 plus 0 equals 0.")
     trainer.train()
+
+
+def text_rows(n=8):
+    return [{"text": f"Person {i} was born in Paris in {1950 + i}."} for i in range(n)]
+
+
+@pytest.mark.parametrize("settings, name", [({}, "sstoken"), ({"selection_method": "attn"}, "attn"),
+                                            ({"selection_method": "rel", "attention_warmup": 0.5}, "rel")])
+def test_raw_text_dataset_is_refused_when_selection_reads_the_attention_share(tmp_path, settings, name):
+    with pytest.raises(ConfigError, match=rf"^train_dataset: 8 of 8 rows are plain text .*selection_method {name!r}"):
+        SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64, **settings),
+                       train_dataset=Dataset.from_list(text_rows()), processing_class=tiny_tokenizer(),
+                       peft_config=tiny_lora())
+
+
+def test_raw_text_dataset_trains_every_token_with_rel(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_config(tmp_path, max_length=64, selection_method="rel", max_steps=1)
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(text_rows()),
+                             processing_class=tok, peft_config=tiny_lora())
+    example = trainer.train_dataset[0]
+    assert example["labels"] == example["input_ids"]  # no context: every token is a response token, as in TRL
+    assert tok.decode(example["input_ids"]) == "Person 0 was born in Paris in 1950." + tok.eos_token
+    assert trainer.train().global_step == 1
+
+
+def test_bad_raw_rows_are_named_by_the_argument_they_came_in(tmp_path):
+    good = [{"prompt": f"q{i}? ", "completion": f"a{i}."} for i in range(4)]
+    bad = [*good[:2], {"prompt": "q", "completion": ""}]
+
+    def build(**datasets):
+        return SSTokenTrainer(model=tiny_model("llama"), args=make_config(tmp_path, max_length=64),
+                              processing_class=tiny_tokenizer(), peft_config=tiny_lora(),
+                              **{k: Dataset.from_list(v) for k, v in datasets.items() if not isinstance(v, dict)},
+                              **{k: {n: Dataset.from_list(d) for n, d in v.items()}
+                                 for k, v in datasets.items() if isinstance(v, dict)})
+
+    with pytest.raises(DataError, match=r"^train_dataset, row 2: completion: is empty"):
+        build(train_dataset=bad)
+    with pytest.raises(DataError, match=r"^eval_dataset, row 2: completion: is empty"):
+        build(train_dataset=good, eval_dataset=bad)
+    with pytest.raises(DataError, match=r"^eval_dataset\[held_out\], row 2: completion: is empty"):
+        build(train_dataset=good, eval_dataset={"in_domain": good, "held_out": bad})
 
 
 @pytest.mark.parametrize("bad", [dict(rho=0.0), dict(rho=1.5), dict(gamma=-0.1), dict(gamma=2.0),

@@ -82,9 +82,10 @@ def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data")
     seed = config.data_seed if config.data_seed is not None else config.seed
     rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
                             num_proc=config.dataset_num_proc)
-    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated",
-                what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read, stats.used,
-                stats.skipped_no_trainable_token, stats.truncated)
+    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated; "
+                "formats: %s", what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read,
+                stats.used, stats.skipped_no_trainable_token, stats.truncated,
+                ", ".join(f"{fmt} {count}" for fmt, count in sorted(stats.formats.items())))
     return rows, stats
 
 
@@ -104,7 +105,7 @@ def _peft_config(lora: dict | None):
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(ns, overrides: list[str]) -> int:
     from sstoken.models import load_model, load_tokenizer
-    from sstoken.trainer import SSTokenTrainer, apply_tokenizer_settings, check_history_source
+    from sstoken.trainer import SSTokenTrainer, apply_tokenizer_settings, check_history_source, check_text_rows
 
     run, config = _prepare(ns.config, overrides)
     for key in ("history_cache", "reference_cache"):
@@ -126,6 +127,7 @@ def cmd_train(ns, overrides: list[str]) -> int:
     tokenizer = load_tokenizer(run["model"], run["trust_remote_code"], revision=_revision(config))
     apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
     rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
+    check_text_rows(stats, config, "data")
     eval_dataset = None
     if run["eval_data"]:
         eval_dataset, _ = _load_rows(run["eval_data"], tokenizer, run["max_seq_length"], config, "eval_data")

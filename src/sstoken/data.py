@@ -2,13 +2,16 @@
 
 Rows come from a JSONL file (read here, strictly, by :func:`read_jsonl`) or from any other source that
 :mod:`sstoken.sources` loads (Parquet, CSV, JSON, Arrow, saved datasets, Hub datasets, mixtures). Each row is
-a mapping in one of three formats (detected per row from its keys):
+a mapping in one of five formats (detected per row from its keys):
 
 * ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]}, ...]}``
-  (assistant messages may carry ``tool_calls``)
+  (assistant messages may carry ``tool_calls`` and ``reasoning_content``)
 * ``prompt_completion``: ``{"prompt": str, "completion": str}`` or, conversational,
   ``{"prompt": [messages...], "completion": [messages...]}``
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}``
+* ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system": str (optional)}``,
+  converted to messages
+* ``text``: ``{"text": str}`` (language modelling: every token trained), only when no other format's key is there
 
 plus ``tools`` (handed to the encoder with the row). Any other key (``id``, ``category``, ``prompt_id``, ...) is
 ignored, except a near miss of a format key the row lacks (``mesages``), which is an error.
@@ -27,7 +30,8 @@ Rules (see ``docs/data.md`` for the long version):
   reasoning block at the start of a span is context. Every assistant turn is trained (multi-turn). Without a
   chat template, :data:`FALLBACK_CHAT_TEMPLATE` is used.
 * Plain prompt/completion strings are tokenized separately and concatenated: prompt (plus BOS when the
-  tokenizer adds one to plain text) is context, completion + EOS is trained.
+  tokenizer adds one to plain text) is context, completion + EOS is trained. A ``text`` row is tokenized as
+  TRL does (special tokens, EOS appended) and trained whole.
 * Sequences are truncated from the right to ``max_seq_length``; a row with no trained token left at a
   position >= 1 (position 0 never carries loss after the shift) is skipped and counted, not an error.
 * Any malformed row raises :class:`~sstoken.errors.DataError` whose message starts with
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from sstoken.batch import IGNORE_INDEX
-from sstoken.errors import ConfigError, DataError, did_you_mean
+from sstoken.errors import ConfigError, DataError, did_you_mean, shown
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
@@ -78,7 +82,11 @@ seconds instead of letting a pathological conversation stall the data check."""
 
 ROLES = ("system", "user", "assistant", "tool")
 METADATA_KEYS = frozenset({"id", "meta", "metadata", "source"})
-MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""Names of an assistant message's reasoning, the ones transformers aliases: Qwen3's template and vLLM's
+reasoning parsers use ``reasoning_content``, gpt-oss's template ``thinking``. The reasoning is handed to the
+template under the first two, whichever the data used (as recent transformers versions do themselves)."""
+MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls", *REASONING_KEYS)
 _TOOL_CALL_KEYS = ("type", "id", "function")
 _FUNCTION_KEYS = ("name", "arguments")
 _TEXT_PART_KEYS = ("type", "text")
@@ -88,23 +96,46 @@ _TEXT_PART_SHAPE = "{'type': 'text', 'text': ...}"
 _PART_SEPARATOR = "\n"
 """Joins the text parts of list content into one string, as OpenAI-compatible servers such as vLLM do for
 text-only models, so the model is trained on the text it will be served."""
-FORMATS = ("messages", "prompt_completion", "alpaca")
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text")
 
-# Keys that identify each format, and which of them are required.
+# Keys that identify each format, and which of them are required. ``text`` is not here: it is the format of a row
+# that has no other (see :func:`_detect_format`).
 _FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output", "system"),
+    "sharegpt": ("conversations",),  # and an optional top-level 'system', which alpaca's fields already list
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
 }
+TEXT_KEY = "text"
+"""The column of a language-modelling row (``{"text": ...}``): every token trained, no context."""
 PASSTHROUGH_KEYS = frozenset({"tools"})
 """Top-level keys that are not a format of their own but are handed to the encoder with the row."""
-KNOWN_KEYS = frozenset({k for keys in _FORMAT_FIELDS.values() for k in keys}) | METADATA_KEYS | PASSTHROUGH_KEYS
+KNOWN_KEYS = (
+    frozenset({k for keys in _FORMAT_FIELDS.values() for k in keys}) | METADATA_KEYS | PASSTHROUGH_KEYS | {TEXT_KEY}
+)
 """Every top-level key sstoken reads; other columns are ignored (see :func:`ignored_columns`)."""
+
+# ShareGPT speakers (LLaMA-Factory, axolotl, FastChat) and the message role each becomes. The message roles are
+# accepted too: some ShareGPT files write "user" / "assistant". A function_call turn becomes an assistant turn
+# with tool_calls (see _sharegpt_tool_calls).
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+_SHAREGPT_TURN_KEYS = ("from", "value")
+_SHAREGPT_CALL_SHAPE = '{"name": ..., "arguments": {...}}'
 
 # Roles of other chat dialects that get a pointed hint instead of a plain "unknown role".
 _ROLE_HINTS = {
@@ -337,8 +368,8 @@ def _detect_format(row: Mapping[str, Any]) -> str:
             raise _RowError(
                 _field_name(key),
                 f"unknown field{did_you_mean(key, lacking)}; a row has 'messages', or 'prompt' and "
-                "'completion', or 'instruction', 'output' and optional 'input'/'system' (alpaca); other "
-                "columns are ignored",
+                "'completion', or 'instruction', 'output' and optional 'input'/'system' (alpaca), or "
+                "'conversations' (ShareGPT), or 'text'; other columns are ignored",
             )
     present = [fmt for fmt, keys in _FORMAT_FIELDS.items() if any(k in row for k in keys)]
     if complete == ["messages"] and "system" in row:
@@ -354,13 +385,17 @@ def _detect_format(row: Mapping[str, Any]) -> str:
         if "messages" in present and "system" in row:
             hint = "; in the messages format put the system prompt in a {'role': 'system'} message"
         raise _RowError(None, f"row mixes formats: {' and '.join(parts)}; use one format per row{hint}")
+    if not present and TEXT_KEY in row:
+        # Lowest priority: many chat datasets carry a rendered copy of each row as `text` beside `messages`.
+        return TEXT_KEY
     if not present:
         found = [repr(str(k)) for k in row]
         has = f" (the row has {', '.join(found[:6])}{', ...' if len(found) > 6 else ''})" if found else ""
         raise _RowError(
             None,
             "row has no data: expected 'messages', or 'prompt' and 'completion', or 'instruction' and "
-            f"'output' (alpaca){has}; map other names with `columns:` (see docs/data.md)",
+            f"'output' (alpaca), or 'conversations' (ShareGPT), or 'text'{has}; map other names with `columns:` "
+            "(see docs/data.md)",
         )
     fmt = present[0]
     for key in _REQUIRED[fmt]:
@@ -370,7 +405,7 @@ def _detect_format(row: Mapping[str, Any]) -> str:
 
 
 def format_of(row: Mapping[str, Any], *, where: str = "<row>") -> str:
-    """The row's format: ``"messages"``, ``"prompt_completion"`` or ``"alpaca"``.
+    """The row's format: ``"messages"``, ``"prompt_completion"``, ``"alpaca"``, ``"sharegpt"`` or ``"text"``.
 
     Raises :class:`DataError` (prefixed with ``where``) for unknown keys, mixed formats or a missing
     required key. Field values are not checked here; :func:`encode_row` does that.
@@ -512,11 +547,18 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def _message(message: Any, name: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise _RowError(name, f"must be an object with 'role' and 'content', got {_json_type(message)}")
+    if "role" not in message and any(key in message for key in _SHAREGPT_TURN_KEYS):
+        raise _RowError(
+            name,
+            "is a ShareGPT turn ('from'/'value'): ShareGPT data goes in a 'conversations' column, which sstoken "
+            "reads as is (no `columns:` mapping needed)",
+        )
     _check_keys(
         message,
         MESSAGE_KEYS,
         name,
-        "a message has 'role' and 'content', plus 'tool_calls' (assistant), 'tool_call_id' (tool) and 'name'",
+        "a message has 'role' and 'content', plus 'tool_calls' and 'reasoning_content' (assistant), "
+        "'tool_call_id' (tool) and 'name'",
     )
     if "role" not in message:
         raise _RowError(f"{name}.role", "missing (every message needs 'role' and 'content')")
@@ -554,7 +596,24 @@ def _message(message: Any, name: str) -> dict[str, Any]:
         out["tool_call_id"] = _text(message["tool_call_id"], f"{name}.tool_call_id")
     if tool_calls is not None:
         out["tool_calls"] = tool_calls
+    reasoning = _reasoning(message, role, name)
+    if reasoning is not None:
+        out["reasoning_content"] = out["thinking"] = reasoning
     return out
+
+
+def _reasoning(message: Mapping[str, Any], role: str, name: str) -> str | None:
+    """The message's reasoning, under whichever of :data:`REASONING_KEYS` it is written; None without any."""
+    given = [key for key in REASONING_KEYS if _is_set(message, key)]
+    if not given:
+        return None
+    if role != "assistant":
+        raise _RowError(f"{name}.{given[0]}", f"only assistant messages reason, this one is {role!r}")
+    texts = [_text(message[key], f"{name}.{key}") for key in given]
+    for key, text in zip(given[1:], texts[1:]):
+        if text != texts[0]:
+            raise _RowError(f"{name}.{key}", f"differs from {given[0]}: a message has one reasoning; keep one key")
+    return texts[0]
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:
@@ -563,6 +622,112 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if not value:
         raise _RowError(field, "is an empty list")
     return [_message(message, f"{field}[{i}]") for i, message in enumerate(value)]
+
+
+def _renamed_field(field: str | None, name: str, renames: Mapping[str, str]) -> str | None:
+    """``field`` with the key right after ``name`` renamed (``conversations[2].content`` -> ``...value``)."""
+    for old, new in renames.items():
+        if field is not None and (field == f"{name}.{old}" or field.startswith(f"{name}.{old}[")):
+            return f"{name}.{new}" + field[len(f"{name}.{old}") :]
+    return field
+
+
+def _sharegpt_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """The tool calls of a ShareGPT ``function_call`` turn, whose value is the JSON text of one call
+    ``{"name", "arguments"}`` or of a list of them (LLaMA-Factory's shape), as message ``tool_calls``."""
+    try:
+        parsed = json.loads(_text(value, field))
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        parsed = None
+    calls = [parsed] if isinstance(parsed, dict) else parsed
+    if not isinstance(calls, list) or not calls or not all(isinstance(call, dict) for call in calls):
+        raise _RowError(
+            field,
+            f"a function_call turn must hold the JSON text of a tool call {_SHAREGPT_CALL_SHAPE} (or a list of "
+            "them): a tool call needs structured arguments to be rendered by the chat template",
+        )
+    return [{"type": "function", "function": _function_call(call, field)} for call in calls]
+
+
+def _sharegpt_turn(turn: Any, name: str) -> dict[str, Any]:
+    """One ShareGPT turn ``{"from": ..., "value": ...}`` as a validated message; errors name ``from``/``value``."""
+    _check_keys(turn, (*_SHAREGPT_TURN_KEYS, "weight"), name, "a ShareGPT turn has 'from' and 'value'")
+    if not _is_set(turn, "from"):
+        raise _RowError(f"{name}.from", "missing (a ShareGPT turn has 'from' and 'value')")
+    speaker = turn["from"]
+    if not isinstance(speaker, str):
+        raise _RowError(f"{name}.from", f"must be a string, got {_json_type(speaker)}")
+    if speaker not in _SHAREGPT_ROLES:
+        hint = did_you_mean(speaker, _SHAREGPT_ROLES)
+        if not hint and _ROLE_HINTS.get(speaker.lower()) == "assistant":
+            hint = " (use 'gpt')"
+        raise _RowError(
+            f"{name}.from",
+            f"unknown speaker {speaker!r}{hint}; expected 'human', 'gpt', 'system', 'function_call', "
+            "'observation' or 'tool'",
+        )
+    if "value" not in turn:
+        raise _RowError(f"{name}.value", "missing (a ShareGPT turn has 'from' and 'value')")
+    # axolotl's per-turn loss switch. Every assistant turn is trained and every other turn is context, so only a
+    # weight that says otherwise would be silently ignored.
+    trained = _SHAREGPT_ROLES[speaker] == "assistant"
+    if _is_set(turn, "weight") and turn["weight"] != int(trained):
+        raise _RowError(
+            f"{name}.weight",
+            f"{shown(turn['weight'])} is not supported: every assistant turn is trained (weight 1) and no other "
+            "(weight 0); to keep earlier assistant turns as context use prompt/completion",
+        )
+    message: dict[str, Any] = {"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]}
+    if speaker == "function_call":
+        calls = _sharegpt_tool_calls(turn["value"], f"{name}.value")
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+    try:
+        return _message(message, name)
+    except _RowError as exc:
+        raise _RowError(_renamed_field(exc.field, name, {"role": "from", "content": "value"}), exc.message) from None
+
+
+def _sharegpt_messages(row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A ShareGPT row as messages and their field names: the optional top-level ``system`` first, then each
+    turn of ``conversations``, written ``{"from", "value"}`` or, as some datasets do, ``{"role", "content"}``."""
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        raise _RowError("conversations", f"must be a list of turns, got {_json_type(turns)}")
+    if not turns:
+        raise _RowError("conversations", "is an empty list")
+    messages, names = [], []
+    system = _text(row["system"], "system") if "system" in row else ""
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+        names.append("system")
+    for i, turn in enumerate(turns):
+        name = f"conversations[{i}]"
+        is_sharegpt = isinstance(turn, dict) and "role" not in turn and any(k in turn for k in _SHAREGPT_TURN_KEYS)
+        message = _sharegpt_turn(turn, name) if is_sharegpt else _message(turn, name)
+        if message["role"] == "system" and messages:
+            if names == ["system"]:
+                raise _RowError("system", f"the row has two system prompts ('system' and {name}); keep one of them")
+            speaker = f"{name}.from" if is_sharegpt else f"{name}.role"
+            raise _RowError(speaker, "a system turn is only allowed as the first turn")
+        messages.append(message)
+        names.append(name)
+    return messages, names
+
+
+def _sharegpt_tools(value: Any) -> Any:
+    """LLaMA-Factory writes ShareGPT ``tools`` as the JSON text of a list of function schemas, "" for none; as
+    the ``tools`` of messages (a list of ``{"type": "function", "function": schema}``), checked by :func:`_tools`."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            raise _RowError("tools", "is a string but not JSON; use a list of tool schemas or its JSON text") from None
+    if isinstance(value, list):
+        return [{"type": "function", "function": tool} if isinstance(tool, dict) and "function" not in tool
+                else tool for tool in value]
+    return value
 
 
 def _check_system_first(messages: list[dict[str, Any]], names: list[str]) -> None:
@@ -587,6 +752,13 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}")
 
+
+_LAST_TURN_ONLY = (
+    "to train only the last turn, put the earlier turns in a conversational prompt (prompt/completion), or split "
+    "the conversation into one row per assistant turn"
+)
+"""The fix for a template that rewrites earlier turns beyond recognition (gpt-oss's end-of-turn token, Mistral's
+tools placement): the prompt's turns are context, located by one prefix at the end of the prompt."""
 
 _Render = Callable[[list[dict[str, Any]], bool], str]
 """``render(messages, add_generation_prompt)``: :func:`render_chat` bound to one row's tokenizer and tools."""
@@ -673,6 +845,27 @@ def _check_tools_rendered(
             break
 
 
+def _check_reasoning_rendered(
+    messages: list[dict[str, Any]], names: list[str], train_from: int, render: _Render
+) -> None:
+    """Refuse reasoning that the template never renders because it reads neither ``reasoning_content`` nor
+    ``thinking``: the answers would silently be trained without their reasoning. Templates may drop the
+    reasoning of earlier turns (Qwen3 and gpt-oss do), so the first trained turn that has some is rendered as
+    the last message, where a template that reads it writes it: one render per row, whatever the turns."""
+    for k in range(train_from, len(messages)):
+        reasoning = messages[k].get("reasoning_content", "").strip()
+        if not reasoning:
+            continue
+        if not _shows_text(render(messages[: k + 1], False), reasoning):
+            raise _RowError(
+                names[k],
+                "the chat template does not render the message's reasoning (it reads neither "
+                "message.reasoning_content nor message.thinking); use a chat template that does (Qwen3's, "
+                "gpt-oss's), or put the reasoning in the content",
+            )
+        return
+
+
 def _shows_text(full: str, text: str) -> bool:
     """Whether ``full`` holds ``text`` as is or JSON-escaped (Llama 3.1's template writes tool results with
     ``tojson``)."""
@@ -742,21 +935,12 @@ def _prefix_spans(
                 "(MAX_ASSISTANT_TURNS); split the conversation into several rows",
             )
         located += 1
-        if not checked_generation_prompt:  # a property of the template: checking one turn is enough
-            if prompt == render(messages[:k], False):
-                raise _RowError(
-                    None,
-                    "the chat template renders no generation prompt (add_generation_prompt=True changes "
-                    "nothing), so assistant turns cannot be located; use a chat template with a generation "
-                    "prompt",
-                )
-            checked_generation_prompt = True
         if not full.startswith(prompt):
             raise _RowError(
                 names[k],
                 "the chat template is not prefix-stable (the conversation before this assistant turn, rendered "
                 "with add_generation_prompt=True, is not a prefix of the full rendering), so assistant turns "
-                "cannot be marked",
+                f"cannot be marked; {_LAST_TURN_ONLY}",
             )
         upto = render(messages[: k + 1], False)
         if not upto.startswith(prompt):
@@ -766,19 +950,51 @@ def _prefix_spans(
                 "it (add_generation_prompt=True), so the turn cannot be located",
             )
         turn = upto[len(prompt) :].rstrip()
+        if not checked_generation_prompt:  # a property of the template: checking one turn is enough
+            _check_generation_prompt(render, messages[:k], prompt, message, turn)
+            checked_generation_prompt = True
         start = len(prompt)
         end = start + _shown_tail_length(turn, full, start)
         if turn and end == start:
             raise _RowError(
                 names[k],
-                "the chat template renders this assistant turn differently once later messages follow, and "
-                "the full rendering shows no part of it as generated, so the turn cannot be located",
+                "the chat template renders this assistant turn differently once later messages follow, and the "
+                f"full rendering shows no part of it as generated, so the turn cannot be located; {_LAST_TURN_ONLY}",
             )
         if spans and start < spans[-1][1]:
             raise _RowError(names[k], "the chat template renders assistant turns out of order")
         _check_tool_calls_rendered(message, full[start:end], names[k])
         spans.append((start, end))
     return spans
+
+
+_PROBE_CONTENT = "sstoken probe answer"
+
+
+def _check_generation_prompt(
+    render: _Render, before: list[dict[str, Any]], prompt: str, message: dict[str, Any], turn: str
+) -> None:
+    """Refuse a template whose prompt does not end where the model starts generating.
+
+    A template whose ``add_generation_prompt=True`` changes nothing either needs no generation prompt
+    (Mistral's: the assistant content follows ``[/INST]`` directly) or writes its assistant header inside the
+    assistant turn, where it would be trained as if the model generated it. The two differ in where the turn
+    starts: with the assistant's content, or with something of the template's. A turn without content (tool
+    calls only) is told by a probe turn with content in its place.
+    """
+    if prompt != render(before, False):
+        return
+    content = message["content"].strip()
+    if not content:
+        content = _PROBE_CONTENT
+        turn = render([*before, {"role": "assistant", "content": content}], False)[len(prompt) :]
+    if not turn.lstrip().startswith(content):
+        raise _RowError(
+            None,
+            "the chat template renders no generation prompt (add_generation_prompt=True changes nothing) and "
+            "writes something of its own before the assistant's content, so assistant turns cannot be located; "
+            "use a chat template with a generation prompt",
+        )
 
 
 def _generation_spans(
@@ -884,6 +1100,7 @@ def _encode_conversation(
 
     full = render(messages, False)
     _check_tools_rendered(tokenizer, messages, names, tools, full)
+    _check_reasoning_rendered(messages, names, train_from, render)
     encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(encoding["input_ids"])
     offsets = list(encoding["offset_mapping"])
@@ -916,6 +1133,16 @@ def _encode_strings(prompt: str, completion: str, tokenizer: Any) -> tuple[list[
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
+def _encode_text(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """A language-modelling row as TRL tokenizes it (special tokens the tokenizer adds, EOS appended unless the
+    text ends with it): every token is trained, there is no context."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and ids[-1:] != [eos]:
+        ids.append(eos)
+    return ids, list(ids)
+
+
 def _alpaca_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     instruction = _text(row["instruction"], "instruction", nonblank=True)
     output = _text(row["output"], "output", nonblank=True, what=" (nothing to train on)")
@@ -937,7 +1164,17 @@ def _refuse_tools(tools: list[dict[str, Any]] | None) -> None:
 def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> tuple[str, list[int], list[int]]:
     # 'tools' goes with any conversation format, so the format is told by the other keys.
     fmt = _detect_format({key: value for key, value in row.items() if key != "tools"})
-    tools = _tools(row.get("tools"))
+    tools = _tools(_sharegpt_tools(row.get("tools")) if fmt == "sharegpt" else row.get("tools"))
+    if fmt == TEXT_KEY:
+        _refuse_tools(tools)
+        text = _text(row[TEXT_KEY], TEXT_KEY, nonblank=True, what=" (nothing to train on)")
+        return fmt, *_encode_text(text, tokenizer)
+    if fmt == "sharegpt":
+        messages, names = _sharegpt_messages(row)
+        _check_system_first(messages, names)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise _RowError("conversations", "has no assistant turn ('gpt'; nothing to train on)")
+        return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens, tools)
     if fmt == "messages":
         messages = _messages(row["messages"], "messages")
         names = [f"messages[{i}]" for i in range(len(messages))]

@@ -88,8 +88,8 @@ SFT_FIELD_POLICY.update({
                                                "encoded; cloning a template from another tokenizer is refused"),
     "eos_token": FieldPolicy(SSTOKEN, "set on the tokenizer before the data is encoded (and on the model config "
                                       "by TRL); a token missing from the vocabulary is refused"),
-    "dataset_text_field": FieldPolicy(REFUSED, "sstoken trains on responses; language-modelling text rows have "
-                                               "none, so only the default ('text') is accepted"),
+    "dataset_text_field": FieldPolicy(REFUSED, "sstoken reads language-modelling rows from a 'text' column "
+                                               "only (rename the column); only the default ('text') is accepted"),
     "dataset_kwargs": FieldPolicy(TRL, "as in TRL (skip_prepare_dataset skips truncation and packing of encoded "
                                        "rows)"),
     "dataset_num_proc": FieldPolicy(TRL, "processes of TRL's map steps (truncation, packing) and of sstoken's own "

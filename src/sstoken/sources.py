@@ -569,8 +569,8 @@ def load_data(spec: Any, tokenizer: Any, max_seq_length: int, *, what: str = "da
 
 def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: str = "train_dataset",
                    num_proc: int | None = None) -> tuple[Any, LoadStats]:
-    """Encode a raw ``datasets.Dataset`` (messages, prompt/completion or alpaca columns) like :func:`load_data`
-    does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``."""
+    """Encode a raw ``datasets.Dataset`` (messages, prompt/completion, alpaca, ShareGPT or text columns) like
+    :func:`load_data` does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``."""
     _check_tokenizer(tokenizer)
     _check_max_seq_length(max_seq_length)
     part = _dataset_part(label, dataset, None)

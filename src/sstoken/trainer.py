@@ -135,8 +135,9 @@ def check_sft_fields(args) -> None:
         raise ConfigError("sstoken always trains on the assistant turns only; assistant_only_loss false is not "
                           "supported (remove it)")
     if args.dataset_text_field != "text":
-        raise ConfigError(f"dataset_text_field {shown(args.dataset_text_field)}: sstoken trains on responses and "
-                          f"reads messages, prompt/completion or instruction/output rows, not a text column")
+        raise ConfigError(f"dataset_text_field {shown(args.dataset_text_field)}: sstoken reads language-modelling "
+                          f"rows from a 'text' column only; rename the column to 'text' (or use chat or "
+                          f"prompt/completion rows)")
     if args.truncation_mode != "keep_start":
         raise ConfigError(f"truncation_mode must be 'keep_start' (sstoken's encoding keeps the start of a row), got "
                           f"{shown(args.truncation_mode)}")
@@ -292,16 +293,19 @@ class SSTokenTrainer(SFTTrainer):
             apply_tokenizer_settings(processing_class, sst_args)
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
-            kwargs["train_dataset"] = _encode_dataset(train_dataset, processing_class, sst_args, kwargs.get("model"))
+            kwargs["train_dataset"], stats = _encode_dataset(train_dataset, processing_class, sst_args, model,
+                                                             "train_dataset")
+            check_text_rows(stats, sst_args, "train_dataset")
         # An evaluation set is encoded exactly like the training set (assistant-only labels), so that its loss
         # is the response NLL; TRL alone would train on / score whole sequences for raw rows.
         eval_dataset = kwargs.get("eval_dataset")
         if isinstance(eval_dataset, dict):
             kwargs["eval_dataset"] = {
-                name: _encode_dataset(part, processing_class, sst_args, kwargs.get("model"))
+                name: _encode_dataset(part, processing_class, sst_args, model, f"eval_dataset[{name}]")[0]
                 if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
         elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
-            kwargs["eval_dataset"] = _encode_dataset(eval_dataset, processing_class, sst_args, kwargs.get("model"))
+            kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, model,
+                                                        "eval_dataset")
         with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -618,14 +622,30 @@ def _load_tokenizer(model_path: str, args):
 
 def _needs_sstoken_encoding(dataset) -> bool:
     columns = getattr(dataset, "column_names", None) or []
-    return "input_ids" not in columns and any(c in columns for c in ("messages", "prompt", "instruction"))
+    return "input_ids" not in columns and any(
+        c in columns for c in ("messages", "prompt", "instruction", "conversations", "text"))
 
 
-def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
-    """Raw messages / prompt-completion / alpaca rows → input_ids + labels with assistant-only masks.
+def check_text_rows(stats, args, what: str) -> None:
+    """Refuse language-modelling ``text`` rows for a selector that ranks tokens by their attention to the
+    context: a text row is all response and no context, so its attention share is 0 everywhere and ssToken
+    would silently run as REL only. Selectors that read no context (rel, rho1, random, full, tokencleaning)
+    train text as TRL does. ``stats`` is the :class:`~sstoken.data.LoadStats` of the encoded data."""
+    count = stats.formats.get("text", 0)
+    selector = _selector_of(args)
+    if count and selector.needs_attention:
+        raise ConfigError(
+            f"{what}: {count} of {stats.used} rows are plain text ('text': every token is trained, none is context), "
+            f"so the attention share that selection_method {selector.name!r} ranks tokens by is 0 there; use "
+            f"selection_method rel or rho1 for text, or give the data a prompt (prompt/completion or chat rows)")
+
+
+def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str):
+    """Raw messages / prompt-completion / alpaca / ShareGPT / text rows → input_ids + labels (assistant-only
+    for conversations) and their :class:`~sstoken.data.LoadStats`.
 
     The same cached ``Dataset.map`` encoding as the CLI's (:func:`sstoken.sources.encode_dataset`): columns no
-    format uses are dropped, and a bad row fails with its index.
+    format uses are dropped, and a bad row fails with ``{label}, row i``.
     """
     from sstoken.sources import encode_dataset
 
@@ -635,15 +655,13 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model):
         if not isinstance(model, str):
             raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
         tokenizer = AutoTokenizer.from_pretrained(model)
-    split = getattr(dataset, "split", None)  # set by load_dataset: where the rows came from
-    label = f"dataset[{split}]" if split else "dataset"
     encoded, stats = encode_dataset(dataset, tokenizer, args.max_length or 1024, label=label,
                                     num_proc=args.dataset_num_proc)
     if stats.skipped_no_trainable_token:
         logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
                        stats.skipped_no_trainable_token)
-    return encoded
+    return encoded, stats
 
 
 __all__ = ["SFT_FIELD_POLICY", "SSTokenConfig", "SSTokenTrainer", "SelectionEvent", "apply_tokenizer_settings",
-           "check_history_source", "check_sft_fields", "validate_selection_args"]
+           "check_history_source", "check_sft_fields", "check_text_rows", "validate_selection_args"]
