@@ -232,6 +232,22 @@ def test_raw_messages_dataset_is_encoded_with_assistant_only_labels(tmp_path):
     trainer.train()
 
 
+@pytest.mark.parametrize(("max_length", "expected_length"), [(None, 1201), (64, 64)])
+def test_raw_rows_are_truncated_to_max_length_and_not_at_all_without_one(tmp_path, max_length, expected_length):
+    """max_length None means no truncation in TRL; it must not become some default length here."""
+    from sstoken.trainer import _encode_dataset
+
+    tokenizer = tiny_tokenizer()
+    completion = " ".join(["word"] * 2000)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    row = {"prompt": "Say it: ", "completion": completion}
+    encoded, _ = _encode_dataset(Dataset.from_list([row]), tokenizer, make_config(tmp_path, max_length=max_length),
+                                 None, "train_dataset")
+    full = len(tokenizer("Say it: ", add_special_tokens=False)["input_ids"]) + len(completion_ids) + 1  # + EOS
+    assert len(encoded[0]["input_ids"]) == (full if max_length is None else expected_length)
+    assert full > 1024
+
+
 def text_rows(n=8):
     return [{"text": f"Person {i} was born in Paris in {1950 + i}."} for i in range(n)]
 

@@ -94,8 +94,8 @@ SFT_FIELD_POLICY.update({
                                        "rows)"),
     "dataset_num_proc": FieldPolicy(TRL, "processes of TRL's map steps (truncation, packing) and of sstoken's own "
                                          "encoding of raw rows"),
-    "max_length": FieldPolicy(SSTOKEN, "sstoken's encoding truncates to it (keeping the start); the CLI's "
-                                       "max_seq_length is the same setting"),
+    "max_length": FieldPolicy(SSTOKEN, "sstoken's encoding truncates to it (keeping the start; None: no "
+                                       "truncation, as in TRL); the CLI's max_seq_length is the same setting"),
     "truncation_mode": FieldPolicy(REFUSED, "only 'keep_start' (sstoken's encoding keeps the start); 'keep_end' "
                                             "is refused (deprecated in TRL too)"),
     "shuffle_dataset": FieldPolicy(TRL, "as in TRL"),

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "sstoken_state.safetensors"
 HISTORY_MODES = ("base", "ema")
+NO_TRUNCATION = 2**62  # the max_length that truncates nothing
 
 
 @dataclass
@@ -649,14 +650,11 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str):
     """
     from sstoken.sources import encode_dataset
 
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        if not isinstance(model, str):
-            raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    encoded, stats = encode_dataset(dataset, tokenizer, args.max_length or 1024, label=label,
-                                    num_proc=args.dataset_num_proc)
+    if tokenizer is None:  # a model given as a path has had its tokenizer loaded by __init__
+        raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
+    # max_length None means no truncation in TRL, and here too.
+    max_length = args.max_length if args.max_length is not None else NO_TRUNCATION
+    encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc)
     if stats.skipped_no_trainable_token:
         logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
                        stats.skipped_no_trainable_token)
