@@ -143,6 +143,29 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
     return rows, flags
 
 
+def build_noise_cache(rows, flags, tokenizer, path, max_seq_length: int):
+    """The per-token noise record as an NLL cache (value = selection_research.NOISE_CODES of the token's kind).
+
+    Lets the oracle selectors of the selection research read the record through the trainer's reference-cache
+    lookup (by sample key, aligned to the predicted token, as KeepRecorder counts it)."""
+    import torch
+
+    from sstoken.history import (CacheFingerprints, NLLCache, data_fingerprint, plan_shards, sample_key,
+                                 tokenizer_fingerprint)
+
+    values = {}
+    for row, row_flags in zip(rows, flags):
+        codes = [selection_research.NOISE_CODES[kind or "clean"] for kind in row_flags]
+        values[sample_key(row["input_ids"])] = torch.tensor(codes, dtype=torch.float32)
+    shard_keys = plan_shards(rows, 1024)
+    fingerprints = CacheFingerprints(model="noise-record", tokenizer=tokenizer_fingerprint(tokenizer),
+                                     data=data_fingerprint(values), max_seq_length=int(max_seq_length))
+    cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
+    for index, keys in enumerate(shard_keys):
+        cache.write_shard(index, {key: values[key] for key in keys})
+    return NLLCache.open(path, fingerprints, role="reference cache")
+
+
 # ------------------------------------------------------------------------------------------------ recording
 class KeepRecorder:
     """Counts, per noise kind, how many response tokens the selector saw and kept (by quarter of training)."""
@@ -403,6 +426,12 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         log(f"seed {seed}: reference ({n_ref} clean rows, {size.reference_steps} steps) + cache in "
             f"{shared_cost['reference_s']:.0f}s, clean test NLL {shared_cost['reference_test_nll']:.3f}")
 
+    noise_cache = None
+    if "noise_cache" in needs:
+        # the generator's noise record as a cache (oracles read it as their reference NLL)
+        noise_cache = str(work / f"noise_s{seed}")
+        build_noise_cache(noisy_rows, noisy_flags, tokenizer, noise_cache, size.max_seq_length)
+
     records = []
     for method in methods:
         spec = dict(ALL_METHODS[method])
@@ -412,6 +441,8 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
             overrides["history_cache"] = base_cache
         if spec.pop("reference", False):
             overrides["reference_cache"] = reference_cache
+        if spec.pop("noise_cache", False):
+            overrides["reference_cache"] = noise_cache
         overrides.update(spec)
         recorder = None if clean else KeepRecorder(flags_by_key)
         started = time.time()

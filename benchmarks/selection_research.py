@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sstoken import scoring
-from sstoken.selection import Signals, SSTokenSelector
+from sstoken.selection import Selector, Signals, SSTokenSelector
 
 
 def position_baseline(response_mask: torch.Tensor) -> torch.Tensor:
@@ -128,6 +128,76 @@ class LowRELVariant(_ScoredVariant):
         return -self.norm_rel(s)
 
 
+# ------------------------------------------------------------------------------------------------ round 2
+# Oracles (an upper bound for token selection on the synthetic benchmark, not a method): the quality benchmark
+# hands them the generator's per-token noise record as their "reference NLL" (a cache whose value per token is
+# its NOISE_CODES code), so they keep exactly the response tokens whose kind they do not drop. ρ is ignored.
+NOISE_CODES = {"clean": 0, "boilerplate": 1, "wrong_fact": 2, "corrupt": 3}
+
+
+class _OracleVariant(Selector):
+    """Keeps every response token except those of the noise kinds in ``drops`` (read from the noise record)."""
+
+    needs_reference = True
+    needs_cached_counts = True  # the record is known before the forward: the kept count is exact
+    cannot_pack_because = "reads the per-sample noise record"
+    drops: frozenset[str] = frozenset()
+
+    def __init__(self, rho: float = 1.0):
+        super().__init__(1.0)
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls()
+
+    def _mask(self, noise_codes: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        codes = noise_codes.round().long()
+        dropped = torch.zeros_like(response_mask)
+        for kind in self.drops:
+            dropped |= codes == NOISE_CODES[kind]
+        return response_mask & ~dropped.to(response_mask.device)
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
+        return int(self._mask(signals_before_forward.reference_nll, response_mask).sum().item())
+
+    def select(self, signals, progress=0.0):
+        return self._mask(signals.reference_nll, signals.response_mask)
+
+
+class OracleClean(_OracleVariant):
+    """Exactly the clean tokens (every noise kind dropped)."""
+
+    name = "x_oracle_clean"
+    drops = frozenset({"boilerplate", "wrong_fact", "corrupt"})
+
+
+class OracleKeepWrong(_OracleVariant):
+    """Boilerplate and corrupt words dropped, wrong facts kept (what a selector blind to wrong facts can reach)."""
+
+    name = "x_oracle_keep_wrong"
+    drops = frozenset({"boilerplate", "corrupt"})
+
+
+class OracleDropBoilerplate(_OracleVariant):
+    name = "x_oracle_drop_boilerplate"
+    drops = frozenset({"boilerplate"})
+
+
+class OracleDropWrong(_OracleVariant):
+    name = "x_oracle_drop_wrong"
+    drops = frozenset({"wrong_fact"})
+
+
+class OracleDropCorrupt(_OracleVariant):
+    name = "x_oracle_drop_corrupt"
+    drops = frozenset({"corrupt"})
+
+
+ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
+           "x_oracle_drop_corrupt")
+
 VARIANTS = ("x_batch", "x_debiased", "x_plausible", "x_smallloss", "x_sst_plausible", "x_lowrel")
 # The quality benchmark's method table: which caches each variant reads.
 QUALITY_METHODS = {name: {"selection_method": name, "base_cache": name != "x_smallloss"} for name in VARIANTS}
+# (needs_cached_counts reads the history cache too, so the oracles get the base cache as well)
+QUALITY_METHODS.update({name: {"selection_method": name, "noise_cache": True, "base_cache": True} for name in ORACLES})
