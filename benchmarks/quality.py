@@ -143,6 +143,53 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
     return rows, flags
 
 
+def _write_cache(values: dict, rows, tokenizer, path, max_seq_length: int, model_name: str):
+    from sstoken.history import CacheFingerprints, NLLCache, data_fingerprint, plan_shards, tokenizer_fingerprint
+
+    shard_keys = plan_shards(rows, 1024)
+    fingerprints = CacheFingerprints(model=model_name, tokenizer=tokenizer_fingerprint(tokenizer),
+                                     data=data_fingerprint(values), max_seq_length=int(max_seq_length))
+    cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
+    for index, keys in enumerate(shard_keys):
+        cache.write_shard(index, {key: values[key] for key in keys})
+    return NLLCache.open(path, fingerprints, role="reference cache")
+
+
+def build_noprompt_cache(model, tokenizer, rows, path, max_seq_length: int, device: str, batch_size: int = 16):
+    """Per-token NLL of the response by ``model`` *without the system and user turns* (the row cut at its last
+    ``<|im_start|>`` before the response), stored at the response's positions of the full row (0 elsewhere).
+
+    With the base NLL of the full row it gives each response token's grounding in the prompt,
+    NLL(no prompt) − NLL(with prompt), for the ``x_grounded`` research selector (read as its reference NLL)."""
+    import torch
+
+    from sstoken import scoring
+    from sstoken.batch import pad_rows
+    from sstoken.history import sample_key
+
+    start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cuts, cut_rows = [], []
+    for row in rows:
+        labels = row["labels"]
+        first = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+        cut = max((t for t in range(first) if row["input_ids"][t] == start_id), default=max(first - 1, 0))
+        cuts.append(cut)
+        cut_rows.append({"input_ids": row["input_ids"][cut:], "labels": labels[cut:]})
+    values = {}
+    model = model.to(device).eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids, labels, mask = pad_rows(cut_rows[i:i + batch_size], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.cpu()
+            nll = scoring.token_nll(logits, labels)
+            for r, row in enumerate(rows[i:i + batch_size]):
+                full = torch.zeros(len(row["input_ids"]), dtype=torch.float32)
+                full[cuts[i + r]:] = nll[r, :len(cut_rows[i + r]["input_ids"])]
+                values[sample_key(row["input_ids"])] = full
+    return _write_cache(values, rows, tokenizer, path, max_seq_length, "base-without-prompt")
+
+
 def build_noise_cache(rows, flags, tokenizer, path, max_seq_length: int):
     """The per-token noise record as an NLL cache (value = selection_research.NOISE_CODES of the token's kind).
 
@@ -150,20 +197,13 @@ def build_noise_cache(rows, flags, tokenizer, path, max_seq_length: int):
     lookup (by sample key, aligned to the predicted token, as KeepRecorder counts it)."""
     import torch
 
-    from sstoken.history import (CacheFingerprints, NLLCache, data_fingerprint, plan_shards, sample_key,
-                                 tokenizer_fingerprint)
+    from sstoken.history import sample_key
 
     values = {}
     for row, row_flags in zip(rows, flags):
         codes = [selection_research.NOISE_CODES[kind or "clean"] for kind in row_flags]
         values[sample_key(row["input_ids"])] = torch.tensor(codes, dtype=torch.float32)
-    shard_keys = plan_shards(rows, 1024)
-    fingerprints = CacheFingerprints(model="noise-record", tokenizer=tokenizer_fingerprint(tokenizer),
-                                     data=data_fingerprint(values), max_seq_length=int(max_seq_length))
-    cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
-    for index, keys in enumerate(shard_keys):
-        cache.write_shard(index, {key: values[key] for key in keys})
-    return NLLCache.open(path, fingerprints, role="reference cache")
+    return _write_cache(values, rows, tokenizer, path, max_seq_length, "noise-record")
 
 
 # ------------------------------------------------------------------------------------------------ recording
@@ -431,6 +471,10 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         # the generator's noise record as a cache (oracles read it as their reference NLL)
         noise_cache = str(work / f"noise_s{seed}")
         build_noise_cache(noisy_rows, noisy_flags, tokenizer, noise_cache, size.max_seq_length)
+    noprompt_cache = None
+    if "noprompt_cache" in needs:
+        noprompt_cache = str(work / f"noprompt_s{seed}")
+        build_noprompt_cache(_trainable_copy(base), tokenizer, noisy_rows, noprompt_cache, size.max_seq_length, device)
 
     records = []
     for method in methods:
@@ -443,6 +487,8 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
             overrides["reference_cache"] = reference_cache
         if spec.pop("noise_cache", False):
             overrides["reference_cache"] = noise_cache
+        if spec.pop("noprompt_cache", False):
+            overrides["reference_cache"] = noprompt_cache
         overrides.update(spec)
         recorder = None if clean else KeepRecorder(flags_by_key)
         started = time.time()

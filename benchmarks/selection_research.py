@@ -193,11 +193,146 @@ class OracleDropCorrupt(_OracleVariant):
     drops = frozenset({"corrupt"})
 
 
-ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
-           "x_oracle_drop_corrupt")
+class OracleCleanSamples(_OracleVariant):
+    """Sample-level oracle: every token of the samples that carry no noise at all, nothing of the others."""
 
-VARIANTS = ("x_batch", "x_debiased", "x_plausible", "x_smallloss", "x_sst_plausible", "x_lowrel")
+    name = "x_oracle_clean_samples"
+
+    def _mask(self, noise_codes, response_mask):
+        noisy = ((noise_codes.round().long() != 0) & response_mask.to(noise_codes.device)).any(dim=1, keepdim=True)
+        return response_mask & ~noisy.to(response_mask.device)
+
+
+# Data-dependent budgets (their kept count is known only after the forward: expected_kept is None, and the
+# trainer divides by the micro-batch's kept count). One sample per row (no packing).
+OUTLIER_K = 2.0  # robust z (median / 1.4826·MAD) above which a token is an outlier of its sample
+OUTLIER_FLOOR = 0.25  # nats: the smallest spread used, so a sample of equal losses drops nothing
+ADAPT_QUANTILE = 0.8  # x_adapt_rho: the batch quantile of the current NLL
+ADAPT_MIN_RHO = 0.2
+STUCK_MIN_LEARNT = 0.1  # nats: x_stuck drops nothing from a sample whose median REL is below this
+
+
+def robust_outliers(values: torch.Tensor, response_mask: torch.Tensor, k: float = OUTLIER_K,
+                    floor: float = OUTLIER_FLOOR) -> torch.Tensor:
+    """B×T: response tokens whose value exceeds their sample's median by more than k·max(1.4826·MAD, floor)."""
+    out = torch.zeros_like(response_mask)
+    for b in range(values.shape[0]):
+        sel = response_mask[b]
+        if not sel.any():
+            continue
+        v = values[b][sel].float()
+        median = v.median()
+        spread = max(1.4826 * float((v - median).abs().median()), floor)
+        out[b] = sel & (values[b].float() > median + k * spread)
+    return out
+
+
+class _AdaptiveVariant(_ScoredVariant):
+    cannot_pack_because = "sets a budget per padded row (one sample per row)"
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None):
+        return None
+
+
+class AdaptiveOutlierVariant(_AdaptiveVariant):
+    """Keep every token of a sample except the outliers of its current NLL (robust z > OUTLIER_K)."""
+
+    name = "x_adapt_outlier"
+    uses_history = False
+    uses_attention = False
+
+    def select(self, signals, progress=0.0):
+        return signals.response_mask & ~robust_outliers(signals.current_nll, signals.response_mask)
+
+
+class AdaptiveRhoVariant(_AdaptiveVariant):
+    """ssToken's score, but ρ_s per sample = its share of tokens whose current NLL is below the batch's
+    ADAPT_QUANTILE quantile (at least ADAPT_MIN_RHO): a sample that looks clean keeps more."""
+
+    name = "x_adapt_rho"
+
+    def select(self, signals, progress=0.0):
+        response = signals.response_mask
+        current = signals.current_nll.float()
+        tau = torch.quantile(current[response], ADAPT_QUANTILE) if response.any() else current.new_tensor(0.0)
+        scores = scoring.sstoken_scores(signals.history_nll, signals.current_nll, self.share(signals), response,
+                                        self.gamma, signals.segment_ids).float()
+        keep = torch.zeros_like(response)
+        for b in range(response.shape[0]):
+            n = int(response[b].sum())
+            if n == 0:
+                continue
+            rho_s = max(ADAPT_MIN_RHO, float(((current[b] <= tau) & response[b]).sum()) / n)
+            keep[b] = scoring.top_rho_mask(torch.where(response[b], scores[b], float("-inf")).unsqueeze(0),
+                                           response[b].unsqueeze(0), min(1.0, rho_s))[0]
+        return keep
+
+
+class StuckVariant(_AdaptiveVariant):
+    """Own idea (novel-and-wrong vs novel-and-right by training dynamics): drop the tokens that stay hard while
+    the rest of their sample is learnt: REL below half the sample's median REL *and* current NLL above the
+    sample's median; keep everything else (and all of a sample whose median REL is below STUCK_MIN_LEARNT)."""
+
+    name = "x_stuck"
+    uses_attention = False
+
+    def select(self, signals, progress=0.0):
+        response = signals.response_mask
+        current = signals.current_nll.float()
+        rel = scoring.retrospective_excess_loss(signals.history_nll.float(), current)
+        keep = response.clone()
+        for b in range(response.shape[0]):
+            sel = response[b]
+            if not sel.any():
+                continue
+            learnt = float(rel[b][sel].median())
+            if learnt < STUCK_MIN_LEARNT:
+                continue
+            stuck = sel & (rel[b] < 0.5 * learnt) & (current[b] > current[b][sel].median())
+            keep[b] = sel & ~stuck
+        return keep
+
+
+class MidRELVariant(_ScoredVariant):
+    """Own idea 2: drop both ends of REL (the most-learnt, e.g. memorised filler, and the least-learnt, e.g.
+    unlearnable noise): score −|Norm(REL) − 0.5|, top ρ."""
+
+    name = "x_midrel"
+    uses_attention = False
+
+    def scores(self, s):
+        return -(self.norm_rel(s) - 0.5).abs()
+
+
+class GroundedVariant(_ScoredVariant):
+    """Own idea 3 (novel-and-right is supported by the prompt, novel-and-wrong is not): keep the tokens the prompt
+    helps the frozen base model predict most, score = base NLL without the prompt − base NLL with it (the
+    pointwise mutual information with the prompt). The no-prompt NLL arrives as the reference NLL (a cache built
+    by the benchmark from the base model; no reference model is trained)."""
+
+    name = "x_grounded"
+    uses_attention = False
+    needs_reference = True
+
+    def scores(self, s):
+        return s.reference_nll.float() - s.history_nll.float()
+
+
+ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
+           "x_oracle_drop_corrupt", "x_oracle_clean_samples")
+
+VARIANTS = ("x_batch", "x_debiased", "x_plausible", "x_smallloss", "x_sst_plausible", "x_lowrel", "x_adapt_outlier",
+            "x_adapt_rho", "x_stuck", "x_midrel")
 # The quality benchmark's method table: which caches each variant reads.
-QUALITY_METHODS = {name: {"selection_method": name, "base_cache": name != "x_smallloss"} for name in VARIANTS}
+QUALITY_METHODS = {name: {"selection_method": name, "base_cache": name not in ("x_smallloss", "x_adapt_outlier")}
+                   for name in VARIANTS}
+# ssToken exactly as the paper defines it, with other settings of its existing options (history, attention layer).
+for _decay in (0.9, 0.99, 0.999):
+    for _interval in (1, 10):
+        QUALITY_METHODS[f"x_sst_ema{_decay}_i{_interval}"] = {"selection_method": "sstoken", "history": "ema",
+                                                             "ema_decay": _decay, "ema_interval": _interval}
+QUALITY_METHODS["x_grounded"] = {"selection_method": "x_grounded", "base_cache": True, "noprompt_cache": True}
+QUALITY_METHODS["x_sst_layer0"] = {"selection_method": "sstoken", "base_cache": True, "attention_layer": 0}
+QUALITY_METHODS["x_attn_layer0"] = {"selection_method": "attn", "attention_layer": 0}
 # (needs_cached_counts reads the history cache too, so the oracles get the base cache as well)
 QUALITY_METHODS.update({name: {"selection_method": name, "noise_cache": True, "base_cache": True} for name in ORACLES})
