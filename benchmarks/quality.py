@@ -59,6 +59,12 @@ METHODS: dict[str, dict] = {
     "sstoken": {"selection_method": "sstoken", "base_cache": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base_cache": True, "attention_warmup": 0.3},
 }
+# The selector the selection research (issue 11, BENCHMARKS.md "Selection research") recommends, written into
+# every quality JSON with its one-line reason; None while no reference-free selector meets the issue's bar.
+RECOMMENDED: str | None = None
+RECOMMENDED_REASON = ("no reference-free selector met the issue-11 bar (clean-answer NLL <= 1.913 and better than "
+                      "random, rho1, tokencleaning, rel and attn beyond the seed spread); see BENCHMARKS.md, "
+                      "Selection research, round 2")
 # Experimental reference-free variants (issue 11): run on request (--methods x_...), not by default.
 RESEARCH_METHODS: dict[str, dict] = dict(selection_research.QUALITY_METHODS)
 ALL_METHODS: dict[str, dict] = {**METHODS, **RESEARCH_METHODS}
@@ -657,6 +663,8 @@ def _write(out: Path, args, device: str, size: Size, model_name: str, base_info:
     size_dict = asdict(size)
     payload = {
         "schema_version": SCHEMA_VERSION,
+        "recommended": RECOMMENDED,
+        "recommended_reason": RECOMMENDED_REASON,
         "command": "python benchmarks/quality.py" + (" --tiny" if args.tiny else f" --model {args.model}") +
                    ("" if device == "cpu" else f" --device {device}") +
                    " --seeds " + " ".join(map(str, args.seeds)),

@@ -318,6 +318,49 @@ class GroundedVariant(_ScoredVariant):
         return s.reference_nll.float() - s.history_nll.float()
 
 
+class _ImperfectOracle(Selector):
+    """An oracle with errors: drops each noise token with probability ``recall`` and each clean token with
+    probability ``false_drop``, fresh draws every micro-batch (seeded by the run's seed and the micro-batch's
+    draw key). The grid over (recall, false_drop) maps how good a detector must be to reach the issue's bar."""
+
+    needs_reference = True
+    cannot_pack_because = "reads the per-sample noise record"
+    recall = 1.0
+    false_drop = 0.0
+
+    def __init__(self, rho: float = 1.0, seed: int = 0):
+        super().__init__(1.0)
+        self.seed = seed
+        self._calls = 0
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls(seed=seed)
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None):
+        return None
+
+    def select(self, signals, progress=0.0):
+        key = signals.draw_key if signals.draw_key is not None else self._calls
+        self._calls += 1
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + key + 7) % (2**63))
+        u = torch.rand(signals.response_mask.shape, generator=generator).to(signals.response_mask.device)
+        noisy = signals.reference_nll.round().long() != 0
+        drop = torch.where(noisy, u < self.recall, u < self.false_drop)
+        return signals.response_mask & ~drop
+
+
+IMPERFECT_ORACLES = []
+for _recall in (0.5, 0.8, 1.0):
+    for _false in (0.0, 0.2, 0.4):
+        if (_recall, _false) == (1.0, 0.0):
+            continue  # that is x_oracle_clean
+        _name = f"x_oracle_r{_recall}_f{_false}"
+        type(f"ImperfectOracle_{len(IMPERFECT_ORACLES)}", (_ImperfectOracle,),
+             {"name": _name, "recall": _recall, "false_drop": _false})
+        IMPERFECT_ORACLES.append(_name)
+
+
 ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
            "x_oracle_drop_corrupt", "x_oracle_clean_samples")
 
@@ -336,3 +379,4 @@ QUALITY_METHODS["x_sst_layer0"] = {"selection_method": "sstoken", "base_cache": 
 QUALITY_METHODS["x_attn_layer0"] = {"selection_method": "attn", "attention_layer": 0}
 # (needs_cached_counts reads the history cache too, so the oracles get the base cache as well)
 QUALITY_METHODS.update({name: {"selection_method": name, "noise_cache": True, "base_cache": True} for name in ORACLES})
+QUALITY_METHODS.update({name: {"selection_method": name, "noise_cache": True} for name in IMPERFECT_ORACLES})

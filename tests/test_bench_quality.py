@@ -78,3 +78,18 @@ def test_tiny_run_writes_one_record_per_method_and_seed(tmp_path):
     assert kept["full_noisy"]["noise"] == 1.0  # full SFT keeps everything
     assert 0.0 < kept["random"]["noise"] < 1.0
     assert {row["method"] for row in data["summary"]} == set(METHODS)
+
+
+def test_quality_json_says_which_selector_is_recommended(tmp_path):
+    import argparse
+    import time
+
+    import quality
+
+    out = tmp_path / "q.json"
+    args = argparse.Namespace(tiny=True, seeds=[0], model="small")
+    quality._write(out, args, "cpu", quality.SIZES["tiny"], "tiny", {}, [], time.time(), partial=False)
+    data = json.loads(out.read_text())
+    # No reference-free selector met the issue-11 bar (BENCHMARKS.md, "Selection research", round 2).
+    assert "recommended" in data and data["recommended"] is None
+    assert isinstance(data["recommended_reason"], str) and len(data["recommended_reason"]) > 20
