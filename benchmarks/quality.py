@@ -331,12 +331,31 @@ def _lora(size: Size):
                       task_type="CAUSAL_LM")
 
 
-def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
-           recorder: KeepRecorder | None = None, **overrides):
-    from sstoken.data import to_hf_dataset
+def _trainer_class(history_source: str | None, tokenizer):
+    """SSTokenTrainer, or (research, issue 11) a subclass whose history NLL comes from another source."""
     from sstoken.trainer import SSTokenTrainer
 
-    trainer = SSTokenTrainer(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
+    if history_source is None:
+        return SSTokenTrainer
+    if history_source != "noprompt_current":
+        raise SystemExit(f"unknown history_source {history_source!r}")
+    source = selection_research.NoPromptCurrentHistory(tokenizer.convert_tokens_to_ids("<|im_start|>"),
+                                                       tokenizer.pad_token_id or 0)
+
+    class NoPromptHistoryTrainer(SSTokenTrainer):
+        def _signal_sources(self):
+            sources = super()._signal_sources()
+            sources.history = source
+            return sources
+
+    return NoPromptHistoryTrainer
+
+
+def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
+           recorder: KeepRecorder | None = None, history_source: str | None = None, **overrides):
+    from sstoken.data import to_hf_dataset
+
+    trainer = _trainer_class(history_source, tokenizer)(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
                              train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size),
                              selection_listeners=[recorder] if recorder is not None else None)
     trainer.train()

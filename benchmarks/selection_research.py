@@ -361,6 +361,66 @@ for _recall in (0.5, 0.8, 1.0):
         IMPERFECT_ORACLES.append(_name)
 
 
+class NoPromptCurrentHistory:
+    """A history source (sstoken.signals.HistorySource protocol) for ``x_grounded_cur``: the *current* model's
+    per-token NLL of the response with the system and user turns cut off (each row from its last
+    ``<|im_start|>`` before the response), at the response positions of the full row; no gradient, eval mode.
+
+    The quality benchmark swaps it in for that method (``"history_source": "noprompt_current"``); ssToken's own
+    history sources are untouched."""
+
+    def __init__(self, start_token_id: int, pad_id: int = 0):
+        self.start_token_id = start_token_id
+        self.pad_id = pad_id
+
+    def nll(self, model, model_inputs, inputs, layout):
+        from sstoken.batch import unwrap_model
+
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        batch, length = ids.shape
+        cuts, rows = [], []
+        for b in range(batch):
+            valid = int(layout.valid[b].sum())
+            resp = layout.response[b].nonzero().flatten()
+            first = int(resp[0]) if len(resp) else valid
+            starts = (ids[b, :first] == self.start_token_id).nonzero().flatten()
+            cut = int(starts[-1]) if len(starts) else max(first - 1, 0)
+            cuts.append(cut)
+            rows.append((ids[b, cut:valid], labels[b, cut:valid]))
+        width = max(len(r[0]) for r in rows)
+        cut_ids = ids.new_full((batch, width), self.pad_id)
+        cut_labels = labels.new_full((batch, width), scoring.IGNORE_INDEX)
+        mask = ids.new_zeros((batch, width))
+        for b, (row_ids, row_labels) in enumerate(rows):
+            cut_ids[b, :len(row_ids)], cut_labels[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, row_labels, 1
+        inner = unwrap_model(model)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad():
+                logits = inner(input_ids=cut_ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            inner.train(was_training)
+        cut_nll = scoring.token_nll(logits.detach(), cut_labels)
+        out = torch.zeros(batch, length, dtype=torch.float32, device=ids.device)
+        for b, (row_ids, _) in enumerate(rows):
+            out[b, cuts[b]:cuts[b] + len(row_ids)] = cut_nll[b, :len(row_ids)]
+        return out
+
+
+class CurrentGroundedVariant(_ScoredVariant):
+    """Own idea 3b: x_grounded with the current model instead of the frozen base: score = current NLL without the
+    prompt − current NLL with it (the history slot carries the no-prompt NLL, see NoPromptCurrentHistory). A
+    token the model has learnt to emit whatever the prompt (filler) or cannot predict either way (corruption)
+    scores ~0; one the prompt makes likely (a copied or computed answer) scores high."""
+
+    name = "x_grounded_cur"
+    uses_attention = False
+
+    def scores(self, s):
+        return s.history_nll.float() - s.current_nll.float()
+
+
 ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
            "x_oracle_drop_corrupt", "x_oracle_clean_samples")
 
@@ -375,6 +435,7 @@ for _decay in (0.9, 0.99, 0.999):
         QUALITY_METHODS[f"x_sst_ema{_decay}_i{_interval}"] = {"selection_method": "sstoken", "history": "ema",
                                                              "ema_decay": _decay, "ema_interval": _interval}
 QUALITY_METHODS["x_grounded"] = {"selection_method": "x_grounded", "base_cache": True, "noprompt_cache": True}
+QUALITY_METHODS["x_grounded_cur"] = {"selection_method": "x_grounded_cur", "history_source": "noprompt_current"}
 QUALITY_METHODS["x_sst_layer0"] = {"selection_method": "sstoken", "base_cache": True, "attention_layer": 0}
 QUALITY_METHODS["x_attn_layer0"] = {"selection_method": "attn", "attention_layer": 0}
 # (needs_cached_counts reads the history cache too, so the oracles get the base cache as well)

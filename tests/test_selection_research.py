@@ -245,3 +245,26 @@ def test_imperfect_oracle_drops_noise_and_clean_at_its_rates():
     exact = make_selector("x_oracle_r1.0_f0.4").select(
         Signals(response_mask=response, current_nll=torch.ones(1, 4000), reference_nll=noise, draw_key=0))
     assert not exact[noisy].any()
+
+
+def test_noprompt_current_history_equals_the_noprompt_cache_of_the_same_model(tmp_path):
+    from quality import build_noprompt_cache
+
+    from sstoken.batch import pad_rows
+    from sstoken.history import sample_key
+    from sstoken.signals import BatchLayout
+    from sstoken.testing import random_rows, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    rows = random_rows([4, 6], [3, 2], seed=4)
+    rows[0]["input_ids"][1], rows[1]["input_ids"][4] = start, start
+    model = tiny_model("llama")
+    cache = build_noprompt_cache(model, tok, rows, tmp_path / "np", 64, "cpu")
+    ids, labels, mask = pad_rows(rows, 0)
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    source = selection_research.NoPromptCurrentHistory(start, 0)
+    nll = source.nll(model, None, inputs, BatchLayout.of(inputs))
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(nll[b, :len(row["input_ids"])], cache.get(sample_key(row["input_ids"])))
+    assert make_selector("x_grounded_cur").needs_history and not make_selector("x_grounded_cur").needs_attention
