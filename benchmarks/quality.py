@@ -259,6 +259,74 @@ class KeepRecorder:
                 for phase, kinds in self.counts.items()}
 
 
+class SignalRecorder:
+    """Research (issue 11): every response token's reference-free signals with its noise kind and the training
+    progress, to measure how well each signal separates noise from clean (``signal_separation``)."""
+
+    def __init__(self, flags_by_key: dict[str, list]):
+        self.flags_by_key = flags_by_key
+        self.rows: dict[str, list] = {k: [] for k in ("kind", "late", *selection_research.PROBE_SIGNALS)}
+
+    def __call__(self, event) -> None:
+        import torch
+
+        from sstoken.history import sample_key
+
+        s = event.signals
+        input_ids = event.inputs["input_ids"].cpu()
+        valid = event.inputs["attention_mask"].bool().cpu()
+        response = s.response_mask.cpu()
+        base, current = s.history_nll.float().cpu(), s.current_nll.float().cpu()
+        share = s.context_share.float().cpu()
+        no_prompt = s.reference_nll.float().cpu()
+        for b in range(input_ids.shape[0]):
+            n = int(valid[b].sum())
+            flags = self.flags_by_key.get(sample_key(input_ids[b, :n]))
+            if flags is None:
+                continue
+            positions = [t for t in range(n) if response[b, t]]
+            if not positions:
+                continue
+            idx = torch.tensor(positions)
+            values = {"base_nll": base[b, idx], "current_nll": current[b, idx], "rel": base[b, idx] - current[b, idx],
+                      "context_share": share[b, idx], "grounding": no_prompt[b, idx] - base[b, idx]}
+            for name, v in list(values.items()):
+                # the per-sample view a top-ρ-per-sample selector sees: min-max within the sample
+                span = (v.max() - v.min()).clamp(min=1e-8)
+                values[name + "_in_sample"] = (v - v.min()) / span
+            for i, t in enumerate(positions):
+                self.rows["kind"].append(flags[t] or "clean")
+                self.rows["late"].append(event.progress >= 0.5)
+                for name, v in values.items():
+                    self.rows[name].append(float(v[i]))
+
+    def separation(self) -> dict:
+        """Per signal, half of training and noise target: the ROC area of the better orientation, that
+        orientation, and the share of clean tokens dropped when 90% of that noise is dropped."""
+        import torch
+
+        kind = self.rows["kind"]
+        late = torch.tensor(self.rows["late"])
+        out = {}
+        targets = {"boilerplate+corrupt": ("boilerplate", "corrupt"), "boilerplate": ("boilerplate",),
+                   "corrupt": ("corrupt",), "wrong_fact": ("wrong_fact",)}
+        for half, sel in (("first_half", ~late), ("second_half", late)):
+            for signal in selection_research.PROBE_SIGNALS:
+                values = torch.tensor(self.rows[signal])
+                for target, kinds in targets.items():
+                    is_noise = torch.tensor([k in kinds for k in kind]) & sel
+                    is_clean = torch.tensor([k == "clean" for k in kind]) & sel
+                    if not is_noise.any() or not is_clean.any():
+                        continue
+                    area = selection_research.auc(values[is_noise], values[is_clean])
+                    sign = 1.0 if area >= 0.5 else -1.0
+                    out.setdefault(half, {}).setdefault(signal, {})[target] = {
+                        "auc": max(area, 1 - area), "noise_is": "high" if sign > 0 else "low",
+                        "clean_dropped_at_90pct_noise_recall": selection_research.false_drop_at_recall(
+                            sign * values[is_noise], sign * values[is_clean], 0.9)}
+        return out
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def _eval_nll(model, rows, pad_id: int, device: str, batch_size: int = 16) -> float:
     """Mean per-token NLL of the clean reference responses (token-weighted over the whole test set)."""
@@ -352,12 +420,13 @@ def _trainer_class(history_source: str | None, tokenizer):
 
 
 def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
-           recorder: KeepRecorder | None = None, history_source: str | None = None, **overrides):
+           recorder: KeepRecorder | None = None, history_source: str | None = None, signal_recorder=None,
+           **overrides):
     from sstoken.data import to_hf_dataset
 
     trainer = _trainer_class(history_source, tokenizer)(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
                              train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size),
-                             selection_listeners=[recorder] if recorder is not None else None)
+                             selection_listeners=[r for r in (recorder, signal_recorder) if r is not None] or None)
     trainer.train()
     return trainer
 
@@ -516,9 +585,10 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
             overrides["reference_cache"] = noprompt_cache
         overrides.update(spec)
         recorder = None if clean else KeepRecorder(flags_by_key)
+        signal_recorder = SignalRecorder(flags_by_key) if overrides.pop("record_signals", False) else None
         started = time.time()
         trainer = _train(base, tokenizer, clean_rows if clean else noisy_rows, size, str(work / f"{method}_s{seed}"),
-                         seed, device, recorder, **overrides)
+                         seed, device, recorder, signal_recorder=signal_recorder, **overrides)
         train_s = time.time() - started
         model = trainer.model
         nll = _eval_nll(model, test_rows, pad_id, device)
@@ -543,6 +613,8 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
                         for ex, g in list(zip(test_examples, generations))[:3]],
             "shared_cost": shared_cost,
         }
+        if signal_recorder is not None:
+            record["signal_separation"] = signal_recorder.separation()
         records.append(record)
         kept = record["kept"]["all"] if record["kept"] else {}
         log(f"seed {seed} {method:15s} EM {record['accuracy']:.3f} ans {record['answer_accuracy']:.3f} "

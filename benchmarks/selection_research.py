@@ -421,6 +421,57 @@ class CurrentGroundedVariant(_ScoredVariant):
         return s.history_nll.float() - s.current_nll.float()
 
 
+class FullProbe(Selector):
+    """Full SFT (every response token, the same loss as ``full``) that still asks for every reference-free signal
+    (base NLL, attention share, and, as its reference NLL, the base NLL without the prompt), so the quality
+    benchmark can measure how well each signal separates noise from clean tokens along a full-SFT run."""
+
+    name = "x_full_probe"
+    needs_history = True
+    needs_attention = True
+    needs_reference = True
+
+    def __init__(self, rho: float = 1.0):
+        super().__init__(1.0)
+
+    @classmethod
+    def from_config(cls, rho, gamma, warmup_fraction, seed):
+        return cls()
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
+        return int(response_mask.sum().item())
+
+    def select(self, signals, progress=0.0):
+        return signals.response_mask.clone()
+
+
+def auc(noise_scores: torch.Tensor, clean_scores: torch.Tensor) -> float:
+    """P(score of a noise token > score of a clean token), ties counted half (the ROC area)."""
+    scores = torch.cat([noise_scores, clean_scores]).double()
+    ranks = torch.empty_like(scores)
+    order = torch.argsort(scores, stable=True)
+    sorted_scores = scores[order]
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks of ties
+    unique, inverse = torch.unique(sorted_scores, return_inverse=True)
+    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks[order]) / \
+        torch.bincount(inverse).double()
+    ranks[order] = mean_rank[inverse]
+    n_noise, n_clean = len(noise_scores), len(clean_scores)
+    return float((ranks[:n_noise].sum() - n_noise * (n_noise + 1) / 2) / (n_noise * n_clean))
+
+
+def false_drop_at_recall(noise_scores: torch.Tensor, clean_scores: torch.Tensor, recall: float = 0.9) -> float:
+    """Share of clean tokens a global threshold drops when it drops ``recall`` of the noise (higher = noisier)."""
+    threshold = torch.quantile(noise_scores.double(), 1 - recall)
+    return float((clean_scores.double() >= threshold).double().mean())
+
+
+# Signals whose "higher = more noise-like" orientation is tried both ways; see quality.SignalRecorder.
+PROBE_SIGNALS = ("base_nll", "current_nll", "rel", "context_share", "grounding")
+PROBE_SIGNALS = PROBE_SIGNALS + tuple(f"{name}_in_sample" for name in PROBE_SIGNALS)
+
+
 ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
            "x_oracle_drop_corrupt", "x_oracle_clean_samples")
 
@@ -436,6 +487,8 @@ for _decay in (0.9, 0.99, 0.999):
                                                              "ema_decay": _decay, "ema_interval": _interval}
 QUALITY_METHODS["x_grounded"] = {"selection_method": "x_grounded", "base_cache": True, "noprompt_cache": True}
 QUALITY_METHODS["x_grounded_cur"] = {"selection_method": "x_grounded_cur", "history_source": "noprompt_current"}
+QUALITY_METHODS["x_full_probe"] = {"selection_method": "x_full_probe", "base_cache": True, "noprompt_cache": True,
+                                    "record_signals": True}
 QUALITY_METHODS["x_sst_layer0"] = {"selection_method": "sstoken", "base_cache": True, "attention_layer": 0}
 QUALITY_METHODS["x_attn_layer0"] = {"selection_method": "attn", "attention_layer": 0}
 # (needs_cached_counts reads the history cache too, so the oracles get the base cache as well)

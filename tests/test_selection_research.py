@@ -268,3 +268,20 @@ def test_noprompt_current_history_equals_the_noprompt_cache_of_the_same_model(tm
     for b, row in enumerate(rows):
         torch.testing.assert_close(nll[b, :len(row["input_ids"])], cache.get(sample_key(row["input_ids"])))
     assert make_selector("x_grounded_cur").needs_history and not make_selector("x_grounded_cur").needs_attention
+
+
+def test_auc_and_false_drop_match_a_brute_force_count():
+    noise = torch.tensor([3.0, 5.0, 2.0, 2.0])
+    clean = torch.tensor([1.0, 2.0, 4.0])
+    pairs = [(1.0 if n > c else 0.5 if n == c else 0.0) for n in noise.tolist() for c in clean.tolist()]
+    assert selection_research.auc(noise, clean) == pytest.approx(sum(pairs) / len(pairs))
+    assert selection_research.auc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 1.0
+    # dropping the top 50% of the noise (≥ 2.5 by the 0.5 quantile) drops the clean token 4.0
+    assert selection_research.false_drop_at_recall(noise, clean, 0.5) == pytest.approx(1 / 3)
+
+
+def test_full_probe_keeps_everything_but_asks_for_every_signal():
+    selector = make_selector("x_full_probe", rho=0.3)
+    assert selector.needs_history and selector.needs_attention and selector.needs_reference
+    assert torch.equal(selector.select(signals()), RESPONSE)
+    assert selector.expected_kept(RESPONSE) == 4
