@@ -68,3 +68,29 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+def separation_table(records: list[dict], target: str = "boilerplate+corrupt") -> str:
+    """Mean over seeds of each signal's ROC area against ``target`` noise, and the clean tokens a global threshold
+    would drop to catch 90% of it, per half of a full-SFT run (x_full_probe records)."""
+    recs = [r for r in records if r.get("signal_separation")]
+    if not recs:
+        return ""
+    signals = list(recs[0]["signal_separation"]["first_half"])
+    lines = [f"| signal ({target} vs clean) | AUC 1st half | AUC 2nd half | noise is | clean dropped at 90% recall "
+             "(1st / 2nd half) |", "|---|---|---|---|---|"]
+    for signal in signals:
+        cells = {}
+        for half in ("first_half", "second_half"):
+            vals = [r["signal_separation"][half][signal][target] for r in recs]
+            a_mean, a_sd, _, _ = ci([v["auc"] for v in vals])
+            cells[half] = (a_mean, a_sd, statistics.fmean(v["clean_dropped_at_90pct_noise_recall"] for v in vals),
+                           "/".join(sorted({v["noise_is"] for v in vals})))
+        f, s = cells["first_half"], cells["second_half"]
+        lines.append(f"| {signal} | {f[0]:.3f} ± {f[1]:.3f} | {s[0]:.3f} ± {s[1]:.3f} | {f[3]} → {s[3]} | "
+                     f"{f[2]:.2f} / {s[2]:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and "--separation" in sys.argv:
+    pass

@@ -472,11 +472,52 @@ PROBE_SIGNALS = ("base_nll", "current_nll", "rel", "context_share", "grounding")
 PROBE_SIGNALS = PROBE_SIGNALS + tuple(f"{name}_in_sample" for name in PROBE_SIGNALS)
 
 
+class PlausibleGlobalVariant(Selector):
+    """x_plausible with one global threshold instead of a per-sample budget (the signal with the best ROC area in
+    the probe): keep a token iff its base NLL is within the lowest ρ of all training response tokens (the
+    threshold is fitted once from the base cache, as TokenCleaning fits its own; no reference model)."""
+
+    name = "x_plausible_global"
+    needs_history = True
+    cannot_pack_because = "fits its threshold on whole samples before training"
+
+    def __init__(self, rho: float = 0.6, threshold: float | None = None):
+        super().__init__(rho)
+        self.threshold = threshold
+
+    def prepare(self, dataset, history_cache, reference_cache) -> None:
+        from sstoken.history import sample_key
+
+        scores = []
+        for example in dataset:
+            base = history_cache.get(sample_key(torch.tensor(example["input_ids"])))
+            mask = scoring.response_mask_from_labels(torch.tensor(example["labels"]).unsqueeze(0))[0]
+            scores.append(-base[mask])
+        self.threshold = scoring.global_threshold(torch.cat(scores), self.rho)
+
+    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None):
+        return None  # exact after the forward (the mask depends on the cached base NLL only)
+
+    def select(self, signals, progress=0.0):
+        return scoring.threshold_mask(-signals.history_nll.float(), signals.response_mask, self.threshold)
+
+
+class LowRELBatchVariant(BatchBudgetVariant):
+    """x_lowrel with the budget over the micro-batch: keep the ρ of the batch's tokens with the lowest REL
+    (no per-sample min-max), the probe's second-best signal used globally."""
+
+    name = "x_lowrel_batch"
+    uses_attention = False
+
+    def scores(self, s):
+        return -scoring.retrospective_excess_loss(s.history_nll.float(), s.current_nll.float())
+
+
 ORACLES = ("x_oracle_clean", "x_oracle_keep_wrong", "x_oracle_drop_boilerplate", "x_oracle_drop_wrong",
            "x_oracle_drop_corrupt", "x_oracle_clean_samples")
 
 VARIANTS = ("x_batch", "x_debiased", "x_plausible", "x_smallloss", "x_sst_plausible", "x_lowrel", "x_adapt_outlier",
-            "x_adapt_rho", "x_stuck", "x_midrel")
+            "x_adapt_rho", "x_stuck", "x_midrel", "x_lowrel_batch")
 # The quality benchmark's method table: which caches each variant reads.
 QUALITY_METHODS = {name: {"selection_method": name, "base_cache": name not in ("x_smallloss", "x_adapt_outlier")}
                    for name in VARIANTS}
@@ -485,6 +526,7 @@ for _decay in (0.9, 0.99, 0.999):
     for _interval in (1, 10):
         QUALITY_METHODS[f"x_sst_ema{_decay}_i{_interval}"] = {"selection_method": "sstoken", "history": "ema",
                                                              "ema_decay": _decay, "ema_interval": _interval}
+QUALITY_METHODS["x_plausible_global"] = {"selection_method": "x_plausible_global", "base_cache": True}
 QUALITY_METHODS["x_grounded"] = {"selection_method": "x_grounded", "base_cache": True, "noprompt_cache": True}
 QUALITY_METHODS["x_grounded_cur"] = {"selection_method": "x_grounded_cur", "history_source": "noprompt_current"}
 QUALITY_METHODS["x_full_probe"] = {"selection_method": "x_full_probe", "base_cache": True, "noprompt_cache": True,

@@ -285,3 +285,34 @@ def test_full_probe_keeps_everything_but_asks_for_every_signal():
     assert selector.needs_history and selector.needs_attention and selector.needs_reference
     assert torch.equal(selector.select(signals()), RESPONSE)
     assert selector.expected_kept(RESPONSE) == 4
+
+
+def test_plausible_global_keeps_the_lowest_base_nll_over_the_whole_training_set():
+    from sstoken.history import sample_key
+
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}]
+    base = {sample_key(rows[0]["input_ids"]): torch.tensor([0.0, 1.0, 5.0, 2.0]),
+            sample_key(rows[1]["input_ids"]): torch.tensor([0.0, 4.0, 3.0])}
+
+    class Cache:
+        def get(self, key):
+            return base[key]
+
+    selector = make_selector("x_plausible_global", rho=0.6)
+    selector.prepare(rows, Cache(), None)
+    # base NLL of the 5 response tokens: 1, 5, 2, 4, 3 → the lowest ceil(0.6·5) = 3 are 1, 2, 3
+    response = torch.tensor([[False, True, True, True], [False, True, True, False]])
+    history = torch.tensor([[0.0, 1.0, 5.0, 2.0], [0.0, 4.0, 3.0, 0.0]])
+    keep = selector.select(Signals(response_mask=response, current_nll=torch.zeros(2, 4), history_nll=history))
+    assert keep.nonzero().tolist() == [[0, 1], [0, 3], [1, 2]]
+    assert selector.expected_kept(response) is None
+
+
+def test_lowrel_batch_keeps_the_lowest_rel_of_the_micro_batch():
+    response = torch.tensor([[True, True, True], [True, True, False]])
+    history = torch.tensor([[5.0, 5.0, 5.0], [5.0, 5.0, 0.0]])
+    current = torch.tensor([[1.0, 4.9, 3.0], [4.0, 0.0, 0.0]])  # REL 4, 0.1, 2 | 1, 5
+    selector = make_selector("x_lowrel_batch", rho=0.6)
+    keep = selector.select(Signals(response_mask=response, current_nll=current, history_nll=history))
+    assert keep.nonzero().tolist() == [[0, 1], [0, 2], [1, 0]]  # REL 0.1, 2, 1: the lowest 3 of 5
+    assert selector.expected_kept(response) == 3
