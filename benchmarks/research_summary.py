@@ -2,7 +2,8 @@
 
 Per method: clean-answer NLL mean ± sample sd over seeds, its 95% t-interval, the kept fractions, and the paired
 (same seed = same data, init and batch order) difference to full_noisy and to the reference-free baselines,
-with a 95% t-interval; "beyond the seed spread" below means that interval excludes 0.
+with a 95% t-interval; "beyond the seed spread" below means that interval excludes 0. For x_full_probe records it
+also prints the signal-separation tables (ROC area of each signal against each noise kind).
 """
 
 from __future__ import annotations
@@ -56,19 +57,6 @@ def table(records: list[dict], compare: tuple[str, ...] = ("full_noisy", "random
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    compare = ("full_noisy", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
-    for path in argv:
-        data = json.loads(open(path).read())
-        print(f"### {path} ({data['date']}, {len({r['seed'] for r in data['records']})} seeds)\n")
-        print(table(data["records"], compare))
-        print(f"\n(* = the paired 95% interval excludes 0; bar: NLL ≤ {BAR})\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
-
 
 def separation_table(records: list[dict], target: str = "boilerplate+corrupt") -> str:
     """Mean over seeds of each signal's ROC area against ``target`` noise, and the clean tokens a global threshold
@@ -92,5 +80,18 @@ def separation_table(records: list[dict], target: str = "boilerplate+corrupt") -
     return "\n".join(lines)
 
 
-if __name__ == "__main__" and "--separation" in sys.argv:
-    pass
+def main(argv: list[str]) -> int:
+    compare = ("full_noisy", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
+    for path in argv:
+        data = json.loads(open(path).read())
+        print(f"### {path} ({data['date']}, {len({r['seed'] for r in data['records']})} seeds)\n")
+        print(table(data["records"], compare))
+        print(f"\n(* = the paired 95% interval excludes 0; bar: NLL ≤ {BAR})\n")
+        if any(r.get("signal_separation") for r in data["records"]):
+            for target in ("boilerplate+corrupt", "boilerplate", "corrupt", "wrong_fact"):
+                print(separation_table(data["records"], target) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -5,8 +5,16 @@ by name (``python benchmarks/quality.py --methods x_lowrel ...``, ``benchmarks/r
 x_lowrel``). What each one did is logged in BENCHMARKS.md, "Selection research". A variant that wins on both
 the synthetic-noise and the real-data benchmark moves into ``sstoken.selection`` under a real name.
 
-All keep the top ceil(ρ·n) response tokens of each sample by their score, except ``x_batch`` (top ρ over the
-micro-batch). REL = history NLL − current NLL; Norm = per-sample min-max.
+Round 1 variants keep the top ceil(ρ·n) response tokens of each sample by their score, except ``x_batch`` (top ρ
+over the micro-batch). REL = history NLL − current NLL; Norm = per-sample min-max.
+
+Round 2 adds: oracles that read the synthetic benchmark's noise record (``x_oracle_*``: the ceiling of token
+selection there, not methods), data-dependent budgets (``x_adapt_outlier``, ``x_adapt_rho``, ``x_stuck``: their
+``expected_kept`` is None and the trainer divides by the micro-batch's kept count), ``x_midrel``, prompt
+grounding (``x_grounded`` from a no-prompt base-NLL cache, ``x_grounded_cur`` from the current model through
+:class:`NoPromptCurrentHistory`), global budgets on the best-separating signals (``x_plausible_global``,
+``x_lowrel_batch``), and ``x_full_probe`` (full SFT that records every signal for the separation analysis).
+ssToken's EMA-history and attention-layer settings are plain entries of :data:`QUALITY_METHODS`.
 """
 
 from __future__ import annotations

@@ -316,3 +316,15 @@ def test_lowrel_batch_keeps_the_lowest_rel_of_the_micro_batch():
     keep = selector.select(Signals(response_mask=response, current_nll=current, history_nll=history))
     assert keep.nonzero().tolist() == [[0, 1], [0, 2], [1, 0]]  # REL 0.1, 2, 1: the lowest 3 of 5
     assert selector.expected_kept(response) == 3
+
+
+def test_research_summary_pairs_by_seed_with_a_t_interval():
+    import research_summary
+
+    mean, sd, lo, hi = research_summary.ci([1.0, 2.0, 3.0])
+    assert (mean, sd) == (2.0, 1.0) and hi - mean == pytest.approx(4.303 / 3 ** 0.5)
+    records = [{"method": m, "seed": s, "nll": v, "kept": None}
+               for m, vals in (("full_noisy", [2.0, 2.2, 2.1]), ("x", [1.9, 2.0, 2.0])) for s, v in enumerate(vals)]
+    row = research_summary.table(records, ("full_noisy",)).splitlines()[-1]
+    # paired differences -0.1, -0.2, -0.1: mean -0.133, 95% half-width 4.303·0.0577/√3 = 0.143 → no star
+    assert row.startswith("| x | 3 | 1.967") and row.endswith("-0.133 [-0.277, +0.010] |")
