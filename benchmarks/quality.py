@@ -150,7 +150,8 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
 
 
 def _write_cache(values: dict, rows, tokenizer, path, max_seq_length: int, model_name: str):
-    from sstoken.history import CacheFingerprints, NLLCache, data_fingerprint, plan_shards, tokenizer_fingerprint
+    from sstoken.history import (CacheFingerprints, NLLCache, data_fingerprint, plan_shards,
+                                 tokenizer_fingerprint)
 
     shard_keys = plan_shards(rows, 1024)
     fingerprints = CacheFingerprints(model=model_name, tokenizer=tokenizer_fingerprint(tokenizer),

@@ -65,8 +65,9 @@ def separation_table(records: list[dict], target: str = "boilerplate+corrupt") -
     if not recs:
         return ""
     signals = list(recs[0]["signal_separation"]["first_half"])
-    lines = [f"| signal ({target} vs clean) | AUC 1st half | AUC 2nd half | noise is | clean dropped at 90% recall "
-             "(1st / 2nd half) |", "|---|---|---|---|---|"]
+    header = (f"| signal ({target} vs clean) | AUC 1st half | AUC 2nd half | noise is | clean dropped at 90% recall "
+              "(1st / 2nd half) |")
+    lines = [header, "|---|---|---|---|---|"]
     for signal in signals:
         cells = {}
         for half in ("first_half", "second_half"):
@@ -83,7 +84,8 @@ def separation_table(records: list[dict], target: str = "boilerplate+corrupt") -
 def main(argv: list[str]) -> int:
     compare = ("full_noisy", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
     for path in argv:
-        data = json.loads(open(path).read())
+        with open(path) as f:
+            data = json.load(f)
         print(f"### {path} ({data['date']}, {len({r['seed'] for r in data['records']})} seeds)\n")
         print(table(data["records"], compare))
         print(f"\n(* = the paired 95% interval excludes 0; bar: NLL ≤ {BAR})\n")

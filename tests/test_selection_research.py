@@ -321,7 +321,7 @@ def test_lowrel_batch_keeps_the_lowest_rel_of_the_micro_batch():
 def test_research_summary_pairs_by_seed_with_a_t_interval():
     import research_summary
 
-    mean, sd, lo, hi = research_summary.ci([1.0, 2.0, 3.0])
+    mean, sd, _, hi = research_summary.ci([1.0, 2.0, 3.0])
     assert (mean, sd) == (2.0, 1.0) and hi - mean == pytest.approx(4.303 / 3 ** 0.5)
     records = [{"method": m, "seed": s, "nll": v, "kept": None}
                for m, vals in (("full_noisy", [2.0, 2.2, 2.1]), ("x", [1.9, 2.0, 2.0])) for s, v in enumerate(vals)]
