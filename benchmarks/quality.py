@@ -144,6 +144,11 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
                     if s < start + ne and e > start + ns:
                         token_flags[t] = kind
                         break
+                # a clean token of the correct answer: "answer" (counted as clean everywhere, and on its own)
+                span = ex.answer_span
+                if token_flags[t] is None and span is not None and s < start + span[1] and e > start + span[0] \
+                        and encoded.labels[t] != -100:
+                    token_flags[t] = "answer"
         rows.append({"input_ids": list(ids), "labels": list(encoded.labels)})
         flags.append(token_flags)
     return rows, flags
@@ -239,8 +244,9 @@ class KeepRecorder:
                 if not resp[t]:
                     continue
                 kind = flags[t] or "clean"
+                keys = ("clean", "answer") if kind == "answer" else (kind,) if kind == "clean" else (kind, "noise")
                 for phase in phases:
-                    for key in (kind, "noise") if kind != "clean" else (kind,):
+                    for key in keys:
                         slot = self.counts.setdefault(phase, {}).setdefault(key, [0, 0])
                         slot[0] += int(kept[t])
                         slot[1] += 1
@@ -296,7 +302,7 @@ class SignalRecorder:
                 span = (v.max() - v.min()).clamp(min=1e-8)
                 values[name + "_in_sample"] = (v - v.min()) / span
             for i, t in enumerate(positions):
-                self.rows["kind"].append(flags[t] or "clean")
+                self.rows["kind"].append("clean" if flags[t] in (None, "answer") else flags[t])
                 self.rows["late"].append(event.progress >= 0.5)
                 for name, v in values.items():
                     self.rows[name].append(float(v[i]))
@@ -642,7 +648,7 @@ def summarise(records: list[dict]) -> list[dict]:
         row = {"method": method, "n_seeds": len(rs)}
         for key in ("accuracy", "answer_accuracy", "nll", "wall_s"):
             row[key], row[key + "_std"] = ms(key)
-        for kind in ("noise", "clean", "boilerplate", "wrong_fact", "corrupt"):
+        for kind in ("noise", "clean", "answer", "boilerplate", "wrong_fact", "corrupt"):
             vals = [r["kept"]["all"].get(kind) for r in rs if r["kept"] and r["kept"]["all"].get(kind) is not None]
             row[f"kept_{kind}"] = statistics.fmean(vals) if vals else None
             first = [r["kept"].get("first_quarter", {}).get(kind) for r in rs if r["kept"]]

@@ -140,7 +140,7 @@ class LowRELVariant(_ScoredVariant):
 # Oracles (an upper bound for token selection on the synthetic benchmark, not a method): the quality benchmark
 # hands them the generator's per-token noise record as their "reference NLL" (a cache whose value per token is
 # its NOISE_CODES code), so they keep exactly the response tokens whose kind they do not drop. ρ is ignored.
-NOISE_CODES = {"clean": 0, "boilerplate": 1, "wrong_fact": 2, "corrupt": 3}
+NOISE_CODES = {"clean": 0, "boilerplate": 1, "wrong_fact": 2, "corrupt": 3, "answer": 0}  # an answer is clean
 
 
 class _OracleVariant(Selector):
