@@ -240,11 +240,14 @@ class KeepRecorder:
                 continue
             resp = response[b, :n].tolist()
             kept = keep[b, :n].tolist()
+            first = next((t for t in range(n) if resp[t]), None)
             for t in range(n):
                 if not resp[t]:
                     continue
                 kind = flags[t] or "clean"
                 keys = ("clean", "answer") if kind == "answer" else (kind,) if kind == "clean" else (kind, "noise")
+                if t == first and kind in ("clean", "answer"):
+                    keys = (*keys, "first")  # a response that opens cleanly: its first token, as at test time
                 for phase in phases:
                     for key in keys:
                         slot = self.counts.setdefault(phase, {}).setdefault(key, [0, 0])
@@ -648,7 +651,7 @@ def summarise(records: list[dict]) -> list[dict]:
         row = {"method": method, "n_seeds": len(rs)}
         for key in ("accuracy", "answer_accuracy", "nll", "wall_s"):
             row[key], row[key + "_std"] = ms(key)
-        for kind in ("noise", "clean", "answer", "boilerplate", "wrong_fact", "corrupt"):
+        for kind in ("noise", "clean", "answer", "first", "boilerplate", "wrong_fact", "corrupt"):
             vals = [r["kept"]["all"].get(kind) for r in rs if r["kept"] and r["kept"]["all"].get(kind) is not None]
             row[f"kept_{kind}"] = statistics.fmean(vals) if vals else None
             first = [r["kept"].get("first_quarter", {}).get(kind) for r in rs if r["kept"]]

@@ -28,7 +28,7 @@ def table(records: list[dict], compare: tuple[str, ...] = ("full_noisy", "random
     by = {}
     for r in records:
         by.setdefault(r["method"], {})[r["seed"]] = r
-    head = ["method", "n", "clean-answer NLL mean ± sd", "95% CI", "kept noise", "kept clean", "kept answer",
+    head = ["method", "n", "clean-answer NLL mean ± sd", "95% CI", "kept noise", "kept clean", "kept answer", "kept first",
             "kept boilerplate / wrong / corrupt"] + [f"Δ vs {c} [95% CI]" for c in compare if c in by]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, seeds in by.items():
@@ -41,7 +41,7 @@ def table(records: list[dict], compare: tuple[str, ...] = ("full_noisy", "random
             return f"{statistics.fmean(vals):.2f}" if vals else "-"
 
         row = [method, str(len(nll)), f"{mean:.3f} ± {sd:.3f}", f"[{lo:.3f}, {hi:.3f}]", k("noise"), k("clean"),
-               k("answer"), f"{k('boilerplate')} / {k('wrong_fact')} / {k('corrupt')}"]
+               k("answer"), k("first"), f"{k('boilerplate')} / {k('wrong_fact')} / {k('corrupt')}"]
         for other in compare:
             if other not in by:
                 continue

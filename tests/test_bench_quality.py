@@ -121,3 +121,4 @@ def test_answer_tokens_are_flagged_and_counted_as_clean():
     n_answer = sum(kind == "answer" for kind in flags[0])
     assert counts["answer"] == [n_answer, n_answer]
     assert counts["clean"] == [int(response.sum()), int(response.sum())] and "noise" not in counts
+    assert counts["first"] == [1, 1]  # the clean response's first token
