@@ -327,4 +327,4 @@ def test_research_summary_pairs_by_seed_with_a_t_interval():
                for m, vals in (("full_noisy", [2.0, 2.2, 2.1]), ("x", [1.9, 2.0, 2.0])) for s, v in enumerate(vals)]
     row = research_summary.table(records, ("full_noisy",)).splitlines()[-1]
     # paired differences -0.1, -0.2, -0.1: mean -0.133, 95% half-width 4.303·0.0577/√3 = 0.143 → no star
-    assert row.startswith("| x | 3 | 1.967") and row.endswith("- | - | -0.133 [-0.277, +0.010] |")
+    assert row.startswith("| x | 3 | 1.967") and row.endswith("| -0.133 [-0.277, +0.010] |")
