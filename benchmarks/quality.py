@@ -59,6 +59,12 @@ METHODS: dict[str, dict] = {
     "sstoken": {"selection_method": "sstoken", "base_cache": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base_cache": True, "attention_warmup": 0.3},
 }
+# The selector the selection research (issue 11, BENCHMARKS.md "Selection research") recommends, written into
+# every quality JSON with its one-line reason; None while no reference-free selector meets the issue's bar.
+RECOMMENDED: str | None = None
+RECOMMENDED_REASON = ("no reference-free selector met the issue-11 bar (clean-answer NLL <= 1.913 and better than "
+                      "random, rho1, tokencleaning, rel and attn beyond the seed spread); see BENCHMARKS.md, "
+                      "Selection research, round 2")
 # Experimental reference-free variants (issue 11): run on request (--methods x_...), not by default.
 RESEARCH_METHODS: dict[str, dict] = dict(selection_research.QUALITY_METHODS)
 ALL_METHODS: dict[str, dict] = {**METHODS, **RESEARCH_METHODS}
@@ -138,9 +144,78 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
                     if s < start + ne and e > start + ns:
                         token_flags[t] = kind
                         break
+                # a clean token of the correct answer: "answer" (counted as clean everywhere, and on its own)
+                span = ex.answer_span
+                if token_flags[t] is None and span is not None and s < start + span[1] and e > start + span[0] \
+                        and encoded.labels[t] != -100:
+                    token_flags[t] = "answer"
         rows.append({"input_ids": list(ids), "labels": list(encoded.labels)})
         flags.append(token_flags)
     return rows, flags
+
+
+def _write_cache(values: dict, rows, tokenizer, path, max_seq_length: int, model_name: str):
+    from sstoken.history import (CacheFingerprints, NLLCache, data_fingerprint, plan_shards,
+                                 tokenizer_fingerprint)
+
+    shard_keys = plan_shards(rows, 1024)
+    fingerprints = CacheFingerprints(model=model_name, tokenizer=tokenizer_fingerprint(tokenizer),
+                                     data=data_fingerprint(values), max_seq_length=int(max_seq_length))
+    cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
+    for index, keys in enumerate(shard_keys):
+        cache.write_shard(index, {key: values[key] for key in keys})
+    return NLLCache.open(path, fingerprints, role="reference cache")
+
+
+def build_noprompt_cache(model, tokenizer, rows, path, max_seq_length: int, device: str, batch_size: int = 16):
+    """Per-token NLL of the response by ``model`` *without the system and user turns* (the row cut at its last
+    ``<|im_start|>`` before the response), stored at the response's positions of the full row (0 elsewhere).
+
+    With the base NLL of the full row it gives each response token's grounding in the prompt,
+    NLL(no prompt) − NLL(with prompt), for the ``x_grounded`` research selector (read as its reference NLL)."""
+    import torch
+
+    from sstoken import scoring
+    from sstoken.batch import pad_rows
+    from sstoken.history import sample_key
+
+    start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cuts, cut_rows = [], []
+    for row in rows:
+        labels = row["labels"]
+        first = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+        cut = max((t for t in range(first) if row["input_ids"][t] == start_id), default=max(first - 1, 0))
+        cuts.append(cut)
+        cut_rows.append({"input_ids": row["input_ids"][cut:], "labels": labels[cut:]})
+    values = {}
+    model = model.to(device).eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids, labels, mask = pad_rows(cut_rows[i:i + batch_size], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.cpu()
+            nll = scoring.token_nll(logits, labels)
+            for r, row in enumerate(rows[i:i + batch_size]):
+                full = torch.zeros(len(row["input_ids"]), dtype=torch.float32)
+                full[cuts[i + r]:] = nll[r, :len(cut_rows[i + r]["input_ids"])]
+                values[sample_key(row["input_ids"])] = full
+    return _write_cache(values, rows, tokenizer, path, max_seq_length, "base-without-prompt")
+
+
+def build_noise_cache(rows, flags, tokenizer, path, max_seq_length: int):
+    """The per-token noise record as an NLL cache (value = selection_research.NOISE_CODES of the token's kind).
+
+    Lets the oracle selectors of the selection research read the record through the trainer's reference-cache
+    lookup (by sample key, aligned to the predicted token, as KeepRecorder counts it)."""
+    import torch
+
+    from sstoken.history import sample_key
+
+    values = {}
+    for row, row_flags in zip(rows, flags):
+        codes = [selection_research.NOISE_CODES[kind or "clean"] for kind in row_flags]
+        values[sample_key(row["input_ids"])] = torch.tensor(codes, dtype=torch.float32)
+    return _write_cache(values, rows, tokenizer, path, max_seq_length, "noise-record")
 
 
 # ------------------------------------------------------------------------------------------------ recording
@@ -165,12 +240,16 @@ class KeepRecorder:
                 continue
             resp = response[b, :n].tolist()
             kept = keep[b, :n].tolist()
+            first = next((t for t in range(n) if resp[t]), None)
             for t in range(n):
                 if not resp[t]:
                     continue
                 kind = flags[t] or "clean"
+                keys = ("clean", "answer") if kind == "answer" else (kind,) if kind == "clean" else (kind, "noise")
+                if t == first and kind in ("clean", "answer"):
+                    keys = (*keys, "first")  # a response that opens cleanly: its first token, as at test time
                 for phase in phases:
-                    for key in (kind, "noise") if kind != "clean" else (kind,):
+                    for key in keys:
                         slot = self.counts.setdefault(phase, {}).setdefault(key, [0, 0])
                         slot[0] += int(kept[t])
                         slot[1] += 1
@@ -188,6 +267,74 @@ class KeepRecorder:
     def rates(self) -> dict:
         return {phase: {kind: (k / n if n else None) for kind, (k, n) in kinds.items()}
                 for phase, kinds in self.counts.items()}
+
+
+class SignalRecorder:
+    """Research (issue 11): every response token's reference-free signals with its noise kind and the training
+    progress, to measure how well each signal separates noise from clean (``signal_separation``)."""
+
+    def __init__(self, flags_by_key: dict[str, list]):
+        self.flags_by_key = flags_by_key
+        self.rows: dict[str, list] = {k: [] for k in ("kind", "late", *selection_research.PROBE_SIGNALS)}
+
+    def __call__(self, event) -> None:
+        import torch
+
+        from sstoken.history import sample_key
+
+        s = event.signals
+        input_ids = event.inputs["input_ids"].cpu()
+        valid = event.inputs["attention_mask"].bool().cpu()
+        response = s.response_mask.cpu()
+        base, current = s.history_nll.float().cpu(), s.current_nll.float().cpu()
+        share = s.context_share.float().cpu()
+        no_prompt = s.reference_nll.float().cpu()
+        for b in range(input_ids.shape[0]):
+            n = int(valid[b].sum())
+            flags = self.flags_by_key.get(sample_key(input_ids[b, :n]))
+            if flags is None:
+                continue
+            positions = [t for t in range(n) if response[b, t]]
+            if not positions:
+                continue
+            idx = torch.tensor(positions)
+            values = {"base_nll": base[b, idx], "current_nll": current[b, idx], "rel": base[b, idx] - current[b, idx],
+                      "context_share": share[b, idx], "grounding": no_prompt[b, idx] - base[b, idx]}
+            for name, v in list(values.items()):
+                # the per-sample view a top-ρ-per-sample selector sees: min-max within the sample
+                span = (v.max() - v.min()).clamp(min=1e-8)
+                values[name + "_in_sample"] = (v - v.min()) / span
+            for i, t in enumerate(positions):
+                self.rows["kind"].append("clean" if flags[t] in (None, "answer") else flags[t])
+                self.rows["late"].append(event.progress >= 0.5)
+                for name, v in values.items():
+                    self.rows[name].append(float(v[i]))
+
+    def separation(self) -> dict:
+        """Per signal, half of training and noise target: the ROC area of the better orientation, that
+        orientation, and the share of clean tokens dropped when 90% of that noise is dropped."""
+        import torch
+
+        kind = self.rows["kind"]
+        late = torch.tensor(self.rows["late"])
+        out = {}
+        targets = {"boilerplate+corrupt": ("boilerplate", "corrupt"), "boilerplate": ("boilerplate",),
+                   "corrupt": ("corrupt",), "wrong_fact": ("wrong_fact",)}
+        for half, sel in (("first_half", ~late), ("second_half", late)):
+            for signal in selection_research.PROBE_SIGNALS:
+                values = torch.tensor(self.rows[signal])
+                for target, kinds in targets.items():
+                    is_noise = torch.tensor([k in kinds for k in kind]) & sel
+                    is_clean = torch.tensor([k == "clean" for k in kind]) & sel
+                    if not is_noise.any() or not is_clean.any():
+                        continue
+                    area = selection_research.auc(values[is_noise], values[is_clean])
+                    sign = 1.0 if area >= 0.5 else -1.0
+                    out.setdefault(half, {}).setdefault(signal, {})[target] = {
+                        "auc": max(area, 1 - area), "noise_is": "high" if sign > 0 else "low",
+                        "clean_dropped_at_90pct_noise_recall": selection_research.false_drop_at_recall(
+                            sign * values[is_noise], sign * values[is_clean], 0.9)}
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -262,14 +409,34 @@ def _lora(size: Size):
                       task_type="CAUSAL_LM")
 
 
-def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
-           recorder: KeepRecorder | None = None, **overrides):
-    from sstoken.data import to_hf_dataset
+def _trainer_class(history_source: str | None, tokenizer):
+    """SSTokenTrainer, or (research, issue 11) a subclass whose history NLL comes from another source."""
     from sstoken.trainer import SSTokenTrainer
 
-    trainer = SSTokenTrainer(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
+    if history_source is None:
+        return SSTokenTrainer
+    if history_source != "noprompt_current":
+        raise SystemExit(f"unknown history_source {history_source!r}")
+    source = selection_research.NoPromptCurrentHistory(tokenizer.convert_tokens_to_ids("<|im_start|>"),
+                                                       tokenizer.pad_token_id or 0)
+
+    class NoPromptHistoryTrainer(SSTokenTrainer):
+        def _signal_sources(self):
+            sources = super()._signal_sources()
+            sources.history = source
+            return sources
+
+    return NoPromptHistoryTrainer
+
+
+def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
+           recorder: KeepRecorder | None = None, history_source: str | None = None, signal_recorder=None,
+           **overrides):
+    from sstoken.data import to_hf_dataset
+
+    trainer = _trainer_class(history_source, tokenizer)(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
                              train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size),
-                             selection_listeners=[recorder] if recorder is not None else None)
+                             selection_listeners=[r for r in (recorder, signal_recorder) if r is not None] or None)
     trainer.train()
     return trainer
 
@@ -403,6 +570,16 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
         log(f"seed {seed}: reference ({n_ref} clean rows, {size.reference_steps} steps) + cache in "
             f"{shared_cost['reference_s']:.0f}s, clean test NLL {shared_cost['reference_test_nll']:.3f}")
 
+    noise_cache = None
+    if "noise_cache" in needs:
+        # the generator's noise record as a cache (oracles read it as their reference NLL)
+        noise_cache = str(work / f"noise_s{seed}")
+        build_noise_cache(noisy_rows, noisy_flags, tokenizer, noise_cache, size.max_seq_length)
+    noprompt_cache = None
+    if "noprompt_cache" in needs:
+        noprompt_cache = str(work / f"noprompt_s{seed}")
+        build_noprompt_cache(_trainable_copy(base), tokenizer, noisy_rows, noprompt_cache, size.max_seq_length, device)
+
     records = []
     for method in methods:
         spec = dict(ALL_METHODS[method])
@@ -412,11 +589,16 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
             overrides["history_cache"] = base_cache
         if spec.pop("reference", False):
             overrides["reference_cache"] = reference_cache
+        if spec.pop("noise_cache", False):
+            overrides["reference_cache"] = noise_cache
+        if spec.pop("noprompt_cache", False):
+            overrides["reference_cache"] = noprompt_cache
         overrides.update(spec)
         recorder = None if clean else KeepRecorder(flags_by_key)
+        signal_recorder = SignalRecorder(flags_by_key) if overrides.pop("record_signals", False) else None
         started = time.time()
         trainer = _train(base, tokenizer, clean_rows if clean else noisy_rows, size, str(work / f"{method}_s{seed}"),
-                         seed, device, recorder, **overrides)
+                         seed, device, recorder, signal_recorder=signal_recorder, **overrides)
         train_s = time.time() - started
         model = trainer.model
         nll = _eval_nll(model, test_rows, pad_id, device)
@@ -441,6 +623,8 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
                         for ex, g in list(zip(test_examples, generations))[:3]],
             "shared_cost": shared_cost,
         }
+        if signal_recorder is not None:
+            record["signal_separation"] = signal_recorder.separation()
         records.append(record)
         kept = record["kept"]["all"] if record["kept"] else {}
         log(f"seed {seed} {method:15s} EM {record['accuracy']:.3f} ans {record['answer_accuracy']:.3f} "
@@ -467,7 +651,7 @@ def summarise(records: list[dict]) -> list[dict]:
         row = {"method": method, "n_seeds": len(rs)}
         for key in ("accuracy", "answer_accuracy", "nll", "wall_s"):
             row[key], row[key + "_std"] = ms(key)
-        for kind in ("noise", "clean", "boilerplate", "wrong_fact", "corrupt"):
+        for kind in ("noise", "clean", "answer", "first", "boilerplate", "wrong_fact", "corrupt"):
             vals = [r["kept"]["all"].get(kind) for r in rs if r["kept"] and r["kept"]["all"].get(kind) is not None]
             row[f"kept_{kind}"] = statistics.fmean(vals) if vals else None
             first = [r["kept"].get("first_quarter", {}).get(kind) for r in rs if r["kept"]]
@@ -580,6 +764,8 @@ def _write(out: Path, args, device: str, size: Size, model_name: str, base_info:
     size_dict = asdict(size)
     payload = {
         "schema_version": SCHEMA_VERSION,
+        "recommended": RECOMMENDED,
+        "recommended_reason": RECOMMENDED_REASON,
         "command": "python benchmarks/quality.py" + (" --tiny" if args.tiny else f" --model {args.model}") +
                    ("" if device == "cpu" else f" --device {device}") +
                    " --seeds " + " ".join(map(str, args.seeds)),

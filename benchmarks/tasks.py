@@ -55,6 +55,8 @@ class Example:
     answer: str
     clean_response: str
     noise_spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) in response
+    # (start, end) of the correct answer in the response; None when a wrong fact replaced it
+    answer_span: tuple[int, int] | None = None
 
     def messages(self, response: str | None = None) -> list[dict[str, str]]:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.prompt},
@@ -137,8 +139,9 @@ def _random_word(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
 
 
-def _build_response(spec: dict, rng: random.Random, levels: NoiseLevels | None) -> tuple[str, list]:
-    """The response text and its noise spans; ``levels=None`` gives the clean response."""
+def _build_response(spec: dict, rng: random.Random, levels: NoiseLevels | None) -> tuple[str, list, tuple | None]:
+    """The response text, its noise spans and the span of the correct answer (None if a wrong fact replaced
+    it); ``levels=None`` gives the clean response."""
     pieces: list[tuple[str, str | None]] = []  # (text, noise kind or None)
     noisy = levels is not None
     if noisy and rng.random() < levels.boilerplate:
@@ -152,6 +155,7 @@ def _build_response(spec: dict, rng: random.Random, levels: NoiseLevels | None) 
     # (a corrupted answer would be a wrong fact; that kind has its own rate)
     for chunk, is_answer in ((before, False), (spec["wrong"] if wrong else spec["answer"], True), (after, False)):
         if is_answer:
+            answer_index = len(pieces)
             pieces.append((chunk, "wrong_fact" if wrong else None))
             continue
         for token in re.split(r"(\s+)", chunk):
@@ -164,12 +168,14 @@ def _build_response(spec: dict, rng: random.Random, levels: NoiseLevels | None) 
                     pieces.append((trail, None))
             else:
                 pieces.append((token, None))
-    text, spans = "", []
-    for chunk, kind in pieces:
+    text, spans, answer_span = "", [], None
+    for index, (chunk, kind) in enumerate(pieces):
         if kind is not None:
             spans.append((len(text), len(text) + len(chunk), kind))
+        elif index == answer_index:
+            answer_span = (len(text), len(text) + len(chunk))
         text += chunk
-    return text, spans
+    return text, spans, answer_span
 
 
 def generate(task: str, n: int, seed: int, levels: NoiseLevels | None = None) -> list[Example]:
@@ -179,9 +185,11 @@ def generate(task: str, n: int, seed: int, levels: NoiseLevels | None = None) ->
     out = []
     for _ in range(n):
         example, spec = TASKS[task](rng)
-        clean, _ = _build_response(spec, noise_rng, None)
-        response, spans = _build_response(spec, noise_rng, levels) if levels is not None else (clean, [])
+        clean, _, clean_answer = _build_response(spec, noise_rng, None)
+        response, spans, answer_span = (_build_response(spec, noise_rng, levels) if levels is not None
+                                        else (clean, [], clean_answer))
         example.response, example.clean_response, example.noise_spans = response, clean, spans
+        example.answer_span = answer_span
         out.append(example)
     return out
 

@@ -78,3 +78,47 @@ def test_tiny_run_writes_one_record_per_method_and_seed(tmp_path):
     assert kept["full_noisy"]["noise"] == 1.0  # full SFT keeps everything
     assert 0.0 < kept["random"]["noise"] < 1.0
     assert {row["method"] for row in data["summary"]} == set(METHODS)
+
+
+def test_quality_json_says_which_selector_is_recommended(tmp_path):
+    import argparse
+    import time
+
+    import quality
+
+    out = tmp_path / "q.json"
+    args = argparse.Namespace(tiny=True, seeds=[0], model="small")
+    quality._write(out, args, "cpu", quality.SIZES["tiny"], "tiny", {}, [], time.time(), partial=False)
+    data = json.loads(out.read_text())
+    # No reference-free selector met the issue-11 bar (BENCHMARKS.md, "Selection research", round 2).
+    assert "recommended" in data and data["recommended"] is None
+    assert isinstance(data["recommended_reason"], str) and len(data["recommended_reason"]) > 20
+
+
+def test_answer_tokens_are_flagged_and_counted_as_clean():
+    from quality import KeepRecorder
+
+    from sstoken.history import sample_key
+    from sstoken.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    examples = generate("rc", 8, seed=1, levels=NoiseLevels(boilerplate=0.0, wrong_fact=0.0, corrupt=0.0))
+    rows, flags = encode_examples(examples, tok, 512)
+    for row, f, ex in zip(rows, flags, examples):
+        assert ex.response[ex.answer_span[0]:ex.answer_span[1]] == ex.answer
+        answer = [t for t, kind in enumerate(f) if kind == "answer"]
+        assert answer and ex.answer in tok.decode([row["input_ids"][t] for t in answer])
+    wrong = generate("rc", 4, seed=1, levels=NoiseLevels(boilerplate=0.0, wrong_fact=1.0, corrupt=0.0))
+    assert all(ex.answer_span is None for ex in wrong)
+
+    import torch
+
+    recorder = KeepRecorder({sample_key(rows[0]["input_ids"]): flags[0]})
+    ids = torch.tensor([rows[0]["input_ids"]])
+    response = torch.tensor([[label != -100 for label in rows[0]["labels"]]])
+    recorder.add(ids, torch.ones_like(response), response, response.clone(), 0.0)
+    counts = recorder.counts["all"]
+    n_answer = sum(kind == "answer" for kind in flags[0])
+    assert counts["answer"] == [n_answer, n_answer]
+    assert counts["clean"] == [int(response.sum()), int(response.sum())] and "noise" not in counts
+    assert counts["first"] == [1, 1]  # the clean response's first token

@@ -39,7 +39,8 @@ from sstoken.evaluation import DEFAULT_TASKS, default_home, paired_bootstrap  # 
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental (issue 11): run on request, listed after the rest
-NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning", *(m for m in RESEARCH_METHODS if m != "x_smallloss")}
+NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning",
+                 *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}
 
 

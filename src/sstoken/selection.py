@@ -87,8 +87,11 @@ class Selector:
         """Called once by the trainer before training, with the (encoded) training set and the caches."""
 
     def expected_kept(self, response_mask: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                      signals_before_forward: Signals | None = None) -> int:
-        """Tokens the selector will keep in this batch, known before the forward pass."""
+                      signals_before_forward: Signals | None = None) -> int | None:
+        """Tokens the selector will keep in this batch, known before the forward pass.
+
+        ``None`` means the count depends on the forward's signals (a data-dependent budget): the trainer then
+        divides the loss by the micro-batch's kept count, and refuses gradient accumulation or several ranks."""
         return int(scoring.keep_counts(response_mask, self.rho, segment_ids).sum().item())
 
     def select(self, signals: Signals, progress: float = 0.0) -> torch.Tensor:

@@ -408,7 +408,16 @@ class SSTokenTrainer(SFTTrainer):
                                  history_nll=self.history_cache.lookup(*lookup).cpu(),
                                  reference_nll=self.reference_cache.lookup(*lookup).cpu())
                 response = response.cpu()
-            total += self.selector.expected_kept(response, layout.segment_ids, before)
+            kept = self.selector.expected_kept(response, layout.segment_ids, before)
+            if kept is None:
+                # A data-dependent budget (research selectors): the count is known only after the forward, so
+                # compute_loss divides by the micro-batch's own kept count, which is the step's count only with
+                # one micro-batch per step on one rank.
+                if len(batch_samples) > 1 or self.args.world_size > 1:
+                    raise ConfigError(f"selection_method {self.selector.name!r} knows its kept count only after the "
+                                      "forward: use gradient_accumulation_steps 1 on a single process")
+                return None
+            total += kept
         count = torch.tensor(total, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
