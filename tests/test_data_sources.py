@@ -558,3 +558,24 @@ def test_cli_encodes_on_the_main_process_first(tok, tmp_path, monkeypatch):
     events.clear()
     cli._load_rows(run["data"], tok, MAX_LEN, config)
     assert events == ["enter", "load", "exit"]
+
+
+def test_a_parquet_file_edited_with_its_mtime_restored_is_read_again(tok, tmp_path):
+    import os
+
+    path = tmp_path / "p.parquet"
+    table([pc(1, "aaa")]).to_parquet(path)
+    first, _ = load_data(str(path), tok, MAX_LEN)
+    stat = path.stat()
+    table([pc(2, "bbb")]).to_parquet(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second, _ = load_data(str(path), tok, MAX_LEN)
+    expected, _ = load_data(write_jsonl(tmp_path / "fresh.jsonl", [pc(2, "bbb")]), tok, MAX_LEN)
+    assert ids_of(second) == ids_of(expected) != ids_of(first)
+
+
+def test_a_zst_file_without_zstandard_is_one_config_error(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_has_module", lambda name: False)
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(ConfigError, match=r"a.jsonl.zst: reading .zst files needs the zstandard package"):
+        load_data(str(tmp_path / "a.jsonl.zst"), tok, MAX_LEN)

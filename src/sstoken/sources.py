@@ -4,7 +4,8 @@
 *data spec*, one of:
 
 * text: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``; any other extension
-  is read as JSONL), a folder of such files or one written by ``Dataset.save_to_disk``, or a Hugging Face Hub
+  is read as JSONL; the text formats also compressed, ``.jsonl.gz``, ``.bz2``, ``.xz``, ``.zst``, read by
+  ``datasets``), a folder of such files or one written by ``Dataset.save_to_disk``, or a Hugging Face Hub
   dataset id (anything that is not a local path);
 * a mapping with ``path`` and optionally ``config``, ``split``, ``data_files``, ``data_dir`` and ``columns``: the
   fields of TRL's ``DatasetConfig``, with ``config`` for its ``name`` and ``columns`` either a rename mapping
@@ -16,7 +17,7 @@
 
 JSONL files are read by :func:`sstoken.data.read_jsonl` (errors name ``path:line``); everything else by
 ``datasets`` (errors name ``path, row i``, 0-based as in ``dataset[i]``). Rows are encoded by ``Dataset.map``
-into a cache file whose name hashes the source, the tokenizer (its full definition and chat template),
+into a cache file whose name hashes the source (a JSONL file's bytes), the tokenizer (its full definition and chat template),
 ``max_seq_length`` and sstoken's encoding code, so that a second run on the same data reuses the encoding and
 any change to one of those encodes again.
 """
@@ -176,7 +177,7 @@ def _is_builder_source(spec: SourceSpec) -> bool:
 def _looks_local(path: str) -> bool:
     """Whether ``path`` was meant as a local file or folder (a Hub id is ``name`` or ``org/name``)."""
     return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
-            or Path(path).suffix.lower() in _BUILDER_OF_SUFFIX)
+            or _data_suffix(Path(path))[0] in _BUILDER_OF_SUFFIX)
 
 
 def check_data_spec(value: Any, what: str = "data", label: str | None = None) -> list[SourceSpec]:
@@ -344,8 +345,11 @@ def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) ->
     import datasets
 
     options = {"sep": "\t"} if suffix == ".tsv" else {}
+    # datasets keys its cache of a local file on the modification time only: the content hash as the config name
+    # makes an edit that keeps it (cp -p, rsync -t) load (and encode) again.
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        dataset = datasets.load_dataset(builder, name=f"sstoken-{_content_hash(path)[:32]}", data_files=str(path),
+                                        split="train", **options)
     except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
         raise DataError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
     return _dataset_part(str(path), dataset, columns)
