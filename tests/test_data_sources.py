@@ -438,3 +438,178 @@ def test_cache_then_train_on_a_parquet_and_jsonl_mixture(tmp_path, tiny_model_di
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["rows_used"] == 18 and summary["steps"] == 2  # 2:1 -> 12 + 6 rows
     assert summary["data"][0]["path"] == str(tmp_path / "a.parquet")
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_jsonl_cache_key_is_the_content_not_size_and_mtime(tok, tmp_path):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [pc(1, "aaa")])
+    first, _ = load_data(str(path), tok, MAX_LEN)
+    stat = path.stat()
+    write_jsonl(path, [pc(2, "bbb")])  # the same size, other bytes
+    assert path.stat().st_size == stat.st_size
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p / rsync -t leave it
+    second, _ = load_data(str(path), tok, MAX_LEN)
+    expected, _ = load_data(write_jsonl(tmp_path / "fresh.jsonl", [pc(2, "bbb")]), tok, MAX_LEN)
+    assert ids_of(second) == ids_of(expected) != ids_of(first)
+
+
+def test_a_saved_single_dataset_refuses_other_splits_and_files(tok, tmp_path):
+    table([pc(i) for i in range(3)]).save_to_disk(tmp_path / "saved")
+    saved = str(tmp_path / "saved")
+    assert len(load_data({"path": saved, "split": "train"}, tok, MAX_LEN)[0]) == 3
+    with pytest.raises(ConfigError, match="is one saved Dataset, which is the train split"):
+        load_data({"path": saved, "split": "test"}, tok, MAX_LEN)
+    for key, value in (("data_files", "x.jsonl"), ("data_dir", "sub"), ("config", "en")):
+        with pytest.raises(ConfigError, match=f"is a saved dataset .*; {key} does not apply"):
+            load_data({"path": saved, key: value}, tok, MAX_LEN)
+    datasets.DatasetDict({"train": table([pc(0)]), "dev": table([pc(1)])}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(ConfigError, match="no split 'test'; it has train, dev"):
+        load_data({"path": str(tmp_path / "dd"), "split": "test"}, tok, MAX_LEN)
+
+
+def _gzip(path: Path, rows: list[dict]) -> str:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_compressed_files_are_read_directly_and_in_folders(tok, tmp_path, caplog):
+    folder = tmp_path / "shards"
+    write_jsonl(folder / "train-0.jsonl", [pc(i) for i in range(2)])
+    _gzip(folder / "train-1.jsonl.gz", [pc(i) for i in range(2, 5)])
+    (folder / "train-notes.txt").write_text("not data")
+    expected, _ = load_data(write_jsonl(tmp_path / "all.jsonl", [pc(i) for i in range(5)]), tok, MAX_LEN)
+    with caplog.at_level(logging.WARNING, logger="sstoken"):
+        encoded, stats = load_data(str(folder), tok, MAX_LEN)
+    assert stats.rows_read == 5 and ids_of(encoded) == ids_of(expected)
+    assert "train-notes.txt" in caplog.text and "train-1.jsonl.gz" not in caplog.text
+    direct, _ = load_data(str(folder / "train-1.jsonl.gz"), tok, MAX_LEN)
+    assert ids_of(direct) == ids_of(expected)[2:]
+    table([pc(0)]).to_parquet(tmp_path / "p.parquet")
+    import gzip
+
+    (tmp_path / "p.parquet.gz").write_bytes(gzip.compress((tmp_path / "p.parquet").read_bytes()))
+    with pytest.raises(ConfigError, match="compressed parquet file cannot be read; decompress it"):
+        load_data(str(tmp_path / "p.parquet.gz"), tok, MAX_LEN)
+
+
+def test_builder_data_file_globs_are_relative_to_the_recipe(tok, tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    write_jsonl(folder / "data" / "a.jsonl", [pc(0)])
+    write_jsonl(folder / "data" / "b.jsonl", [pc(1)])
+    recipe = write_tiny_recipe(folder / "r.yaml", data={"path": "json", "data_files": "data/*.jsonl"},
+                               eval_data={"path": "json", "data_files": {"train": ["data/a.jsonl", "hf://x/y.jsonl"]}})
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_recipe(recipe)
+    assert loaded["data"]["data_files"] == str(folder / "data" / "*.jsonl")
+    assert loaded["eval_data"]["data_files"] == {"train": [str(folder / "data" / "a.jsonl"), "hf://x/y.jsonl"]}
+    assert len(load_data(loaded["data"], tok, MAX_LEN)[0]) == 2
+
+
+def test_an_iterable_dataset_is_encoded_lazily(tok):
+    raw = datasets.Dataset.from_list([chat(i) for i in range(3)])
+    expected, _ = sources.encode_dataset(raw, tok, MAX_LEN)
+    encoded, stats = sources.encode_dataset(raw.to_iterable_dataset(), tok, MAX_LEN)
+    assert isinstance(encoded, datasets.IterableDataset) and stats.rows_read == 0
+    assert [list(r["input_ids"]) for r in encoded] == ids_of(expected)
+    assert [list(r["labels"]) for r in encoded] == [list(x) for x in expected["labels"]]
+    # rows without a trained token are filtered as they stream; a bad row fails with its index
+    short, _ = sources.encode_dataset(raw.to_iterable_dataset(), tok, 2)
+    assert list(short) == []
+    bad = datasets.Dataset.from_list([pc(0), {"prompt": "q", "completion": ""}]).to_iterable_dataset()
+    with pytest.raises(DataError, match=r"^dataset, row 1: "):
+        list(sources.encode_dataset(bad, tok, MAX_LEN, label="dataset")[0])
+
+
+def test_sstoken_trainer_trains_on_an_iterable_dataset(tmp_path):
+    from sstoken.testing import tiny_lora, tiny_model, tiny_training_args
+    from sstoken.trainer import SSTokenTrainer
+
+    raw = datasets.Dataset.from_list([chat(i) for i in range(8)]).to_iterable_dataset()
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=tiny_training_args(
+        tmp_path / "out", max_steps=2, per_device_train_batch_size=2, activation_checkpointing=False),
+        train_dataset=raw, processing_class=tiny_tokenizer(), peft_config=tiny_lora())
+    assert -100 in next(iter(trainer.train_dataset))["labels"]
+    assert trainer.train().global_step == 2
+
+
+def test_jsonl_columns_must_name_a_column_of_some_row(tok, tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}, {"question": "r?", "answer": "b"}])
+    with pytest.raises(ConfigError, match=r"qa.jsonl: columns: 'questoin' is not a column \(did you mean "
+                                          r"'question'\?\); it has question, answer"):
+        load_data({"path": path, "columns": {"questoin": "prompt", "answer": "completion"}}, tok, MAX_LEN)
+    with pytest.raises(ConfigError, match="'output' is not a column"):
+        load_data({"path": path, "columns": ["question", "output"]}, tok, MAX_LEN)
+    assert len(load_data({"path": path, "columns": {"question": "prompt", "answer": "completion"}}, tok, MAX_LEN)[0]) == 2
+
+
+def test_inspect_reads_a_mixture_in_the_order_train_does(tok, tmp_path, monkeypatch):
+    from sstoken.report import _load_for_inspect
+
+    a = write_jsonl(tmp_path / "a.jsonl", [pc(i, "alpha") for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [pc(i, "beta") for i in range(6)])
+    monkeypatch.setattr(sstoken.models, "load_tokenizer", lambda *a, **k: tok)
+    monkeypatch.setattr(sstoken.models, "load_model", lambda *a, **k: "model")
+    spec = f"[{{path: {a}, fraction: 1}}, {{path: {b}, fraction: 1}}]"
+    ns = SimpleNamespace(data=spec, samples=4, rho=0.6, gamma=0.5, adapter=None, model=None, dtype=None,
+                         max_seq_length=MAX_LEN, data_seed=7)
+    _, _, rows = _load_for_inspect(ns)
+    train, _ = load_data([{"path": a, "fraction": 1}, {"path": b, "fraction": 1}], tok, MAX_LEN, seed=7)
+    assert [r["input_ids"] for r in rows] == ids_of(train)[:4]
+
+
+def test_cli_encodes_on_the_main_process_first(tok, tmp_path, monkeypatch):
+    import contextlib
+
+    from sstoken import cli
+    from sstoken.recipe import build_config
+
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", data=write_jsonl(tmp_path / "d.jsonl", [pc(0)]),
+                               output_dir=str(tmp_path / "o"))
+    run, config = split_recipe(load_recipe(recipe))
+    config = build_config(config)
+    events = []
+
+    @contextlib.contextmanager
+    def recording(self, local=True, desc="work"):
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    real_load = sources.load_data
+    monkeypatch.setattr(sources, "load_data", lambda *a, **k: events.append("load") or real_load(*a, **k))
+    rows, _ = cli._load_rows(run["data"], tok, MAX_LEN, config)  # one process: the real one is a no-op
+    assert len(rows) == 1 and events == ["load"]
+    monkeypatch.setattr(type(config), "main_process_first", recording)
+    events.clear()
+    cli._load_rows(run["data"], tok, MAX_LEN, config)
+    assert events == ["enter", "load", "exit"]
+
+
+def test_a_parquet_file_edited_with_its_mtime_restored_is_read_again(tok, tmp_path):
+    import os
+
+    path = tmp_path / "p.parquet"
+    table([pc(1, "aaa")]).to_parquet(path)
+    first, _ = load_data(str(path), tok, MAX_LEN)
+    stat = path.stat()
+    table([pc(2, "bbb")]).to_parquet(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second, _ = load_data(str(path), tok, MAX_LEN)
+    expected, _ = load_data(write_jsonl(tmp_path / "fresh.jsonl", [pc(2, "bbb")]), tok, MAX_LEN)
+    assert ids_of(second) == ids_of(expected) != ids_of(first)
+
+
+def test_a_zst_file_without_zstandard_is_one_config_error(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_has_module", lambda name: False)
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(ConfigError, match=r"a.jsonl.zst: reading .zst files needs the zstandard package"):
+        load_data(str(tmp_path / "a.jsonl.zst"), tok, MAX_LEN)

@@ -76,12 +76,25 @@ def _is_checkpoint_name(name: str) -> bool:
 
 def _load_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data"):
     """The encoded rows of a data spec (a ``datasets.Dataset``) and their LoadStats; a mixture is shuffled with
-    the run's data_seed (else seed), so that train and cache see the same rows."""
+    the run's data_seed (else seed), so that train and cache see the same rows. Under torchrun the main process
+    of each node encodes first and the others then read its cache file (``TrainingArguments.main_process_first``,
+    a no-op in a single process)."""
+    seed = config.data_seed if config.data_seed is not None else config.seed
+    with config.main_process_first(desc=f"sstoken: encoding {what}"):
+        return load_rows(spec, tokenizer, max_seq_length, what=what, seed=seed, num_proc=config.dataset_num_proc)
+
+
+DEFAULT_DATA_SEED = 42
+"""The seed of a mixture's shuffle when no recipe gives one: TrainingArguments' default ``seed``."""
+
+
+def load_rows(spec, tokenizer, max_seq_length: int, *, what: str = "data", seed: int = DEFAULT_DATA_SEED,
+              num_proc: int | None = None):
+    """The one loader of every command (train, cache, compare, inspect, eval --held-out): the encoded rows of a
+    data spec and their LoadStats, logged."""
     from sstoken.sources import load_data
 
-    seed = config.data_seed if config.data_seed is not None else config.seed
-    rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed,
-                            num_proc=config.dataset_num_proc)
+    rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed, num_proc=num_proc)
     logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated; "
                 "formats: %s", what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read,
                 stats.used, stats.skipped_no_trainable_token, stats.truncated,

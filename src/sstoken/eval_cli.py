@@ -77,10 +77,11 @@ def cmd_eval(ns, rest) -> int:
     model, tokenizer = load_for_eval(target, ns.dtype)
     held_out = None
     if ns.held_out:
-        from sstoken.data import load_training_rows
+        from sstoken.cli import load_rows
         from sstoken.evaluation import held_out_nll
 
-        rows, _ = load_training_rows(ns.held_out, tokenizer, ns.max_seq_length)
+        rows, _ = load_rows(ns.held_out, tokenizer, ns.max_seq_length, what="--held-out")
+        rows = rows.to_list()
         per_row = held_out_nll(model, rows, batch_size=ns.batch_size)
         held_out = sum(per_row) / len(per_row)
     results = run_lm_eval(model, tokenizer, tasks_dir, tasks, limit=ns.limit, batch_size=ns.batch_size)

@@ -214,12 +214,15 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
 
 
 def _load_for_inspect(ns):
-    from sstoken.data import load_training_rows
+    from sstoken.cli import load_rows
     from sstoken.models import load_model, load_tokenizer
     from sstoken.selection import check_gamma, check_rho
 
     from sstoken.sources import check_data_spec
 
+    from sstoken.recipe import data_flag
+
+    ns.data = data_flag(ns.data)  # a path, or YAML such as '[{path: a.jsonl, fraction: 1}, ...]' like data:
     check_data_spec(ns.data, "--data", "data")
     if ns.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {ns.samples}")
@@ -228,13 +231,15 @@ def _load_for_inspect(ns):
     if ns.adapter and not Path(ns.adapter).is_dir():
         raise ConfigError(f"adapter {ns.adapter} is not a directory (expected a saved PEFT adapter)")
     tokenizer = load_tokenizer(ns.model)
-    rows, _ = load_training_rows(ns.data, tokenizer, ns.max_seq_length)
+    # The same loader as train / cache: a mixture is shuffled with the recipe's data_seed (else seed).
+    rows, _ = load_rows(ns.data, tokenizer, ns.max_seq_length, what="--data", seed=ns.data_seed)
+    rows = rows.select(range(min(ns.samples, len(rows)))).to_list()
     model = load_model(ns.model, ns.dtype)
     if ns.adapter:
         from sstoken.models import load_adapter
 
         model = load_adapter(model, ns.adapter)
-    return model, tokenizer, rows[:ns.samples]
+    return model, tokenizer, rows
 
 
 def cmd_inspect(ns, rest=None) -> int:
@@ -242,7 +247,8 @@ def cmd_inspect(ns, rest=None) -> int:
     from sstoken.models import EMBEDDED_MODEL
 
     model, tokenizer, rows = _load_for_inspect(ns)
-    data = "demo.jsonl (bundled demo data)" if Path(ns.data) == Path(demo_data_path()) else ns.data
+    data = ("demo.jsonl (bundled demo data)" if isinstance(ns.data, str) and Path(ns.data) == Path(demo_data_path())
+            else ns.data)
     settings = {"model": ns.model or f"{EMBEDDED_MODEL} (embedded)", "adapter": ns.adapter, "data": data,
                 "max_seq_length": ns.max_seq_length}
     result = inspect_samples(model, tokenizer, rows, method=ns.method, rho=ns.rho, gamma=ns.gamma,
@@ -440,6 +446,8 @@ def register_cli(subparsers) -> None:
     inspect.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default 4)")
     inspect.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: auto)")
     inspect.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    inspect.add_argument("--data-seed", type=int, default=42,
+                         help="shuffle seed of a mixture: the recipe's data_seed, else its seed (default 42, as train)")
     inspect.set_defaults(handler=cmd_inspect)
 
     report = subparsers.add_parser(

@@ -4,7 +4,8 @@
 *data spec*, one of:
 
 * text: a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``; any other extension
-  is read as JSONL), a folder of such files or one written by ``Dataset.save_to_disk``, or a Hugging Face Hub
+  is read as JSONL; the text formats also compressed, ``.jsonl.gz``, ``.bz2``, ``.xz``, ``.zst``, read by
+  ``datasets``), a folder of such files or one written by ``Dataset.save_to_disk``, or a Hugging Face Hub
   dataset id (anything that is not a local path);
 * a mapping with ``path`` and optionally ``config``, ``split``, ``data_files``, ``data_dir`` and ``columns``: the
   fields of TRL's ``DatasetConfig``, with ``config`` for its ``name`` and ``columns`` either a rename mapping
@@ -16,7 +17,7 @@
 
 JSONL files are read by :func:`sstoken.data.read_jsonl` (errors name ``path:line``); everything else by
 ``datasets`` (errors name ``path, row i``, 0-based as in ``dataset[i]``). Rows are encoded by ``Dataset.map``
-into a cache file whose name hashes the source, the tokenizer (its full definition and chat template),
+into a cache file whose name hashes the source (a JSONL file's bytes), the tokenizer (its full definition and chat template),
 ``max_seq_length`` and sstoken's encoding code, so that a second run on the same data reuses the encoding and
 any change to one of those encodes again.
 """
@@ -40,7 +41,7 @@ from sstoken.data import (
     encode_row,
     read_jsonl,
 )
-from sstoken.errors import ConfigError, DataError, did_you_mean, shown
+from sstoken.errors import ConfigError, DataError, did_you_mean, escaped, shown
 
 __all__ = [
     "SOURCE_KEYS",
@@ -62,6 +63,9 @@ _KEY_ALIASES = {"name": "config", "subset": "config", "proportion": "fraction", 
 _BUILDER_OF_SUFFIX = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
                       ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 _JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+# Compressed text files (``train.jsonl.gz``) are read by datasets, which decompresses them (fsspec).
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+_COMPRESSIBLE_BUILDERS = ("json", "csv")  # Parquet and Arrow files compress inside; fsspec cannot seek in a .gz
 BUILDERS = ("json", "parquet", "csv", "arrow")
 """``path:`` values that name a ``datasets`` builder for the files in ``data_files`` (as in TRL recipes)."""
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes
@@ -173,7 +177,7 @@ def _is_builder_source(spec: SourceSpec) -> bool:
 def _looks_local(path: str) -> bool:
     """Whether ``path`` was meant as a local file or folder (a Hub id is ``name`` or ``org/name``)."""
     return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
-            or Path(path).suffix.lower() in _BUILDER_OF_SUFFIX)
+            or _data_suffix(Path(path))[0] in _BUILDER_OF_SUFFIX)
 
 
 def check_data_spec(value: Any, what: str = "data", label: str | None = None) -> list[SourceSpec]:
@@ -208,12 +212,12 @@ def resolve_relative_paths(value: Any, base: Path) -> Any:
         if out.get("path") in BUILDERS:
             files = out.get("data_files")
             if isinstance(files, str):
-                out["data_files"] = _relative(files, base)
+                out["data_files"] = _joined(files, base)
             elif isinstance(files, list):
-                out["data_files"] = [_relative(f, base) if isinstance(f, str) else f for f in files]
+                out["data_files"] = [_joined(f, base) if isinstance(f, str) else f for f in files]
             elif isinstance(files, Mapping):
-                out["data_files"] = {k: _relative(v, base) if isinstance(v, str) else
-                                     [_relative(f, base) if isinstance(f, str) else f for f in v]
+                out["data_files"] = {k: _joined(v, base) if isinstance(v, str) else
+                                     [_joined(f, base) if isinstance(f, str) else f for f in v]
                                      if isinstance(v, list) else v for k, v in files.items()}
         return out
     return value
@@ -224,6 +228,15 @@ def _relative(path: str, base: Path) -> str:
     if not Path(expanded).is_absolute() and (base / expanded).exists():
         return str(base / expanded)
     return expanded
+
+
+def _joined(pattern: str, base: Path) -> str:
+    """A builder source's data file or glob pattern made relative to ``base``: always (a glob such as
+    ``data/*.jsonl`` names no existing path), except a URL (``hf://...``, ``https://...``)."""
+    if "://" in pattern:
+        return pattern
+    expanded = str(Path(pattern).expanduser())
+    return expanded if Path(expanded).is_absolute() else str(base / expanded)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -284,32 +297,80 @@ def _resolve_files(base: Path, spec: SourceSpec, what: str) -> list[str]:
     if spec.split not in splits:
         raise ConfigError(f"{what} {spec.path}: no split {spec.split!r}{did_you_mean(spec.split, splits)}; it has "
                           f"{', '.join(sorted(splits))}")
-    files = [f for f in splits[spec.split] if Path(f).suffix.lower() in _BUILDER_OF_SUFFIX or spec.path in BUILDERS]
+    if spec.path in BUILDERS:
+        files = list(splits[spec.split])
+    else:
+        files = [f for f in splits[spec.split] if _data_suffix(Path(f))[0] in _BUILDER_OF_SUFFIX]
+        skipped = [f for f in splits[spec.split] if f not in files and not Path(f).name.lower().startswith("readme")]
+        if skipped:
+            logger.warning("%s %s: skipping %d file(s) of the %s split that are not data files (%s): %s", what,
+                           spec.path, len(skipped), spec.split, _DATA_SUFFIXES_TEXT,
+                           ", ".join(escaped(Path(f).name) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     if not files:
-        raise ConfigError(f"{what} {spec.path}: no data files ({', '.join(sorted(_BUILDER_OF_SUFFIX))}) in the "
-                          f"{spec.split} split")
+        raise ConfigError(f"{what} {spec.path}: no data files ({_DATA_SUFFIXES_TEXT}) in the {spec.split} split")
     return files  # in datasets' order: sorted for a pattern, as written for a list (a mixture takes the first rows)
 
 
+def _data_suffix(path: Path) -> tuple[str, str]:
+    """``(format suffix, compression suffix)`` of a file name: ``("jsonl", ".gz")`` for ``a.jsonl.gz``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), ""
+
+
+_DATA_SUFFIXES_TEXT = (", ".join(sorted(_BUILDER_OF_SUFFIX)) + "; text formats also as "
+                       + "/".join(_COMPRESSION_SUFFIXES))
+
+
 def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) -> _Part:
-    suffix = path.suffix.lower()
+    suffix, compression = _data_suffix(path)
     builder = builder or _BUILDER_OF_SUFFIX.get(suffix, "json")
+    if compression:
+        if builder not in _COMPRESSIBLE_BUILDERS:
+            raise ConfigError(f"{path}: a compressed {builder} file cannot be read; decompress it (Parquet and Arrow "
+                              f"compress inside the file)")
+        if compression == ".zst" and not _has_module("zstandard"):
+            raise ConfigError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard), "
+                              f"or decompress the file")
     # JSON Lines go through sstoken's strict reader (errors name path:line); a .json file holding one array
-    # is left to datasets, like every other format.
-    if builder == "json" and not (suffix == ".json" and _starts_with_array(path)):
+    # and a compressed file are left to datasets, like every other format.
+    if builder == "json" and not compression and not (suffix == ".json" and _starts_with_array(path)):
         rows = list(read_jsonl(path, max_line_bytes=max_line_bytes))
-        stat = path.stat()
+        keys = list(dict.fromkeys(key for _, row in rows for key in row))
+        if rows:
+            _check_columns(str(path), keys, columns)
         ignored = {key for _, row in rows for key in _renamed_keys(row, columns)} - KNOWN_KEYS
-        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", str(path.resolve()), stat.st_size,
-                                                              stat.st_mtime_ns]), ignored=ignored)
+        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", _content_hash(path)]), ignored=ignored)
     import datasets
 
     options = {"sep": "\t"} if suffix == ".tsv" else {}
+    # datasets keys its cache of a local file on the modification time only: the content hash as the config name
+    # makes an edit that keeps it (cp -p, rsync -t) load (and encode) again.
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        dataset = datasets.load_dataset(builder, name=f"sstoken-{_content_hash(path)[:32]}", data_files=str(path),
+                                        split="train", **options)
     except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
         raise DataError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
     return _dataset_part(str(path), dataset, columns)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _content_hash(path: Path) -> str:
+    """A hash of the file's bytes, read in 1 MiB blocks: an edit that keeps the size and the modification time
+    (``cp -p``, ``rsync -t``, a coarse-mtime filesystem) still changes it."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -325,11 +386,18 @@ def _saved_dataset_part(spec: SourceSpec, what: str) -> _Part:
         loaded = datasets.load_from_disk(spec.path)
     except Exception as exc:  # noqa: BLE001 - a damaged folder raises whatever pyarrow or json raise
         raise DataError(f"{spec.path}: cannot load the saved dataset: {_first_line(exc)}") from None
+    unused = [key for key in ("config", "data_files", "data_dir") if getattr(spec, key) is not None]
+    if unused:
+        raise ConfigError(f"{what}: {spec.path} is a saved dataset (Dataset.save_to_disk); {unused[0]} does not "
+                          f"apply to it")
     if isinstance(loaded, datasets.DatasetDict):
         if spec.split not in loaded:
             raise ConfigError(f"{what} {spec.path}: no split {spec.split!r}{did_you_mean(spec.split, list(loaded))}; "
                               f"it has {', '.join(loaded)}")
         return _dataset_part(f"{spec.path}[{spec.split}]", loaded[spec.split], spec.columns)
+    if spec.split != "train":
+        raise ConfigError(f"{what}: {spec.path} is one saved Dataset, which is the train split; for other splits "
+                          f"save a DatasetDict ({{'train': ..., {spec.split!r}: ...}}) or point at another folder")
     return _dataset_part(spec.path, loaded, spec.columns)
 
 
@@ -347,13 +415,18 @@ def _hub_part(spec: SourceSpec, what: str) -> _Part:
     return _dataset_part(f"{spec.path}[{spec.split}]", dataset, spec.columns)
 
 
-def _dataset_part(label: str, dataset, columns) -> _Part:
-    names = list(dataset.column_names)
+def _check_columns(label: str, names: list[str], columns) -> None:
+    """Every column that ``columns`` renames or keeps must be one of ``names`` (for JSONL: in some row)."""
     wanted = list(columns) if columns is not None else []
     missing = [c for c in wanted if c not in names]
     if missing:
         raise ConfigError(f"{label}: columns: {missing[0]!r} is not a column{did_you_mean(missing[0], names)}; it "
                           f"has {', '.join(names)}")
+
+
+def _dataset_part(label: str, dataset, columns) -> _Part:
+    names = list(dataset.column_names)
+    _check_columns(label, names, columns)
     ignored = set(_renamed_keys(dict.fromkeys(names), columns)) - KNOWN_KEYS
     return _Part(label, dataset=dataset.with_format(None), ignored=ignored)
 
@@ -570,9 +643,18 @@ def load_data(spec: Any, tokenizer: Any, max_seq_length: int, *, what: str = "da
 def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: str = "train_dataset",
                    num_proc: int | None = None) -> tuple[Any, LoadStats]:
     """Encode a raw ``datasets.Dataset`` (messages, prompt/completion, alpaca, ShareGPT or text columns) like
-    :func:`load_data` does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``."""
+    :func:`load_data` does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``.
+
+    A streaming ``datasets.IterableDataset`` is encoded lazily, as TRL's SFTTrainer does (``IterableDataset.map``,
+    no cache; rows without a trained token are filtered out as they stream): its :class:`LoadStats` are all zero,
+    since no row has been read yet. Training on it needs ``max_steps``, as for any iterable dataset.
+    """
     _check_tokenizer(tokenizer)
     _check_max_seq_length(max_seq_length)
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return _encode_iterable(dataset, tokenizer, max_seq_length, label), LoadStats()
     part = _dataset_part(label, dataset, None)
     if len(part) == 0:
         raise DataError(f"{label}: no rows")
@@ -581,3 +663,15 @@ def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: 
         logger.info("%s: ignored columns that no format uses: %s", label,
                     ", ".join(shown(c) for c in stats.ignored_columns))
     return rows, stats
+
+
+def _encode_iterable(dataset: Any, tokenizer: Any, max_seq_length: int, label: str):
+    """A streaming dataset encoded as it is iterated (errors name ``{label}, row i``, counted from its start)."""
+    names = dataset.column_names  # None where the stream's features are unknown until it is read
+    encoder = _RowEncoder(_Part(label, dataset=dataset), None, tokenizer, max_seq_length)
+    encoded = dataset.map(encoder, with_indices=True, remove_columns=names, features=_encoded_features())
+    return encoded.filter(_has_trained_token).select_columns(list(_ENCODED_COLUMNS))
+
+
+def _has_trained_token(row: Mapping[str, Any]) -> bool:
+    return row["trained"] > 0
