@@ -541,6 +541,31 @@ def test_sstoken_trainer_trains_on_an_iterable_dataset(tmp_path):
     assert trainer.train().global_step == 2
 
 
+def test_a_stream_with_unknown_features_is_encoded_by_sstoken_and_text_streams_are_judged(tmp_path):
+    """A generator stream has no column names until read: sstoken must still encode it (not hand it to TRL raw),
+    and a stream of plain text rows is refused for a selector that needs the context, as a Dataset is."""
+    from sstoken.testing import tiny_lora, tiny_model, tiny_training_args
+    from sstoken.trainer import SSTokenTrainer
+
+    def rows():
+        yield from (chat(i) for i in range(8))
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert stream.column_names is None
+    args = tiny_training_args(tmp_path / "out", max_steps=1, per_device_train_batch_size=2,
+                              activation_checkpointing=False)
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=args, train_dataset=stream,
+                             processing_class=tiny_tokenizer(), peft_config=tiny_lora())
+    assert -100 in next(iter(trainer.train_dataset))["labels"]
+
+    def text():
+        yield from ({"text": f"plain text number {i}."} for i in range(8))
+
+    with pytest.raises(ConfigError, match="the streamed rows are plain text"):
+        SSTokenTrainer(model=tiny_model("llama"), args=args, train_dataset=datasets.IterableDataset.from_generator(text),
+                       processing_class=tiny_tokenizer(), peft_config=tiny_lora())
+
+
 def test_jsonl_columns_must_name_a_column_of_some_row(tok, tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}, {"question": "r?", "answer": "b"}])
     with pytest.raises(ConfigError, match=r"qa.jsonl: columns: 'questoin' is not a column \(did you mean "

@@ -296,6 +296,8 @@ class SSTokenTrainer(SFTTrainer):
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"], stats = _encode_dataset(train_dataset, processing_class, sst_args, model,
                                                              "train_dataset")
+            if _is_stream(train_dataset):  # encoded lazily, so no row has been counted: judge it by its columns
+                stats.formats = {"text": 1} if _only_text(_columns_of(train_dataset)) else {}
             check_text_rows(stats, sst_args, "train_dataset")
         # An evaluation set is encoded exactly like the training set (assistant-only labels), so that its loss
         # is the response NLL; TRL alone would train on / score whole sequences for raw rows.
@@ -630,10 +632,31 @@ def _load_tokenizer(model_path: str, args):
     return load_tokenizer(model_path, args.trust_remote_code, revision=revision)
 
 
+_CONVERSATION_COLUMNS = ("messages", "prompt", "instruction", "conversations")
+
+
+def _is_stream(dataset) -> bool:
+    from datasets import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
+
+
+def _columns_of(dataset) -> list[str]:
+    """The dataset's column names; a stream whose features are unknown until read (JSON streamed from the Hub)
+    shows those of its first row, so that it is not handed to TRL raw."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and _is_stream(dataset):
+        columns = list(next(iter(dataset), None) or {})
+    return list(columns or [])
+
+
+def _only_text(columns: list[str]) -> bool:
+    return "text" in columns and not any(c in columns for c in _CONVERSATION_COLUMNS)
+
+
 def _needs_sstoken_encoding(dataset) -> bool:
-    columns = getattr(dataset, "column_names", None) or []
-    return "input_ids" not in columns and any(
-        c in columns for c in ("messages", "prompt", "instruction", "conversations", "text"))
+    columns = _columns_of(dataset)
+    return "input_ids" not in columns and any(c in columns for c in (*_CONVERSATION_COLUMNS, "text"))
 
 
 def check_text_rows(stats, args, what: str) -> None:
@@ -644,8 +667,9 @@ def check_text_rows(stats, args, what: str) -> None:
     count = stats.formats.get("text", 0)
     selector = _selector_of(args)
     if count and selector.needs_attention:
+        rows = f"{count} of {stats.used} rows are" if stats.used else "the streamed rows are"
         raise ConfigError(
-            f"{what}: {count} of {stats.used} rows are plain text ('text': every token is trained, none is context), "
+            f"{what}: {rows} plain text ('text': every token is trained, none is context), "
             f"so the attention share that selection_method {selector.name!r} ranks tokens by is 0 there; use "
             f"selection_method rel or rho1 for text, or give the data a prompt (prompt/completion or chat rows)")
 
