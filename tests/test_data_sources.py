@@ -31,6 +31,8 @@ def private_datasets_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    # Cache keys are content hashes, so another test's encoding of the same rows would be found in a shared folder.
+    monkeypatch.setattr(sources, "encoding_cache_dir", lambda: tmp_path / "hf-datasets" / "sstoken")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
@@ -344,6 +346,7 @@ def test_stats_count_skipped_truncated_and_tokens_of_the_used_rows(tok, tmp_path
 def test_a_failed_encoding_leaves_no_cache_behind(tok, tmp_path):
     path = tmp_path / "f.jsonl"
     write_jsonl(path, [chat(0), {"messages": "nope"}])
+    sources.encoding_cache_dir().mkdir(parents=True, exist_ok=True)
     before = set(sources.encoding_cache_dir().iterdir())
     with pytest.raises(DataError, match=r"f.jsonl:2: messages: must be a list"):
         load_data(str(path), tok, MAX_LEN)
