@@ -198,6 +198,10 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
     trainer.create_optimizer()
     # Trainer.train() sets this before each step (SSTokenTrainer's loss ignores it); the loop here does not.
     trainer.current_gradient_accumulation_steps = 1
+    if spec.get("log_every_step") and variant != BASELINE:
+        # Stock TRL computes entropy and token accuracy on every step; sstoken only on steps that log. Logging every
+        # step makes every timed step pay for them, as TRL's does.
+        trainer.state.logging_steps = 1
     return trainer
 
 
@@ -374,6 +378,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             "workdir": str(workdir),
             "activation_checkpointing": opts.activation_checkpointing,
             "random_init": opts.random_init,
+            "log_every_step": opts.log_every_step,
             "cache_dir": str(workdir / f"cache-{seq_len}"),
         }
         if "sstoken-cached" in opts.variants:
@@ -577,6 +582,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default 1 on CPU: on a shared machine several threads "
                              "spin-wait for each other and make both wall and CPU time erratic; all cores on GPU)")
+    parser.add_argument("--log-every-step", action="store_true",
+                        help="sstoken variants compute TRL's entropy / token accuracy on every timed step, as stock "
+                             "TRL does (by default they are computed only on logging steps)")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="train without activation checkpointing (SSTokenConfig's default is on)")
     parser.add_argument("--parts", nargs="+", choices=("steps", "attention", "cache"),
@@ -701,6 +709,7 @@ def run(opts) -> dict:
             "activation_checkpointing": opts.activation_checkpointing,
             "threads_per_worker": opts.threads,
             "parts": opts.parts,
+            "log_every_step": opts.log_every_step,
         },
     }
     # Keep the schema keys first in the file for readers.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from sstoken import scoring
-from sstoken.selection import Selector, Signals, SSTokenSelector
+from sstoken.selection import FullSelector, Selector, Signals, SSTokenSelector
 
 
 def position_baseline(response_mask: torch.Tensor) -> torch.Tensor:
@@ -429,7 +429,7 @@ class CurrentGroundedVariant(_ScoredVariant):
         return s.history_nll.float() - s.current_nll.float()
 
 
-class FullProbe(Selector):
+class FullProbe(FullSelector):
     """Full SFT (every response token, the same loss as ``full``) that still asks for every reference-free signal
     (base NLL, attention share, and, as its reference NLL, the base NLL without the prompt), so the quality
     benchmark can measure how well each signal separates noise from clean tokens along a full-SFT run."""
@@ -438,19 +438,6 @@ class FullProbe(Selector):
     needs_history = True
     needs_attention = True
     needs_reference = True
-
-    def __init__(self, rho: float = 1.0):
-        super().__init__(1.0)
-
-    @classmethod
-    def from_config(cls, rho, gamma, warmup_fraction, seed):
-        return cls()
-
-    def expected_kept(self, response_mask, segment_ids=None, signals_before_forward=None) -> int:
-        return int(response_mask.sum().item())
-
-    def select(self, signals, progress=0.0):
-        return signals.response_mask.clone()
 
 
 def auc(noise_scores: torch.Tensor, clean_scores: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ import pytest
 from sstoken.data import IGNORE_INDEX, EncodedRow, encode_row
 from sstoken.errors import DataError
 from sstoken.testing import CHATML_TEMPLATE, tiny_tokenizer
+from test_data import A, S, U  # one set of message builders for the data tests
 
 # Tool-aware ChatML (prefix-stable): tools listed in the system turn, each tool call as one <tool_call> JSON
 # in the assistant turn, tool results in a "tool" turn.
@@ -140,18 +141,6 @@ def tool_tok():
 @pytest.fixture(scope="module")
 def qwen_tok():
     return with_template(QWEN3_LIKE)
-
-
-def U(c):
-    return {"role": "user", "content": c}
-
-
-def A(c):
-    return {"role": "assistant", "content": c}
-
-
-def S(c):
-    return {"role": "system", "content": c}
 
 
 def CALL(name="get_weather", content=None, **arguments):
