@@ -39,3 +39,20 @@ def private_encoding_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sources, "encoding_cache_dir", lambda: folder)
         yield folder
+
+
+@pytest.fixture
+def rendered_messages(monkeypatch):
+    """Counts the messages the data code renders with the chat template (``counter["messages"]``): long-chat tests
+    check that the work grows with the row, not with its square."""
+    from sstoken import data
+
+    counter = {"messages": 0}
+    real_render = data.render_chat
+
+    def counting_render(tokenizer, messages, add_generation_prompt, **kwargs):
+        counter["messages"] += len(messages)
+        return real_render(tokenizer, messages, add_generation_prompt, **kwargs)
+
+    monkeypatch.setattr(data, "render_chat", counting_render)
+    return counter

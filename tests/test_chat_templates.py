@@ -428,20 +428,10 @@ def test_qwen3_conversational_prompt_completion(qwen_tok):
     assert trained_runs(qwen_tok, enc) == ["9<|im_end|>"]
 
 
-def test_qwen3_long_chat_stays_linear_and_truncates_like_a_short_one(qwen_tok, monkeypatch):
-    from sstoken import data
-
-    rendered = {"messages": 0}
-    real_render = data.render_chat
-
-    def counting_render(tokenizer, messages, add_generation_prompt, **kwargs):
-        rendered["messages"] += len(messages)
-        return real_render(tokenizer, messages, add_generation_prompt, **kwargs)
-
-    monkeypatch.setattr(data, "render_chat", counting_render)
+def test_qwen3_long_chat_stays_linear_and_truncates_like_a_short_one(qwen_tok, rendered_messages):
     long_row = {"messages": [m for i in range(2000) for m in (U(f"question {i}?"), A(f"answer {i}."))]}
     enc = encode_row(long_row, qwen_tok, 128)
-    assert rendered["messages"] < 2 * len(long_row["messages"])
+    assert rendered_messages["messages"] < 2 * len(long_row["messages"])
     assert enc.truncated and trained_runs(qwen_tok, enc)[:2] == ["answer 0.<|im_end|>", "answer 1.<|im_end|>"]
 
 

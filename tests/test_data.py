@@ -255,22 +255,12 @@ def chat(pairs: int) -> dict:
     return {"messages": messages}
 
 
-def test_long_chat_costs_work_linear_in_its_turns(tok, monkeypatch):
+def test_long_chat_costs_work_linear_in_its_turns(tok, rendered_messages):
     """Issue 15: a row of thousands of turns hung the data check (each turn re-renders all before it). Turns
     past max_seq_length are not located, so the messages rendered grow with the row, not with its square."""
-    import sstoken.data as data
-
-    rendered = {"messages": 0}
-    real_render = data.render_chat
-
-    def counting_render(tokenizer, messages, add_generation_prompt, **kwargs):
-        rendered["messages"] += len(messages)
-        return real_render(tokenizer, messages, add_generation_prompt, **kwargs)
-
-    monkeypatch.setattr(data, "render_chat", counting_render)
     long_row = chat(5000)
     enc = encode_row(long_row, tok, 128)
-    assert rendered["messages"] < 2 * len(long_row["messages"])  # quadratic would be ~ 10000**2
+    assert rendered_messages["messages"] < 2 * len(long_row["messages"])  # quadratic would be ~ 10000**2
     # Cutting the conversation short changes nothing inside the window.
     assert enc.as_dict() == encode_row(chat(40), tok, 128).as_dict()
     assert enc.truncated and enc.num_trained > 0
