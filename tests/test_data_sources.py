@@ -121,6 +121,29 @@ def test_tool_calls_from_parquet_do_not_render_keys_of_other_rows(tmp_path):
     assert "null" not in tok.decode(encoded[0]["input_ids"]) and "Oslo" in tok.decode(encoded[0]["input_ids"])
 
 
+def test_sharegpt_rows_from_arrow_mix_turn_shapes_and_lose_merged_nulls(tmp_path):
+    """ShareGPT turns written from/value in one row and role/content in another (both accepted) get all four keys
+    from Arrow, and tool-call arguments under `conversations` gain the other rows' keys: neither may change what
+    is trained."""
+    from test_chat_templates import TOOL_CHATML
+
+    tok = own_tokenizer()
+    tok.chat_template = TOOL_CHATML
+
+    def call(**arguments):
+        return {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]}
+
+    rows = [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+            {"conversations": [{"role": "user", "content": "Paris?"}, call(city="Paris")]},
+            {"conversations": [{"role": "user", "content": "Zip?"}, call(zip="75001")]}]
+    expected, _ = load_data(write_jsonl(tmp_path / "a.jsonl", rows), tok, 4096)
+    table(rows).to_parquet(tmp_path / "a.parquet")
+    encoded, stats = load_data(str(tmp_path / "a.parquet"), tok, 4096)
+    assert ids_of(encoded) == ids_of(expected) and stats.used == 3
+    assert "null" not in tok.decode(encoded[1]["input_ids"])
+
+
 def test_folder_of_jsonl_files_with_split_names(tok, tmp_path):
     folder = tmp_path / "data"
     write_jsonl(folder / "train.jsonl", [pc(i, "train") for i in range(3)])

@@ -145,7 +145,7 @@ def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: 
         per_device_train_batch_size=size.batch_size, num_train_epochs=size.epochs,
         learning_rate=size.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed, selection_seed=seed,
-        max_length=size.max_length, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,
+        max_length=size.max_length, use_cpu=not cuda, bf16=cuda, activation_checkpointing=False,
         dataloader_num_workers=0, disable_tqdm=True,
     )
     lora = LoraConfig(r=size.lora_r, lora_alpha=size.lora_alpha, lora_dropout=size.lora_dropout,

@@ -69,7 +69,7 @@ _COMPRESSIBLE_BUILDERS = ("json", "csv")  # Parquet and Arrow files compress ins
 BUILDERS = ("json", "parquet", "csv", "arrow")
 """``path:`` values that name a ``datasets`` builder for the files in ``data_files`` (as in TRL recipes)."""
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes
-_MESSAGE_LIST_KEYS = ("messages", "prompt", "completion")
+_MESSAGE_LIST_KEYS = ("messages", "prompt", "completion", "conversations")
 _ENCODED_COLUMNS = ("input_ids", "labels")
 
 
@@ -513,12 +513,20 @@ def _without_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if key in _MESSAGE_LIST_KEYS and isinstance(value, list):
-            value = [{k: _nested_without_nulls(v) for k, v in m.items() if v is not None or k in ("role", "content")}
-                     if isinstance(m, dict) else m for m in value]
+            value = [_turn_without_nulls(m) if isinstance(m, dict) else m for m in value]
         elif key == "tools":
             value = _nested_without_nulls(value)
         out[key] = value
     return out
+
+
+def _turn_without_nulls(turn: Mapping[str, Any]) -> dict[str, Any]:
+    """One message or ShareGPT turn. ``role``/``content`` stay even when null (an assistant turn with tool calls may
+    have ``content: null``; a null role gets its own error), unless the turn is written ``from``/``value``: a file
+    whose turns mix the two shapes gives every turn all four keys."""
+    sharegpt = turn.get("from") is not None or turn.get("value") is not None
+    kept = () if sharegpt else ("role", "content")
+    return {k: _nested_without_nulls(v) for k, v in turn.items() if v is not None or k in kept}
 
 
 def _nested_without_nulls(value: Any) -> Any:
