@@ -28,20 +28,33 @@ def test_equals_form_negative_numbers_and_the_last_value_wins():
                             "--rho=0.6"]) == {"lora_alpha": 16, "attention_layer": -1, "lora_dropout": 0.1, "rho": 0.6}
 
 
-def test_values_keep_their_dashes_and_exponents_are_numbers():
-    """Only the flag name's dashes become underscores; `1e-6` is a number at any depth (YAML 1.1 reads it as text)."""
-    assert parse_overrides(["--model=Qwen/Qwen2.5-0.5B", "--output-dir=runs/my-run", "--learning_rate=-1e-5",
-                            "--lr_scheduler_kwargs", '{"min_lr": 1e-6}']) == {
-        "model": "Qwen/Qwen2.5-0.5B", "output_dir": "runs/my-run", "learning_rate": -1e-5,
-        "lr_scheduler_kwargs": {"min_lr": 1e-6}}
+def test_values_keep_their_dashes():
+    """Only the flag name's dashes become underscores."""
+    assert parse_overrides(["--model=Qwen/Qwen2.5-0.5B", "--output-dir=runs/my-run", "--max-steps", "3"]) == {
+        "model": "Qwen/Qwen2.5-0.5B", "output_dir": "runs/my-run", "max_steps": 3}
 
 
-def test_a_recipe_reads_exponents_inside_mappings_as_numbers(tmp_path):
+def test_scheduler_kwargs_in_exponent_form_are_numbers_and_other_text_stays_text(tmp_path):
+    """YAML 1.1 reads `1e-6` as text. The scheduler's keyword arguments are numbers, so they are converted (it
+    failed with a TypeError in the scheduler); text of that shape elsewhere (a revision `1234e56`, a run name
+    `12e4`) stays text."""
     from sstoken.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
-    path.write_text("lr_scheduler_kwargs: {min_lr: 1e-6}\nlearning_rate: 2E-4\nname: 1e5x\n")
-    assert load_recipe(path) == {"lr_scheduler_kwargs": {"min_lr": 1e-6}, "learning_rate": 2e-4, "name": "1e5x"}
+    path.write_text("lr_scheduler_kwargs: {min_lr: 1e-6, num_cycles: 2}\nlearning_rate: 2E-4\nrun_name: 12e4\n"
+                    "model_init_kwargs: {revision: 1234e56}\nmodel: m\n")
+    from sstoken.recipe import check_value_types
+
+    _, config = split_recipe(merge_overrides(load_recipe(path), parse_overrides(["--weight_decay=5e-2"])))
+    config = check_value_types(config)
+    assert config["lr_scheduler_kwargs"] == {"min_lr": 1e-6, "num_cycles": 2}
+    assert config["learning_rate"] == 2e-4 and config["weight_decay"] == 0.05
+    assert config["run_name"] == "12e4" and config["model_init_kwargs"] == {"revision": "1234e56"}
+
+
+def test_use_peft_false_with_a_lora_section_is_refused():
+    with pytest.raises(ConfigError, match="use_peft is false but a lora section is given"):
+        split_recipe({"use_peft": False, "lora": {"r": 4}})
 
 
 @pytest.mark.parametrize(("targets", "expected"), [

@@ -93,13 +93,6 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 reads `1e-6` (no dot) as text, so `lr_scheduler_kwargs: {min_lr: 1e-6}` would reach the scheduler as a
-# string; top-level fields are converted by type, values inside mappings are not. Read them as YAML 1.2 does.
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
 def _parse_yaml(text: str):
     loader = _RecipeLoader(text)  # what yaml.safe_load does, with the duplicate-key check
     try:
@@ -308,6 +301,8 @@ def _with_lora_section(recipe: dict[str, Any]) -> dict[str, Any]:
     section = recipe.get("lora", {})
     if "use_peft" in recipe and use_peft and section in (None, False):
         raise ConfigError("use_peft is true but lora is null (full fine-tuning); remove one of them")
+    if not use_peft and isinstance(section, dict) and section:
+        raise ConfigError("use_peft is false but a lora section is given; remove one of them")
     if not use_peft or section in (None, False):
         if flat:
             first = next(key for key in recipe if key in TRL_LORA_KEYS)
@@ -550,12 +545,26 @@ def check_value_types(config_kwargs: dict[str, Any]) -> dict[str, Any]:
         value = out.get(key)
         if _is_number(value) and (value < bound if inclusive else value <= bound):
             raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {bound}, got {shown(value)}")
+    if isinstance(out.get("lr_scheduler_kwargs"), dict):
+        out["lr_scheduler_kwargs"] = {k: _exponent_number(v) for k, v in out["lr_scheduler_kwargs"].items()}
     if "report_to" in out:
         _check_report_to(out["report_to"])
     max_steps = out.get("max_steps")
     if _is_int(max_steps) and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {max_steps}")
     return out
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+")
+
+
+def _exponent_number(value: Any) -> Any:
+    """``"1e-6"`` as 1e-06. YAML 1.1 reads a number in exponent form without a dot as text, which top-level fields
+    undo by their type; the scheduler's keyword arguments are all numbers (min_lr, num_cycles, power, ...), while
+    other mappings may hold text of that shape (a revision ``1234e56``), so only they are converted."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _check_report_to(value: Any) -> None:
