@@ -632,3 +632,17 @@ def test_mistral_tools_before_the_last_user_message():
         '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>', "It is 22 C.</s>"
     ]
     assert context_text(tok, enc).startswith("[INST]Hi[/INST]Hello.</s>[AVAILABLE_TOOLS]")
+
+
+def test_reasoning_before_the_content_under_a_template_without_generation_prompt():
+    """Magistral-style: no generation prompt, and the model writes [THINK]…[/THINK] before its answer. What the
+    model writes first is not the template's header, so the turn is located and the reasoning trained."""
+    magistral = MISTRAL_LIKE.replace(
+        "{% elif message.role == 'assistant' %}{{ message.content }}",
+        "{% elif message.role == 'assistant' %}{% if message.reasoning_content %}"
+        "{{ '[THINK]' + message.reasoning_content + '[/THINK]' }}{% endif %}{{ message.content }}")
+    assert magistral != MISTRAL_LIKE
+    tok = with_template(magistral)
+    enc = encode_row({"messages": [U("2 plus 2?"), {"role": "assistant", "content": "4",
+                                                    "reasoning_content": "Two and two."}]}, tok, 512)
+    assert trained_runs(tok, enc) == ["[THINK]Two and two.[/THINK]4</s>"]

@@ -951,7 +951,7 @@ def _prefix_spans(
             )
         turn = upto[len(prompt) :].rstrip()
         if not checked_generation_prompt:  # a property of the template: checking one turn is enough
-            _check_generation_prompt(render, messages[:k], prompt, message, turn)
+            _check_generation_prompt(render, messages[:k], prompt)
             checked_generation_prompt = True
         start = len(prompt)
         end = start + _shown_tail_length(turn, full, start)
@@ -971,24 +971,20 @@ def _prefix_spans(
 _PROBE_CONTENT = "sstoken probe answer"
 
 
-def _check_generation_prompt(
-    render: _Render, before: list[dict[str, Any]], prompt: str, message: dict[str, Any], turn: str
-) -> None:
+def _check_generation_prompt(render: _Render, before: list[dict[str, Any]], prompt: str) -> None:
     """Refuse a template whose prompt does not end where the model starts generating.
 
     A template whose ``add_generation_prompt=True`` changes nothing either needs no generation prompt
     (Mistral's: the assistant content follows ``[/INST]`` directly) or writes its assistant header inside the
     assistant turn, where it would be trained as if the model generated it. The two differ in where the turn
-    starts: with the assistant's content, or with something of the template's. A turn without content (tool
-    calls only) is told by a probe turn with content in its place.
+    starts: with the assistant's content, or with something of the template's. A probe turn of plain content is
+    rendered to tell them apart, so that what the model itself writes first (reasoning, tool calls) is not taken
+    for the template's header.
     """
     if prompt != render(before, False):
         return
-    content = message["content"].strip()
-    if not content:
-        content = _PROBE_CONTENT
-        turn = render([*before, {"role": "assistant", "content": content}], False)[len(prompt) :]
-    if not turn.lstrip().startswith(content):
+    probe = render([*before, {"role": "assistant", "content": _PROBE_CONTENT}], False)[len(prompt) :]
+    if not probe.lstrip().startswith(_PROBE_CONTENT):
         raise _RowError(
             None,
             "the chat template renders no generation prompt (add_generation_prompt=True changes nothing) and "
