@@ -614,3 +614,23 @@ def test_demo_data_loads_and_is_reproducible(tok):
     assert max(len(line) for line in DEMO.read_text("utf-8").splitlines()) < 700
     script = _load_demo_script()
     assert script.to_jsonl(script.generate()) == DEMO.read_text("utf-8")
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "assistant", "content": "Hello."}]},
+    {"conversations": [{"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Hi?"}]},
+])
+def test_a_conversation_that_starts_with_the_assistant_is_refused_by_name(tok, row):
+    with pytest.raises(DataError, match=r"^f:3: (messages|conversations)\[0\]: the conversation starts with an "
+                                        r"assistant turn"):
+        encode_row(row, tok, 128, where="f:3")
+
+
+def test_the_encoding_cache_key_follows_the_template_renderer(tok, monkeypatch):
+    import transformers
+
+    from sstoken.sources import encoding_fingerprint
+
+    before = encoding_fingerprint(tok, 128)
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert encoding_fingerprint(tok, 128) != before

@@ -525,6 +525,31 @@ def test_compressed_files_are_read_directly_and_in_folders(tok, tmp_path, caplog
         load_data(str(tmp_path / "p.parquet.gz"), tok, MAX_LEN)
 
 
+def test_compressed_json_lines_are_read_strictly_like_their_plain_twin(tok, tmp_path):
+    """A .jsonl.gz/.bz2/.xz goes through the strict reader: the same rows (a null stays a written null), and a bad
+    line or a cut archive is named by path:line."""
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [pc(i) for i in range(3)]
+    plain = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    expected, _ = load_data(write_jsonl(tmp_path / "p.jsonl", rows), tok, MAX_LEN)
+    for suffix, compress in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        path = tmp_path / f"p.jsonl{suffix}"
+        path.write_bytes(compress(plain))
+        encoded, stats = load_data(str(path), tok, MAX_LEN)
+        assert ids_of(encoded) == ids_of(expected) and stats.used == 3, suffix
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(plain + b'{"prompt": "a", "prompt": "b", "completion": "c"}\n'))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz:4: .*duplicate key"):
+        load_data(str(bad), tok, MAX_LEN)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(plain * 50)[:-30])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz:\d+: cannot read the file"):
+        load_data(str(cut), tok, MAX_LEN)
+
+
 def test_builder_data_file_globs_are_relative_to_the_recipe(tok, tmp_path, monkeypatch):
     folder = tmp_path / "recipes"
     write_jsonl(folder / "data" / "a.jsonl", [pc(0)])

@@ -41,8 +41,11 @@ Rules (see ``docs/data.md`` for the long version):
 from __future__ import annotations
 
 import bisect
+import bz2
 import codecs
+import gzip
 import json
+import lzma
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -256,10 +259,14 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+# Compressed JSON Lines are read by the same strict reader, through the standard library's decompressors.
+_DECOMPRESSING_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
 def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)`` for each non-blank line of a JSONL file (line numbers are 1-based).
 
-    The file is read in binary, line by line, and never more than ``max_line_bytes + 2`` bytes at a time,
+    The file (or its ``.gz``/``.bz2``/``.xz`` compression) is read in binary, line by line, and never more than ``max_line_bytes + 2`` bytes at a time,
     so a huge line costs no more memory than the limit. Each line is decoded as UTF-8 on its own; a UTF-8
     byte order mark at the start of line 1 is accepted and dropped. Lines holding only JSON whitespace are
     skipped. NaN/Infinity, duplicate keys in one object and top-level values other than objects are
@@ -268,8 +275,9 @@ def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
     where = os.fspath(path)
     if max_line_bytes < 1:
         raise ConfigError(f"max_line_bytes must be >= 1, got {max_line_bytes}")
+    opener = _DECOMPRESSING_OPENERS.get(Path(where).suffix.lower(), open)
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        handle = opener(path, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise DataError(f"{where}: cannot open the file: {exc.strerror or exc}") from None
     with handle:
@@ -277,8 +285,9 @@ def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
         while True:
             try:
                 raw = handle.readline(max_line_bytes + 2)
-            except OSError as exc:
-                raise DataError(f"{where}:{lineno + 1}: cannot read the file: {exc.strerror or exc}") from None
+            except (OSError, EOFError, lzma.LZMAError) as exc:  # EOFError, LZMAError: a cut or corrupt archive
+                raise DataError(f"{where}:{lineno + 1}: cannot read the file: "
+                                f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}") from None
             if not raw:
                 return
             lineno += 1
@@ -730,6 +739,14 @@ def _sharegpt_tools(value: Any) -> Any:
     return value
 
 
+def _check_prompted(messages: list[dict[str, Any]], names: list[str]) -> None:
+    """An assistant turn must answer something: as the very first message it has no prompt at all (and most
+    templates cannot render the empty conversation before it)."""
+    if messages[0]["role"] == "assistant":
+        raise _RowError(names[0], "the conversation starts with an assistant turn, which then answers nothing; put "
+                                  "the user turn it answers (or a system prompt) before it")
+
+
 def _check_system_first(messages: list[dict[str, Any]], names: list[str]) -> None:
     for i, message in enumerate(messages):
         if i > 0 and message["role"] == "system":
@@ -1166,10 +1183,10 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> t
         text = _text(row[TEXT_KEY], TEXT_KEY, nonblank=True, what=" (nothing to train on)")
         return fmt, *_encode_text(text, tokenizer)
     if fmt == "sharegpt":
-        messages, names = _sharegpt_messages(row)
-        _check_system_first(messages, names)
+        messages, names = _sharegpt_messages(row)  # checks that a system turn comes first
         if not any(m["role"] == "assistant" for m in messages):
             raise _RowError("conversations", "has no assistant turn ('gpt'; nothing to train on)")
+        _check_prompted(messages, names)
         return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens, tools)
     if fmt == "messages":
         messages = _messages(row["messages"], "messages")
@@ -1177,6 +1194,7 @@ def _encode_fields(row: Mapping[str, Any], tokenizer: Any, max_tokens: int) -> t
         _check_system_first(messages, names)
         if not any(m["role"] == "assistant" for m in messages):
             raise _RowError("messages", "has no assistant turn (nothing to train on)")
+        _check_prompted(messages, names)
         return fmt, *_encode_conversation(messages, names, 0, tokenizer, max_tokens, tools)
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]

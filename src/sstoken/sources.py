@@ -323,6 +323,12 @@ _DATA_SUFFIXES_TEXT = (", ".join(sorted(_BUILDER_OF_SUFFIX)) + "; text formats a
                        + "/".join(_COMPRESSION_SUFFIXES))
 
 
+def _is_json_lines(path: Path, suffix: str, compression: str) -> bool:
+    if not compression:
+        return not (suffix == ".json" and _starts_with_array(path))
+    return compression in (".gz", ".bz2", ".xz") and suffix != ".json"
+
+
 def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) -> _Part:
     suffix, compression = _data_suffix(path)
     builder = builder or _BUILDER_OF_SUFFIX.get(suffix, "json")
@@ -333,9 +339,10 @@ def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) ->
         if compression == ".zst" and not _has_module("zstandard"):
             raise ConfigError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard), "
                               f"or decompress the file")
-    # JSON Lines go through sstoken's strict reader (errors name path:line); a .json file holding one array
-    # and a compressed file are left to datasets, like every other format.
-    if builder == "json" and not compression and not (suffix == ".json" and _starts_with_array(path)):
+    # JSON Lines, compressed or not (but .zst, which needs a package), go through sstoken's strict reader: errors
+    # name path:line, and a null is what was written. A .json file holding one array (and any compressed .json)
+    # is left to datasets, like every other format.
+    if builder == "json" and _is_json_lines(path, suffix, compression):
         rows = list(read_jsonl(path, max_line_bytes=max_line_bytes))
         keys = list(dict.fromkeys(key for _, row in rows for key in row))
         if rows:
@@ -478,14 +485,19 @@ def _code_fingerprint() -> str:
 
 def encoding_fingerprint(tokenizer: Any, max_seq_length: int) -> str:
     """Hash of everything besides the rows that decides their encoding: the tokenizer's full definition
-    (vocabulary, merges, normalizer, added and special tokens), its chat template, ``max_seq_length`` and
-    sstoken's encoding code."""
+    (vocabulary, merges, normalizer, added and special tokens), its chat template, ``max_seq_length``,
+    sstoken's encoding code and the transformers and Jinja versions that render the template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    import jinja2
+    import transformers
+
+    # transformers renders the template (and, across versions, aliases message keys such as reasoning_content).
     return _hash({"tokenizer": [type(tokenizer).__name__, definition, special],
                   "chat_template": getattr(tokenizer, "chat_template", None),
-                  "max_seq_length": max_seq_length, "code": _code_fingerprint()})
+                  "max_seq_length": max_seq_length, "code": _code_fingerprint(),
+                  "renderer": [transformers.__version__, jinja2.__version__]})
 
 
 def encoding_cache_dir() -> Path:
