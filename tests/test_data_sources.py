@@ -617,6 +617,29 @@ def test_a_stream_with_unknown_features_is_encoded_by_sstoken_and_text_streams_a
                        processing_class=tiny_tokenizer(), peft_config=tiny_lora())
 
 
+def test_a_stream_mixing_chat_and_text_rows_is_refused_when_the_text_row_arrives(tmp_path):
+    from sstoken.testing import tiny_lora, tiny_model, tiny_training_args
+    from sstoken.trainer import SSTokenTrainer
+
+    rows = [chat(0), {"text": "plain text row."}, chat(1)]
+
+    def stream():
+        return table(rows).to_iterable_dataset()
+
+    def trainer(method, **datasets_):
+        args = tiny_training_args(tmp_path / method, max_steps=1, per_device_train_batch_size=1,
+                                  activation_checkpointing=False, selection_method=method)
+        return SSTokenTrainer(model=tiny_model("llama"), args=args, processing_class=tiny_tokenizer(),
+                              peft_config=tiny_lora(), **datasets_)
+
+    encoded = trainer("sstoken", train_dataset=stream()).train_dataset  # its columns include messages: accepted
+    with pytest.raises(ConfigError, match=r"train_dataset, row 1: a plain text row \('text': every token is "
+                                          r"trained.*selection_method 'sstoken'"):
+        list(encoded)
+    assert len(list(trainer("rel", train_dataset=stream()).train_dataset)) == 3
+    assert len(list(trainer("rel", train_dataset=stream(), eval_dataset=stream()).eval_dataset)) == 3
+
+
 def test_jsonl_columns_must_name_a_column_of_some_row(tok, tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}, {"question": "r?", "answer": "b"}])
     with pytest.raises(ConfigError, match=r"qa.jsonl: columns: 'questoin' is not a column \(did you mean "

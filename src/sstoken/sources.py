@@ -35,6 +35,7 @@ from typing import Any
 from sstoken.data import (
     KNOWN_KEYS,
     MAX_LINE_BYTES,
+    TEXT_KEY,
     LoadStats,
     _check_max_seq_length,
     _check_tokenizer,
@@ -661,20 +662,22 @@ def load_data(spec: Any, tokenizer: Any, max_seq_length: int, *, what: str = "da
 
 
 def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: str = "train_dataset",
-                   num_proc: int | None = None) -> tuple[Any, LoadStats]:
+                   num_proc: int | None = None, stream_text_refusal: str | None = None) -> tuple[Any, LoadStats]:
     """Encode a raw ``datasets.Dataset`` (messages, prompt/completion, alpaca, ShareGPT or text columns) like
     :func:`load_data` does a file: through the same cached ``Dataset.map``, with errors naming ``{label}, row i``.
 
     A streaming ``datasets.IterableDataset`` is encoded lazily, as TRL's SFTTrainer does (``IterableDataset.map``,
     no cache; rows without a trained token are filtered out as they stream): its :class:`LoadStats` are all zero,
     since no row has been read yet. Training on it needs ``max_steps``, as for any iterable dataset.
+    ``stream_text_refusal``: why a plain text row cannot be used; the stream then raises ConfigError when it
+    reaches one (a ``Dataset``'s text rows are counted in its stats instead).
     """
     _check_tokenizer(tokenizer)
     _check_max_seq_length(max_seq_length)
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
-        return _encode_iterable(dataset, tokenizer, max_seq_length, label), LoadStats()
+        return _encode_iterable(dataset, tokenizer, max_seq_length, label, stream_text_refusal), LoadStats()
     part = _dataset_part(label, dataset, None)
     if len(part) == 0:
         raise DataError(f"{label}: no rows")
@@ -685,12 +688,26 @@ def encode_dataset(dataset: Any, tokenizer: Any, max_seq_length: int, *, label: 
     return rows, stats
 
 
-def _encode_iterable(dataset: Any, tokenizer: Any, max_seq_length: int, label: str):
+def _encode_iterable(dataset: Any, tokenizer: Any, max_seq_length: int, label: str, text_refusal: str | None):
     """A streaming dataset encoded as it is iterated (errors name ``{label}, row i``, counted from its start)."""
     names = dataset.column_names  # None where the stream's features are unknown until it is read
     encoder = _RowEncoder(_Part(label, dataset=dataset), None, tokenizer, max_seq_length)
     encoded = dataset.map(encoder, with_indices=True, remove_columns=names, features=_encoded_features())
+    if text_refusal:
+        encoded = encoded.map(_StreamTextRefusal(label, text_refusal), with_indices=True)
     return encoded.filter(_has_trained_token).select_columns(list(_ENCODED_COLUMNS))
+
+
+class _StreamTextRefusal:
+    """Raises at the first plain text row of a stream, which could not be counted before training."""
+
+    def __init__(self, label: str, why: str):
+        self.label, self.why = label, why
+
+    def __call__(self, row: dict, index: int) -> dict:
+        if row["format"] == TEXT_KEY:
+            raise ConfigError(f"{self.label}, row {index}: a plain text row {self.why}")
+        return row
 
 
 def _has_trained_token(row: Mapping[str, Any]) -> bool:

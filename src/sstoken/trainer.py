@@ -295,7 +295,7 @@ class SSTokenTrainer(SFTTrainer):
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
             kwargs["train_dataset"], stats = _encode_dataset(train_dataset, processing_class, sst_args, model,
-                                                             "train_dataset")
+                                                             "train_dataset", training=True)
             if _is_stream(train_dataset):  # encoded lazily, so no row has been counted: judge it by its columns
                 stats.formats = {"text": 1} if _only_text(_columns_of(train_dataset)) else {}
             check_text_rows(stats, sst_args, "train_dataset")
@@ -665,21 +665,29 @@ def check_text_rows(stats, args, what: str) -> None:
     would silently run as REL only. Selectors that read no context (rel, rho1, random, full, tokencleaning)
     train text as TRL does. ``stats`` is the :class:`~sstoken.data.LoadStats` of the encoded data."""
     count = stats.formats.get("text", 0)
-    selector = _selector_of(args)
-    if count and selector.needs_attention:
+    why = _why_text_is_refused(args)
+    if count and why:
         rows = f"{count} of {stats.used} rows are" if stats.used else "the streamed rows are"
-        raise ConfigError(
-            f"{what}: {rows} plain text ('text': every token is trained, none is context), "
-            f"so the attention share that selection_method {selector.name!r} ranks tokens by is 0 there; use "
-            f"selection_method rel or rho1 for text, or give the data a prompt (prompt/completion or chat rows)")
+        raise ConfigError(f"{what}: {rows} plain text {why}")
 
 
-def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str):
+def _why_text_is_refused(args) -> str | None:
+    """The reason plain text rows cannot train with this run's selector, or None when they can."""
+    selector = _selector_of(args)
+    if not selector.needs_attention:
+        return None
+    return (f"('text': every token is trained, none is context), so the attention share that selection_method "
+            f"{selector.name!r} ranks tokens by is 0 there; use selection_method rel or rho1 for text, or give the "
+            f"data a prompt (prompt/completion or chat rows)")
+
+
+def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str, training: bool = False):
     """Raw messages / prompt-completion / alpaca / ShareGPT / text rows → input_ids + labels (assistant-only
     for conversations) and their :class:`~sstoken.data.LoadStats`.
 
     The same cached ``Dataset.map`` encoding as the CLI's (:func:`sstoken.sources.encode_dataset`): columns no
-    format uses are dropped, and a bad row fails with ``{label}, row i``.
+    format uses are dropped, and a bad row fails with ``{label}, row i``. A training stream is checked for plain
+    text rows as it is read (a ``Dataset``'s are counted up front, see :func:`check_text_rows`).
     """
     from sstoken.sources import encode_dataset
 
@@ -687,7 +695,8 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str):
         raise ConfigError("pass processing_class=<tokenizer> with a raw (untokenised) dataset")
     # max_length None means no truncation in TRL, and here too.
     max_length = args.max_length if args.max_length is not None else NO_TRUNCATION
-    encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc)
+    encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc,
+                                    stream_text_refusal=_why_text_is_refused(args) if training else None)
     if stats.skipped_no_trainable_token:
         logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
                        stats.skipped_no_trainable_token)
