@@ -423,3 +423,25 @@ def test_a_cpu_run_does_not_ask_for_pinned_memory(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "pin_memory" in str(w.message)]
+
+
+def test_evaluation_that_returns_logits_runs_the_model_once_with_the_same_loss(tmp_path):
+    """compute_metrics needs logits (prediction_step asks compute_loss for its outputs): the evaluation forward
+    builds them itself, so the model runs once per batch, and the loss is the response NLL either way."""
+    trainer = make_trainer(tmp_path)
+    model = trainer.model
+    model.eval()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    forwards = []
+    handle = model.get_base_model().model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with torch.no_grad():
+            loss_only = trainer.compute_loss(model, dict(batch))
+            assert len(forwards) == 1
+            loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    finally:
+        handle.remove()
+    assert len(forwards) == 2  # one more compute_loss, one more forward
+    assert torch.allclose(loss, loss_only, atol=1e-5)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape
+    assert outputs.logits.shape[-1] == model.config.vocab_size

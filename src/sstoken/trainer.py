@@ -52,7 +52,6 @@ from sstoken.signals import (
     EMAModelHistory,
     PartTimer,
     SignalSources,
-    model_inputs_of,
     select_tokens,
 )
 from sstoken.snapshots import SelectionSnapshots
@@ -429,9 +428,12 @@ class SSTokenTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         training = mode == "train"
         labels = inputs["labels"]
-        # Evaluation reports the plain NLL of every response token: no history, attention or selection.
+        # Evaluation reports the plain NLL of every response token: no history, attention or selection. A caller
+        # that wants the logits back (Trainer.prediction_step, for compute_metrics) gets the model's own forward,
+        # which builds them, rather than sstoken's head followed by a second forward.
         sources = self._signal_sources() if training else SignalSources(
-            sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
+            sstoken_head=self.full_logits_reason is None and not return_outputs,
+            nll_chunk_size=self.args.nll_chunk_size)
         # TRL's entropy / accuracy cost two extra passes over each chunk of logits: only on steps that log them.
         wants_token_metrics = not training or self._logs_this_step()
         sources.head_stats = wants_token_metrics
@@ -441,7 +443,7 @@ class SSTokenTrainer(SFTTrainer):
                                   timer=self.timed_part)
         outputs, signals, keep = selection.outputs, selection.signals, selection.keep
         response, current_nll = selection.layout.response, selection.current_nll
-        if self.full_logits_reason is None:
+        if sources.sstoken_head:
             loss_sum = outputs.kept_nll_sum
         else:
             rows, cols = keep.nonzero(as_tuple=True)
@@ -475,11 +477,6 @@ class SSTokenTrainer(SFTTrainer):
                                    step=self.state.global_step + 1)
             for listener in self.selection_listeners:
                 listener(event)
-        if return_outputs and self.full_logits_reason is None:
-            # Callers of return_outputs (Trainer.prediction_step for compute_metrics) want the logits, which
-            # sstoken's head never built: one more no-grad forward, as TRL's SFTTrainer does.
-            with torch.no_grad():
-                outputs = model(**model_inputs_of(inputs))
         return (loss, outputs) if return_outputs else loss
 
     def _weighted_aux_loss(self, mode: str, outputs, num_items_in_batch) -> torch.Tensor:
