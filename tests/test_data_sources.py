@@ -382,11 +382,11 @@ def test_trainer_encoding_uses_the_same_path(tok):
 
     args = SimpleNamespace(max_length=MAX_LEN, dataset_num_proc=None)
     raw = table([{**chat(i), "prompt_id": f"p{i}", "category": "x"} for i in range(3)])
-    encoded, stats = _encode_dataset(raw, tok, args, None, "train_dataset")
+    encoded, stats = _encode_dataset(raw, tok, args, "train_dataset")
     assert encoded.column_names == ["input_ids", "labels"] and len(encoded) == 3 and stats.formats == {"messages": 3}
     bad = table([chat(0), {"messages": [{"role": "user", "content": "only a question"}]}])
     with pytest.raises(DataError, match=r"^eval_dataset, row 1: messages: has no assistant turn"):
-        _encode_dataset(bad, tok, args, None, "eval_dataset")
+        _encode_dataset(bad, tok, args, "eval_dataset")
 
 
 def test_load_training_rows_still_returns_lists(tok, tmp_path):

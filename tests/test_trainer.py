@@ -242,7 +242,7 @@ def test_raw_rows_are_truncated_to_max_length_and_not_at_all_without_one(tmp_pat
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     row = {"prompt": "Say it: ", "completion": completion}
     encoded, _ = _encode_dataset(Dataset.from_list([row]), tokenizer, make_config(tmp_path, max_length=max_length),
-                                 None, "train_dataset")
+                                 "train_dataset")
     full = len(tokenizer("Say it: ", add_special_tokens=False)["input_ids"]) + len(completion_ids) + 1  # + EOS
     assert len(encoded[0]["input_ids"]) == (full if max_length is None else expected_length)
     assert full > 1024

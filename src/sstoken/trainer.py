@@ -292,22 +292,24 @@ class SSTokenTrainer(SFTTrainer):
         if processing_class is not None:
             apply_tokenizer_settings(processing_class, sst_args)
         train_dataset = kwargs.get("train_dataset")
-        if train_dataset is not None and _needs_sstoken_encoding(train_dataset):
-            kwargs["train_dataset"], stats = _encode_dataset(train_dataset, processing_class, sst_args, model,
-                                                             "train_dataset", training=True)
-            if _is_stream(train_dataset):  # encoded lazily, so no row has been counted: judge it by its columns
-                stats.formats = {"text": 1} if _only_text(_columns_of(train_dataset)) else {}
+        train_columns = _columns_of(train_dataset)
+        if _needs_sstoken_encoding(train_columns):
+            why = _why_text_is_refused(sst_args)
+            if why and _is_stream(train_dataset) and _only_text(train_columns):
+                # No row of a stream is counted before training; one with nothing but text is refused now.
+                raise ConfigError(f"train_dataset: the streamed rows are plain text {why}")
+            kwargs["train_dataset"], stats = _encode_dataset(train_dataset, processing_class, sst_args,
+                                                             "train_dataset", text_refusal=why)
             check_text_rows(stats, sst_args, "train_dataset")
         # An evaluation set is encoded exactly like the training set (assistant-only labels), so that its loss
         # is the response NLL; TRL alone would train on / score whole sequences for raw rows.
         eval_dataset = kwargs.get("eval_dataset")
         if isinstance(eval_dataset, dict):
             kwargs["eval_dataset"] = {
-                name: _encode_dataset(part, processing_class, sst_args, model, f"eval_dataset[{name}]")[0]
-                if _needs_sstoken_encoding(part) else part for name, part in eval_dataset.items()}
-        elif eval_dataset is not None and _needs_sstoken_encoding(eval_dataset):
-            kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, model,
-                                                        "eval_dataset")
+                name: _encode_dataset(part, processing_class, sst_args, f"eval_dataset[{name}]")[0]
+                if _needs_sstoken_encoding(_columns_of(part)) else part for name, part in eval_dataset.items()}
+        elif _needs_sstoken_encoding(_columns_of(eval_dataset)):
+            kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, "eval_dataset")
         with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -639,8 +641,8 @@ def _is_stream(dataset) -> bool:
 
 
 def _columns_of(dataset) -> list[str]:
-    """The dataset's column names; a stream whose features are unknown until read (JSON streamed from the Hub)
-    shows those of its first row, so that it is not handed to TRL raw."""
+    """The dataset's column names (none for no dataset); a stream whose features are unknown until read (JSON
+    streamed from the Hub) shows those of its first row, so that it is not handed to TRL raw."""
     columns = getattr(dataset, "column_names", None)
     if columns is None and _is_stream(dataset):
         columns = list(next(iter(dataset), None) or {})
@@ -651,8 +653,7 @@ def _only_text(columns: list[str]) -> bool:
     return "text" in columns and not any(c in columns for c in _CONVERSATION_COLUMNS)
 
 
-def _needs_sstoken_encoding(dataset) -> bool:
-    columns = _columns_of(dataset)
+def _needs_sstoken_encoding(columns: list[str]) -> bool:
     return "input_ids" not in columns and any(c in columns for c in (*_CONVERSATION_COLUMNS, "text"))
 
 
@@ -664,8 +665,7 @@ def check_text_rows(stats, args, what: str) -> None:
     count = stats.formats.get("text", 0)
     why = _why_text_is_refused(args)
     if count and why:
-        rows = f"{count} of {stats.used} rows are" if stats.used else "the streamed rows are"
-        raise ConfigError(f"{what}: {rows} plain text {why}")
+        raise ConfigError(f"{what}: {count} of {stats.used} rows are plain text {why}")
 
 
 def _why_text_is_refused(args) -> str | None:
@@ -678,13 +678,13 @@ def _why_text_is_refused(args) -> str | None:
             f"data a prompt (prompt/completion or chat rows)")
 
 
-def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str, training: bool = False):
+def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, label: str, text_refusal: str | None = None):
     """Raw messages / prompt-completion / alpaca / ShareGPT / text rows → input_ids + labels (assistant-only
     for conversations) and their :class:`~sstoken.data.LoadStats`.
 
     The same cached ``Dataset.map`` encoding as the CLI's (:func:`sstoken.sources.encode_dataset`): columns no
-    format uses are dropped, and a bad row fails with ``{label}, row i``. A training stream is checked for plain
-    text rows as it is read (a ``Dataset``'s are counted up front, see :func:`check_text_rows`).
+    format uses are dropped, and a bad row fails with ``{label}, row i``. ``text_refusal``: why plain text rows
+    cannot train; a stream raises it when it reads one (a ``Dataset``'s are counted, see :func:`check_text_rows`).
     """
     from sstoken.sources import encode_dataset
 
@@ -693,7 +693,7 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, model, label: str, 
     # max_length None means no truncation in TRL, and here too.
     max_length = args.max_length if args.max_length is not None else NO_TRUNCATION
     encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc,
-                                    stream_text_refusal=_why_text_is_refused(args) if training else None)
+                                    stream_text_refusal=text_refusal)
     if stats.skipped_no_trainable_token:
         logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
                        stats.skipped_no_trainable_token)
