@@ -117,7 +117,7 @@ def _peft_config(lora: dict | None):
 
 # ----------------------------------------------------------------------------------------------- train
 def cmd_train(ns, overrides: list[str]) -> int:
-    from sstoken.models import load_model, load_tokenizer
+    from sstoken.models import load_model, load_tokenizer, revision_of
     from sstoken.trainer import SSTokenTrainer, apply_tokenizer_settings, check_history_source, check_text_rows
 
     run, config = _prepare(ns.config, overrides)
@@ -137,7 +137,8 @@ def cmd_train(ns, overrides: list[str]) -> int:
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
-    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"], revision=_revision(config))
+    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"],
+                               revision=revision_of(config.model_init_kwargs))
     apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
     rows, stats = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
     check_text_rows(stats, config, "data")
@@ -182,11 +183,6 @@ def cmd_train(ns, overrides: list[str]) -> int:
             _write_plots(out)
         _print_summary(summary)
     return 0
-
-
-def _revision(config) -> str | None:
-    """The model revision of model_init_kwargs, which TRL also uses for the tokenizer."""
-    return (config.model_init_kwargs or {}).get("revision")
 
 
 def _raised_inside(exc: BaseException, package: str) -> bool:
@@ -350,7 +346,7 @@ def _print_summary(summary: dict) -> None:
 # ----------------------------------------------------------------------------------------------- cache
 def cmd_cache(ns, overrides: list[str]) -> int:
     from sstoken.history import build_nll_cache
-    from sstoken.models import load_model, load_tokenizer
+    from sstoken.models import load_model, load_tokenizer, revision_of
 
     run, config = _prepare(ns.config, overrides)
     model_name = ns.model or run["model"]
@@ -363,7 +359,7 @@ def cmd_cache(ns, overrides: list[str]) -> int:
         raise ConfigError(f"--adapter {ns.adapter} is not a PEFT adapter folder (no adapter_config.json there)")
     from sstoken.trainer import apply_tokenizer_settings
 
-    tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=_revision(config))
+    tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=revision_of(config.model_init_kwargs))
     apply_tokenizer_settings(tokenizer, config)  # the cache must hold the rows that training will encode
     rows, _ = _load_rows(run["data"], tokenizer, run["max_seq_length"], config)
     rows = rows.to_list()  # the very rows train uses: same spec, tokenizer, max_seq_length and mixture seed

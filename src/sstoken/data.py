@@ -1278,17 +1278,21 @@ def load_training_rows(
     return dataset.to_list(), stats
 
 
+def token_features() -> dict[str, Any]:
+    """The ``datasets`` features of encoded rows: int64 ``input_ids`` and ``labels`` sequences."""
+    import datasets
+
+    sequence = getattr(datasets, "List", None) or datasets.Sequence
+    return {"input_ids": sequence(datasets.Value("int64")), "labels": sequence(datasets.Value("int64"))}
+
+
 def to_hf_dataset(rows: list[Mapping[str, list[int]]]):
     """A :class:`datasets.Dataset` with int64 ``input_ids`` and ``labels`` columns."""
     import datasets
 
-    sequence = getattr(datasets, "List", None) or datasets.Sequence
-    features = datasets.Features(
-        {"input_ids": sequence(datasets.Value("int64")), "labels": sequence(datasets.Value("int64"))}
-    )
     return datasets.Dataset.from_dict(
         {"input_ids": [list(r["input_ids"]) for r in rows], "labels": [list(r["labels"]) for r in rows]},
-        features=features,
+        features=datasets.Features(token_features()),
     )
 
 

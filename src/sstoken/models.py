@@ -47,6 +47,11 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
     return str(name_or_path), None
 
 
+def revision_of(model_init_kwargs) -> str | None:
+    """The model revision in ``model_init_kwargs``, which TRL also loads the tokenizer at."""
+    return model_init_kwargs.get("revision") if isinstance(model_init_kwargs, dict) else None
+
+
 def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -41,8 +41,10 @@ from sstoken.data import (
     _check_tokenizer,
     encode_row,
     read_jsonl,
+    token_features,
 )
 from sstoken.errors import ConfigError, DataError, did_you_mean, escaped, shown
+from sstoken.io import file_sha256
 
 __all__ = [
     "SOURCE_KEYS",
@@ -349,14 +351,14 @@ def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) ->
         if rows:
             _check_columns(str(path), keys, columns)
         ignored = {key for _, row in rows for key in _renamed_keys(row, columns)} - KNOWN_KEYS
-        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", _content_hash(path)]), ignored=ignored)
+        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", file_sha256(path)]), ignored=ignored)
     import datasets
 
     options = {"sep": "\t"} if suffix == ".tsv" else {}
     # datasets keys its cache of a local file on the modification time only: the content hash as the config name
     # makes an edit that keeps it (cp -p, rsync -t) load (and encode) again.
     try:
-        dataset = datasets.load_dataset(builder, name=f"sstoken-{_content_hash(path)[:32]}", data_files=str(path),
+        dataset = datasets.load_dataset(builder, name=f"sstoken-{file_sha256(path)[:32]}", data_files=str(path),
                                         split="train", **options)
     except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
         raise DataError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
@@ -367,18 +369,6 @@ def _has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def _content_hash(path: Path) -> str:
-    """A hash of the file's bytes, read in 1 MiB blocks: an edit that keeps the size and the modification time
-    (``cp -p``, ``rsync -t``, a coarse-mtime filesystem) still changes it."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -511,11 +501,8 @@ def encoding_cache_dir() -> Path:
 def _encoded_features():
     import datasets
 
-    sequence = getattr(datasets, "List", None) or datasets.Sequence
-    return datasets.Features({"input_ids": sequence(datasets.Value("int64")),
-                              "labels": sequence(datasets.Value("int64")),
-                              "format": datasets.Value("string"), "truncated": datasets.Value("bool"),
-                              "trained": datasets.Value("int64")})
+    return datasets.Features({**token_features(), "format": datasets.Value("string"),
+                              "truncated": datasets.Value("bool"), "trained": datasets.Value("int64")})
 
 
 def _without_nulls(row: Mapping[str, Any]) -> dict[str, Any]:

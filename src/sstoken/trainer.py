@@ -625,10 +625,9 @@ def _trl_sees_no_assistant_only_loss(args):
 
 def _load_tokenizer(model_path: str, args):
     """The tokenizer SFTTrainer would load for a model path (its revision and trust_remote_code)."""
-    from sstoken.models import load_tokenizer
+    from sstoken.models import load_tokenizer, revision_of
 
-    revision = (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
-    return load_tokenizer(model_path, args.trust_remote_code, revision=revision)
+    return load_tokenizer(model_path, args.trust_remote_code, revision=revision_of(args.model_init_kwargs))
 
 
 _CONVERSATION_COLUMNS = ("messages", "prompt", "instruction", "conversations")
