@@ -424,29 +424,19 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
     Through sstoken's head where the model allows it (:mod:`sstoken.lm_head`): only response positions are
     projected, never the full batch × length × vocabulary logits (2 GB for 8 rows of 256 tokens at Gemma's 262k).
     """
-    import torch
-
-    from sstoken.batch import pad_rows
-    from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
+    from sstoken.lm_head import rows_token_nll, use_sstoken_head
     from sstoken.scoring import response_mask_from_labels
 
     fused = use_sstoken_head(model, "held-out NLL") is None
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     means = [math.nan] * len(rows)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = [rows[i] for i in order[start:start + batch_size]]
-            ids, labels, mask = pad_rows(batch, pad)
-            trained = response_mask_from_labels(labels)
-            inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
-            if fused:
-                inputs["sstoken_head"] = HeadRequest(labels=labels.to(model.device),
-                                                     score_mask=trained.to(model.device))
-            nll = output_nll(model(**inputs), labels.to(model.device)).float().cpu()
-            for j, index in enumerate(order[start:start + batch_size]):
-                count = int(trained[j].sum())
-                means[index] = float(nll[j][trained[j]].sum()) / count if count else math.nan
+    for start in range(0, len(order), batch_size):
+        nll, labels = rows_token_nll(model, [rows[i] for i in order[start:start + batch_size]], pad, fused)
+        trained = response_mask_from_labels(labels)
+        for j, index in enumerate(order[start:start + batch_size]):
+            count = int(trained[j].sum())
+            means[index] = float(nll[j].float()[trained[j]].sum()) / count if count else math.nan
     return means
 
 

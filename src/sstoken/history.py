@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sstoken.batch import pad_rows, unwrap_base_model, unwrap_model
+from sstoken.batch import unwrap_base_model, unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path, atomic_write_json, file_sha256
-from sstoken.lm_head import HeadRequest, output_nll, use_sstoken_head
-from sstoken.scoring import response_mask_from_labels
+from sstoken.lm_head import output_nll, rows_token_nll, use_sstoken_head
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -408,7 +407,6 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
                                      data=data_fingerprint(by_key), max_seq_length=int(max_seq_length))
     cache = NLLCache.create_or_resume(path, fingerprints, shard_keys)
     todo = [i for i in range(len(shard_keys)) if shard_keys[i] and not cache.shard_done(i)]
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     own_head = use_sstoken_head(model, "cache") is None
     was_training = model.training
@@ -421,12 +419,7 @@ def build_nll_cache(model, tokenizer, rows: Sequence[dict], path, max_seq_length
             for start in range(0, len(keys), batch_size):
                 batch_keys = keys[start:start + batch_size]
                 lengths = [len(by_key[k]["input_ids"]) for k in batch_keys]
-                ids, labels, mask = pad_rows([by_key[k] for k in batch_keys], pad_id)
-                model_inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-                if own_head:
-                    response = response_mask_from_labels(labels) & mask.bool()
-                    model_inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
-                nll = output_nll(model(**model_inputs), labels.to(device), chunk_size).cpu()
+                nll, _ = rows_token_nll(model, [by_key[k] for k in batch_keys], pad_id, own_head, chunk_size)
                 for r, key in enumerate(batch_keys):
                     values[key] = nll[r, :lengths[r]].clone()
                 bar.update(len(batch_keys))

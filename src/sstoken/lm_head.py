@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from sstoken import scoring
-from sstoken.batch import unwrap_base_model
+from sstoken.batch import pad_rows, unwrap_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -365,3 +365,19 @@ def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.T
     if isinstance(outputs, HeadOutput):
         return outputs.token_nll
     return scoring.token_nll(outputs.logits.detach(), labels, chunk_size)
+
+
+def rows_token_nll(model: torch.nn.Module, rows, pad_id: int, use_head: bool,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """One no-grad forward over a padded batch of encoded rows (dicts with input_ids and labels): the B×T
+    per-token NLL on the CPU and the padded labels. ``use_head``: the model has sstoken's head installed (see
+    :func:`use_sstoken_head`), so only the response positions are projected."""
+    device = next(model.parameters()).device
+    ids, labels, mask = pad_rows(rows, pad_id)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    if use_head:
+        response = scoring.response_mask_from_labels(labels) & mask.bool()
+        inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
+    with torch.no_grad():
+        nll = output_nll(model(**inputs), labels.to(device), chunk_size)
+    return nll.cpu(), labels
