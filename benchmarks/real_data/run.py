@@ -36,6 +36,7 @@ import selection_research  # noqa: E402  (registers the x_* variants)
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
 
 from sstoken.evaluation import DEFAULT_TASKS, default_home, paired_bootstrap  # noqa: E402
+from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental (issue 11): run on request, listed after the rest
@@ -317,9 +318,9 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
     meta = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
     document = {"size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
                 "wall_time_s": sum(r.get("wall_s", 0) for r in results)}
-    (out / "summary.json").write_text(json.dumps(document, indent=1))
+    atomic_write_json(out / "summary.json", document)
     table = markdown_table(summary, tasks)
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
     plot(summary, out / "summary.png", f"Gemma-3-270M base + LoRA on ShareGPT, size {size_name}: "
                                        f"difference from full SFT (95% CI)")
     print(table)
@@ -346,7 +347,7 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
              "train_ids": [r["id"] for r in rows["train"]], "reference_ids": [r["id"] for r in rows["reference"]],
              "held_out_ids": [r["id"] for r in rows["held_out"]], "device": _device_name(),
              "torch_threads": torch.get_num_threads()}
-    (out / "setup.json").write_text(json.dumps(setup, indent=1))
+    atomic_write_json(out / "setup.json", setup)
     caches = home / "bench-caches" / size_name  # derived data, kept out of the repository
     history_cache = reference_cache = None
     todo = [(m, s) for s in seeds for m in methods if not (out / "runs" / _run_name(m, s)).exists()]
@@ -390,8 +391,7 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
                   "wall_s": round(time.time() - started, 1), "device": _device_name(),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         path = out / "runs" / _run_name(method, seed)
-        path.with_suffix(".tmp").write_text(json.dumps(result))
-        path.with_suffix(".tmp").replace(path)
+        atomic_write_json(path, result, indent=None)
         _release(out / "runs", method, seed)
         average = sum(v["score"] for v in scores["tasks"].values()) / len(scores["tasks"])
         print(f"    average {average:.4f}  held-out NLL {sum(scores['held_out_nll']) / len(scores['held_out_nll']):.4f}"
