@@ -185,7 +185,7 @@ def build_noprompt_cache(model, tokenizer, rows, path, max_seq_length: int, devi
     for row in rows:
         labels = row["labels"]
         first = next((t for t, label in enumerate(labels) if label != -100), len(labels))
-        cut = max((t for t in range(first) if row["input_ids"][t] == start_id), default=max(first - 1, 0))
+        cut = selection_research.last_turn_start(row["input_ids"][:first], start_id)
         cuts.append(cut)
         cut_rows.append({"input_ids": row["input_ids"][cut:], "labels": labels[cut:]})
     values = {}

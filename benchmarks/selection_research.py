@@ -391,8 +391,7 @@ class NoPromptCurrentHistory:
             valid = int(layout.valid[b].sum())
             resp = layout.response[b].nonzero().flatten()
             first = int(resp[0]) if len(resp) else valid
-            starts = (ids[b, :first] == self.start_token_id).nonzero().flatten()
-            cut = int(starts[-1]) if len(starts) else max(first - 1, 0)
+            cut = last_turn_start(ids[b, :first].tolist(), self.start_token_id)
             cuts.append(cut)
             rows.append((ids[b, cut:valid], labels[b, cut:valid]))
         width = max(len(r[0]) for r in rows)
@@ -438,6 +437,13 @@ class FullProbe(FullSelector):
     needs_history = True
     needs_attention = True
     needs_reference = True
+
+
+def last_turn_start(prompt_ids: list[int], start_token_id: int) -> int:
+    """Where the last ``<|im_start|>`` of a prompt is (the response's own turn header): the row without its
+    prompt starts there. A prompt without one keeps only its last token."""
+    starts = [t for t, token in enumerate(prompt_ids) if token == start_token_id]
+    return starts[-1] if starts else max(len(prompt_ids) - 1, 0)
 
 
 def auc(noise_scores: torch.Tensor, clean_scores: torch.Tensor) -> float:

@@ -328,3 +328,11 @@ def test_research_summary_pairs_by_seed_with_a_t_interval():
     row = research_summary.table(records, ("full_noisy",)).splitlines()[-1]
     # paired differences -0.1, -0.2, -0.1: mean -0.133, 95% half-width 4.303·0.0577/√3 = 0.143 → no star
     assert row.startswith("| x | 3 | 1.967") and row.endswith("| -0.133 [-0.277, +0.010] |")
+
+
+def test_the_prompt_is_cut_at_its_last_turn_header():
+    from selection_research import last_turn_start
+
+    assert last_turn_start([7, 1, 5, 7, 2, 3], 7) == 3  # the second header starts the response's turn
+    assert last_turn_start([4, 5, 6], 7) == 2  # no header: only the last prompt token stays
+    assert last_turn_start([], 7) == 0
