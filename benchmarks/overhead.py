@@ -1,7 +1,7 @@
 """``python benchmarks/overhead.py``: what token selection costs per training step, side by side with stock TRL.
 
 Run from the repository root (the benchmarks are not part of the installed package); results go to
-``bench/results/`` and the ``## Overhead`` section of ``BENCHMARKS.md``.
+``benchmarks/results/`` and the ``## Overhead`` section of ``BENCHMARKS.md``.
 
 For each sequence length, one batch of demo samples concatenated to that length (real prompt/response
 structure, no padding) is trained on by six variants, each in its own worker process holding its own copy of
@@ -594,7 +594,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-rows", type=int, default=None, help="demo rows for the cache-throughput part")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random model and lengths: checks the benchmark runs (seconds), numbers mean nothing")
-    parser.add_argument("--out", help="JSON file (default <repo>/bench/results/overhead-<device>[-quick].json)")
+    parser.add_argument("--out", help="JSON file (default <repo>/benchmarks/results/overhead-<device>[-quick].json)")
     parser.add_argument("--markdown", help="Markdown file whose '## Overhead' section gets the table "
                         "(default <repo>/BENCHMARKS.md for a full run, none with --quick)")
     parser.add_argument("--no-markdown", action="store_true", help="do not write any Markdown")
@@ -715,7 +715,7 @@ def run(opts) -> dict:
     # Keep the schema keys first in the file for readers.
     result = {"metadata": result.pop("metadata"), **result}
     suffix = "-quick" if opts.quick else ""
-    out = opts.out or str(REPO_ROOT / "bench" / "results" / f"overhead-{opts.device}{suffix}.json")
+    out = opts.out or str(REPO_ROOT / "benchmarks" / "results" / f"overhead-{opts.device}{suffix}.json")
     common.write_json(out, result)
     _log(f"wrote {out}")
     default_md = None if opts.quick else str(REPO_ROOT / "BENCHMARKS.md")

@@ -19,7 +19,7 @@ quarter of the steps, which shows the cold start of REL).
 The model is loaded once per process and deep-copied per run: loading SmolLM2 costs ~40 s on CPU.
 
 Run from the repository root (the benchmarks are not part of the installed package); the default output is
-``bench/results/quality.json`` in the repository.
+``benchmarks/results/quality.json`` in the repository.
 """
 
 from __future__ import annotations
@@ -802,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                              " medium: a 4-layer hidden-256 llama with more data and steps (for a GPU);"
                              " smollm2: the embedded SmolLM2-135M (needs far more compute)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS),
                         help="a subset of methods (default: all but the experimental x_* variants)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -467,14 +467,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", choices=DEFAULT_TASKS, default=list(DEFAULT_TASKS))
     parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/real-<size>)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/real-<size>)")
     parser.add_argument("--report-only", action="store_true", help="aggregate saved results, train nothing")
     parser.add_argument("--caches-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the work, one thread each (on a CPU: one per core)")
     ns = parser.parse_args(argv)
-    out = ns.out or REPO / "bench" / "results" / f"real-{ns.size}"
+    out = ns.out or REPO / "benchmarks" / "results" / f"real-{ns.size}"
     home = (ns.home or default_home()).expanduser()
     if not ns.report_only and ns.workers > 1:
         _run_workers(ns, argv if argv is not None else sys.argv[1:])

@@ -1,7 +1,7 @@
 """Peak RSS of one training step of one variant, in this process (issue 12: before/after the fused LM head).
 
     PYTHONPATH=<sstoken tree>/src OMP_NUM_THREADS=1 nice -n 10 \
-        python bench/peak_step_memory.py --variant sstoken-online --model-dir <dir> --seq-len 1024
+        python benchmarks/peak_step_memory.py --variant sstoken-online --model-dir <dir> --seq-len 1024
 
 ``--model-dir`` holds a config and a tokenizer; the weights are random (``common.load_bench_model`` with
 ``random_init``), e.g. the gemma-3-270m-shaped directory of ``common.large_vocab_checkpoint``. The step is the
@@ -37,7 +37,7 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     import sstoken
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common
     import overhead
 

@@ -3,13 +3,13 @@
 #
 # Two steps, both from the repository root:
 #
-#   1. here, once:          bash bench/gpu_overhead.sh prepare
+#   1. here, once:          bash benchmarks/gpu/overhead.sh prepare
 #      - .whl/overhead/          the project's Python dependencies the GPU image lacks or has at another version
 #                                (transformers, trl, peft, datasets, dill, multiprocess), as wheels for Python 3.12
 #      - .cache/bench-smollm2/   SmolLM2-135M-Instruct's config and tokenizer, no weights (4 MB)
 #      Both folders are git-ignored and travel only when named in `carry`.
 #
-#   2. on the device:       run(command="bash bench/gpu_overhead.sh", carry=[".whl/overhead", ".cache/bench-smollm2"],
+#   2. on the device:       run(command="bash benchmarks/gpu/overhead.sh", carry=[".whl/overhead", ".cache/bench-smollm2"],
 #                               timeout_s=540)
 #      Results come back from $OUT: overhead-cuda.json, overhead-cuda.md (the table for BENCHMARKS.md), log.txt.
 #
@@ -18,7 +18,7 @@
 # time and memory depend on the shapes, not on the values. Nothing is installed beyond the project's own
 # dependencies, into /tmp/site, and the project runs from src/ (the same code `pip install -e .` would install).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 MODEL_DIR=.cache/bench-smollm2
 WHEEL_DIR=.whl/overhead  # a folder of its own: other tools keep other versions in .whl/
@@ -45,7 +45,7 @@ EOF
     exit 0
 fi
 
-OUT=${OUT:-bench/results}
+OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -1,6 +1,6 @@
 """CPU seconds of the LM head alone, forward + backward, for one T-token row (issue 12).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python bench/head_speed.py --vocab 49152 --hidden 576 --repeats 2
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/head_speed.py --vocab 49152 --hidden 576 --repeats 2
 
 What each variant does with the backbone's hidden states H (1×T×d, with gradient) and a frozen head W (V×d, as
 under LoRA), the first 25% of the row being prompt and ρ = 0.6 of the response kept (random, fixed seed):
