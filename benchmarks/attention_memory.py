@@ -1,6 +1,6 @@
 """Memory of the attention share itself against eager attention maps, for one layer, at growing lengths.
 
-``share``: :func:`sstoken.attention.context_share_from_qk` on random post-RoPE query/key tensors of
+``share``: :func:`sstoken.selection.attention.context_share_from_qk` on random post-RoPE query/key tensors of
 SmolLM2-135M's shape (9 query heads, 3 KV heads, head dim 64). It works ``chunk_size`` query rows at a time, so
 its temporaries are O(H·chunk·T): linear in T.
 
@@ -51,7 +51,7 @@ def _measure_main(conn, method: str, seq_len: int, device: str) -> None:
     try:
         import torch
 
-        from sstoken.attention import context_share_from_qk
+        from sstoken.selection.attention import context_share_from_qk
 
         query, key, context, valid = _inputs(seq_len, device)
         memory = common.PeakMemory(device)

@@ -1,7 +1,7 @@
 """``sstoken cache`` throughput against a plain no-grad forward over the same batches.
 
 Both sides see identical batches: the cache builder's own plan (unique samples sorted by length, cut into
-batches of ``batch_size``, right-padded). The cache side is the whole :func:`sstoken.history.build_nll_cache`
+batches of ``batch_size``, right-padded). The cache side is the whole :func:`sstoken.selection.history.build_nll_cache`
 call into a fresh directory (fingerprints, per-token NLL, shard writes with checksums, the verifying re-open);
 the plain side is only ``model(input_ids, attention_mask)`` under ``torch.no_grad()``. Runs alternate after a
 warm-up of each, in one process with one loaded model.
@@ -19,7 +19,7 @@ import common
 
 def _batches(rows, batch_size: int, pad_id: int):
     from sstoken.batch import pad_rows
-    from sstoken.history import plan_shards, sample_key
+    from sstoken.selection.nll_cache import plan_shards, sample_key
 
     by_key = {sample_key(r["input_ids"]): r for r in rows}
     ordered = [key for shard in plan_shards(rows, shard_size=1024) for key in shard]
@@ -34,9 +34,9 @@ def _measure_main(conn, spec: dict) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-        from sstoken.data import load_training_rows
-        from sstoken.history import build_nll_cache
+        from sstoken.data.sources import load_training_rows
         from sstoken.models import load_tokenizer
+        from sstoken.selection.nll_cache import build_nll_cache
 
         device = "cuda" if spec["device"] == "cuda" else "cpu"
         tokenizer = load_tokenizer(spec["model_dir"])

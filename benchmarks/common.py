@@ -135,7 +135,7 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------------------------- processes
-_PRELOAD = ["torch", "transformers", "peft", "trl", "sstoken.trainer", "sstoken.history", "sstoken.attention",
+_PRELOAD = ["torch", "transformers", "peft", "trl", "sstoken.training.trainer", "sstoken.selection.history", "sstoken.selection.attention",
             "overhead", "attention_memory", "cache_throughput"]
 
 

@@ -9,7 +9,7 @@ under LoRA), the first 25% of the row being prompt and ρ = 0.6 of the response 
   without gradient from them (``scoring.token_nll``), cross-entropy of the kept rows with gradient;
 * ``trl-fused``: TRL's fused head as called on a CPU (``add_fused_lm_head``: every position scored, labels
   outside the response −100), current NLL = −log_probs, loss = −Σ kept log_probs;
-* ``sstoken``: :func:`sstoken.lm_head.head_outputs` (response rows no-grad, kept rows' backward).
+* ``sstoken``: :func:`sstoken.selection.lm_head.head_outputs` (response rows no-grad, kept rows' backward).
 
 Each variant runs once untimed, then ``--repeats`` times; prints one JSON line with the median CPU seconds.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     import torch.nn.functional as F
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
-    from sstoken import lm_head, scoring
+    from sstoken.selection import lm_head, scoring
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import common
 
-from sstoken.data import demo_data_path
+from sstoken.demo import DEMO_DATA
 
 VARIANTS = ("trl", "plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
 BASELINE = "trl"
@@ -62,7 +62,7 @@ def bench_rows(tokenizer, data_path: str, seq_len: int, batch_size: int) -> list
     and fills the row, so that a length-T row costs a length-T step (padding would not). Row b starts at a
     different sample so the rows of a batch differ.
     """
-    from sstoken.data import load_training_rows
+    from sstoken.data.sources import load_training_rows
 
     # Samples are read whole (a generous limit) and cut only after concatenation.
     samples, _ = load_training_rows(data_path, tokenizer, max_seq_length=max(seq_len, 4096))
@@ -98,10 +98,10 @@ def _reference_style_trainer_class():
     import torch
     import torch.nn.functional as F
 
-    from sstoken import scoring
-    from sstoken.history import base_weights
-    from sstoken.signals import BatchLayout, model_inputs_of
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.selection import scoring
+    from sstoken.selection.history import base_weights
+    from sstoken.selection.signals import BatchLayout, model_inputs_of
+    from sstoken.training.trainer import SSTokenTrainer
 
     def kept_cross_entropy(logits, labels, keep):
         rows, cols = keep.nonzero(as_tuple=True)
@@ -140,12 +140,12 @@ def _reference_style_trainer_class():
 def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
     import torch
     from peft import LoraConfig
-
-    from sstoken.data import to_hf_dataset
-    from sstoken.models import load_tokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+    from sstoken.data.encoding import to_hf_dataset
+    from sstoken.models import load_tokenizer
+    from sstoken.training.config import SSTokenConfig
+    from sstoken.training.trainer import SSTokenTrainer
 
     variant = spec["variant"]
     tokenizer = load_tokenizer(spec["model_dir"])
@@ -269,7 +269,7 @@ def _worker_main(conn, spec: dict) -> None:
         timed = spec["device"] != "cuda" and spec["variant"].startswith("sstoken-")
         trainer = _build_trainer(spec, rows, part_timer=timer if timed else None)
         batch = _collate(rows, "cuda" if spec["device"] == "cuda" else "cpu")
-        from sstoken import scoring
+        from sstoken.selection import scoring
 
         response = int(scoring.response_mask_from_labels(batch["labels"]).sum())
         conn.send(("ready", {"response_tokens": response, "tokens": int(batch["input_ids"].numel())}))
@@ -300,8 +300,8 @@ def _cache_builder_main(conn, spec: dict) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-        from sstoken.history import build_nll_cache
         from sstoken.models import load_tokenizer
+        from sstoken.selection.nll_cache import build_nll_cache
 
         tokenizer = load_tokenizer(spec["model_dir"])
         rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
@@ -668,7 +668,7 @@ def run(opts) -> dict:
 
                 opts.data = write_tiny_jsonl(workdir / "tiny.jsonl", n_rows=32)
             else:
-                opts.data = demo_data_path()
+                opts.data = str(DEMO_DATA)
         if "steps" in opts.parts:
             result["records"] = run_steps(opts, model_dir, workdir)
         if "attention" in opts.parts:
@@ -697,7 +697,7 @@ def run(opts) -> dict:
         "settings": {
             "model": _model_description(opts),
             "data": "tiny generated rows (sstoken.testing)" if opts.quick and opts.data.endswith("tiny.jsonl")
-            else ("demo.jsonl (sstoken/demo)" if opts.data == demo_data_path() else opts.data),
+            else ("demo.jsonl (sstoken/demo)" if opts.data == str(DEMO_DATA) else opts.data),
             "seq_lens": opts.seq_lens,
             "batch_size": opts.batch_size,
             "repeats": opts.repeats,

@@ -41,13 +41,15 @@ def main() -> None:
     import common
     import overhead
 
-    from sstoken.data import demo_data_path, to_hf_dataset
-    from sstoken.history import build_nll_cache
+    from sstoken.data.encoding import to_hf_dataset
+    from sstoken.demo import DEMO_DATA
     from sstoken.models import load_tokenizer
-    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+    from sstoken.selection.nll_cache import build_nll_cache
+    from sstoken.training.config import SSTokenConfig
+    from sstoken.training.trainer import SSTokenTrainer
 
     tokenizer = load_tokenizer(args.model_dir)
-    rows = overhead.bench_rows(tokenizer, demo_data_path(), args.seq_len, 1)
+    rows = overhead.bench_rows(tokenizer, str(DEMO_DATA), args.seq_len, 1)
     model = common.load_bench_model(args.model_dir, random_init=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = str(Path(tmp) / "cache")

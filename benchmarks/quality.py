@@ -123,7 +123,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------------ encoding
 def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = False):
     """Rows {input_ids, labels} and a parallel list of per-token noise flags (kind or None) per row."""
-    from sstoken.data import render_chat, encode_row
+    from sstoken.data.encoding import encode_row
+    from sstoken.data.templates import render_chat
 
     rows, flags = [], []
     for ex in examples:
@@ -155,8 +156,13 @@ def encode_examples(examples, tokenizer, max_seq_length: int, clean: bool = Fals
 
 
 def _write_cache(values: dict, rows, tokenizer, path, max_seq_length: int, model_name: str):
-    from sstoken.history import (CacheFingerprints, NLLCache, data_fingerprint, plan_shards,
-                                 tokenizer_fingerprint)
+    from sstoken.selection.nll_cache import (
+        CacheFingerprints,
+        NLLCache,
+        data_fingerprint,
+        plan_shards,
+        tokenizer_fingerprint,
+    )
 
     shard_keys = plan_shards(rows, 1024)
     fingerprints = CacheFingerprints(model=model_name, tokenizer=tokenizer_fingerprint(tokenizer),
@@ -175,9 +181,9 @@ def build_noprompt_cache(model, tokenizer, rows, path, max_seq_length: int, devi
     NLL(no prompt) − NLL(with prompt), for the ``x_grounded`` research selector (read as its reference NLL)."""
     import torch
 
-    from sstoken import scoring
     from sstoken.batch import pad_rows
-    from sstoken.history import sample_key
+    from sstoken.selection import scoring
+    from sstoken.selection.nll_cache import sample_key
 
     start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -209,7 +215,7 @@ def build_noise_cache(rows, flags, tokenizer, path, max_seq_length: int):
     lookup (by sample key, aligned to the predicted token, as KeepRecorder counts it)."""
     import torch
 
-    from sstoken.history import sample_key
+    from sstoken.selection.nll_cache import sample_key
 
     values = {}
     for row, row_flags in zip(rows, flags):
@@ -228,7 +234,7 @@ class KeepRecorder:
         self.unmatched = 0
 
     def add(self, input_ids, valid, response, keep, progress: float):
-        from sstoken.history import sample_key
+        from sstoken.selection.nll_cache import sample_key
 
         phases = ["all"] + (["first_quarter"] if progress < 0.25 else []) + (["last_quarter"] if progress >= 0.75
                                                                             else [])
@@ -280,7 +286,7 @@ class SignalRecorder:
     def __call__(self, event) -> None:
         import torch
 
-        from sstoken.history import sample_key
+        from sstoken.selection.nll_cache import sample_key
 
         s = event.signals
         input_ids = event.inputs["input_ids"].cpu()
@@ -342,8 +348,8 @@ def _eval_nll(model, rows, pad_id: int, device: str, batch_size: int = 16) -> fl
     """Mean per-token NLL of the clean reference responses (token-weighted over the whole test set)."""
     import torch
 
-    from sstoken import scoring
     from sstoken.batch import pad_rows
+    from sstoken.selection import scoring
 
     total, count = 0.0, 0
     model.eval()
@@ -362,7 +368,7 @@ def _eval_nll(model, rows, pad_id: int, device: str, batch_size: int = 16) -> fl
 def _greedy(model, tokenizer, examples, max_new_tokens: int, device: str, batch_size: int = 40) -> list[str]:
     import torch
 
-    from sstoken.data import render_chat
+    from sstoken.data.templates import render_chat
 
     model.eval()
     outputs = []
@@ -391,7 +397,7 @@ def _trainable_copy(base):
 
 
 def _config(size: Size, out_dir: str, seed: int, device: str, **overrides):
-    from sstoken.trainer import SSTokenConfig
+    from sstoken.training.config import SSTokenConfig
 
     kwargs = dict(output_dir=out_dir, max_steps=size.max_steps, per_device_train_batch_size=size.batch_size,
                   learning_rate=size.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
@@ -411,7 +417,7 @@ def _lora(size: Size):
 
 def _trainer_class(history_source: str | None, tokenizer):
     """SSTokenTrainer, or (research, issue 11) a subclass whose history NLL comes from another source."""
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.training.trainer import SSTokenTrainer
 
     if history_source is None:
         return SSTokenTrainer
@@ -432,7 +438,7 @@ def _trainer_class(history_source: str | None, tokenizer):
 def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: str,
            recorder: KeepRecorder | None = None, history_source: str | None = None, signal_recorder=None,
            **overrides):
-    from sstoken.data import to_hf_dataset
+    from sstoken.data.encoding import to_hf_dataset
 
     trainer = _trainer_class(history_source, tokenizer)(model=_trainable_copy(base), args=_config(size, out_dir, seed, device, **overrides),
                              train_dataset=to_hf_dataset(rows), processing_class=tokenizer, peft_config=_lora(size),
@@ -444,10 +450,10 @@ def _train(base, tokenizer, rows, size: Size, out_dir: str, seed: int, device: s
 # ------------------------------------------------------------------------------------------------ driver
 def _small_tokenizer(vocab_size: int):
     """Byte-level BPE with ChatML specials, trained on text of the task world (names/cities are one token)."""
+    from tasks import tokenizer_corpus
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks import tokenizer_corpus
     from sstoken.testing import CHATML_TEMPLATE
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -469,9 +475,8 @@ def _small_base(log, device: str, arch: str = "small"):
     import random
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
     from tasks import pretraining_document
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     SMALL_MODEL = ARCHS[arch]  # noqa: N806 (the architecture table of this size)
     spec = json.dumps(SMALL_MODEL, sort_keys=True) + "|v1"
@@ -533,7 +538,7 @@ def run_seed(base, tokenizer, size: Size, seed: int, methods: list[str], work: P
              device: str) -> list[dict]:
     import torch
 
-    from sstoken.history import build_nll_cache, sample_key
+    from sstoken.selection.nll_cache import build_nll_cache, sample_key
 
     torch.manual_seed(seed)
     splits = make_splits(size.n_train, size.n_test, seed, size.noise)
@@ -720,7 +725,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 def run_quality(args) -> int:
     """Entry point of the quality benchmark (args: tiny, seeds, out, methods, plot, keep_work)."""
     warnings.filterwarnings("ignore")
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "sstoken.trainer", "sstoken.history"):
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "sstoken.training.trainer", "sstoken.selection.history"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     device = getattr(args, "device", None) or "cpu"
     kind = "tiny" if args.tiny else getattr(args, "model", None) or "small"

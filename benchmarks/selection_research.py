@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from sstoken import scoring
-from sstoken.selection import FullSelector, Selector, Signals, SSTokenSelector
+from sstoken.selection import scoring
+from sstoken.selection.selectors import FullSelector, Selector, Signals, SSTokenSelector
 
 
 def position_baseline(response_mask: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ for _recall in (0.5, 0.8, 1.0):
 
 
 class NoPromptCurrentHistory:
-    """A history source (sstoken.signals.HistorySource protocol) for ``x_grounded_cur``: the *current* model's
+    """A history source (sstoken.selection.signals.HistorySource protocol) for ``x_grounded_cur``: the *current* model's
     per-token NLL of the response with the system and user turns cut off (each row from its last
     ``<|im_start|>`` before the response), at the response positions of the full row; no gradient, eval mode.
 
@@ -487,7 +487,7 @@ class PlausibleGlobalVariant(Selector):
         self.threshold = threshold
 
     def prepare(self, dataset, history_cache, reference_cache) -> None:
-        from sstoken.history import sample_key
+        from sstoken.selection.nll_cache import sample_key
 
         scores = []
         for example in dataset:

@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def private_encoding_cache(tmp_path_factory):
     """sstoken caches encoded data in the user's datasets cache; the tests encode many short-lived files, so their
     encodings go to a session folder instead."""
-    from sstoken import sources
+    from sstoken.data import sources
 
     folder = tmp_path_factory.mktemp("encoded")
     with pytest.MonkeyPatch.context() as patch:
@@ -45,14 +45,14 @@ def private_encoding_cache(tmp_path_factory):
 def rendered_messages(monkeypatch):
     """Counts the messages the data code renders with the chat template (``counter["messages"]``): long-chat tests
     check that the work grows with the row, not with its square."""
-    from sstoken import data
+    from sstoken.data import templates
 
     counter = {"messages": 0}
-    real_render = data.render_chat
+    real_render = templates.render_chat
 
     def counting_render(tokenizer, messages, add_generation_prompt, **kwargs):
         counter["messages"] += len(messages)
         return real_render(tokenizer, messages, add_generation_prompt, **kwargs)
 
-    monkeypatch.setattr(data, "render_chat", counting_render)
+    monkeypatch.setattr(templates, "render_chat", counting_render)
     return counter

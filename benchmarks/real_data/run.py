@@ -35,7 +35,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 import selection_research  # noqa: E402  (registers the x_* variants)
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
 
-from sstoken.evaluation import DEFAULT_TASKS, default_home, paired_bootstrap  # noqa: E402
+from sstoken.evaluation.stats import paired_bootstrap  # noqa: E402
+from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
 from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
@@ -80,7 +81,7 @@ SIZES = {
 # --------------------------------------------------------------------------------------------- data
 def select_rows(pool_path: Path, tokenizer, size: Size) -> dict[str, list[dict]]:
     """held_out, train and reference rows, encoded; rows that would need truncation are skipped, not cut."""
-    from sstoken.data import encode_row
+    from sstoken.data.encoding import encode_row
 
     held_out, train, candidates = [], [], []
     with pool_path.open(encoding="utf-8") as handle:
@@ -135,8 +136,9 @@ def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: 
     """One LoRA fine-tune with token selection; returns (merged model, training log summary)."""
     from peft import LoraConfig
 
-    from sstoken.data import to_hf_dataset
-    from sstoken.trainer import SSTokenConfig, SSTokenTrainer
+    from sstoken.data.encoding import to_hf_dataset
+    from sstoken.training.config import SSTokenConfig
+    from sstoken.training.trainer import SSTokenTrainer
 
     cuda = _device() == "cuda"
     config = SSTokenConfig(
@@ -170,7 +172,7 @@ def _mean(values) -> float | None:
 
 
 def build_cache(model, tokenizer, rows: list[dict], path: Path, size: Size) -> str:
-    from sstoken.history import build_nll_cache
+    from sstoken.selection.nll_cache import build_nll_cache
 
     build_nll_cache(model, tokenizer, _plain(rows), str(path), size.max_length, batch_size=8, progress=False)
     return str(path)
@@ -180,7 +182,8 @@ def build_cache(model, tokenizer, rows: list[dict], path: Path, size: Size) -> s
 def evaluate(model, tokenizer, held_out: list[dict], tasks_dir: Path, tasks: list[str], size: Size) -> dict:
     import torch
 
-    from sstoken.evaluation import held_out_nll, run_lm_eval
+    from sstoken.evaluation.harness import run_lm_eval
+    from sstoken.evaluation.held_out import held_out_nll
 
     nll = held_out_nll(model, _plain(held_out), batch_size=size.eval_batch_size)
     if _device() == "cpu":

@@ -13,6 +13,10 @@ class ConfigError(SSTokenError):
     """A configuration value that cannot work, detected before training starts."""
 
 
+class ReportError(SSTokenError):
+    """A run directory or inspection input that cannot be reported on."""
+
+
 # Messages quote values that come from users' files. They must stay one short line whatever the input: a YAML
 # alias bomb expands to gigabytes when printed, an integer can have more digits than Python will convert, and a
 # file name can hold terminal escape sequences.

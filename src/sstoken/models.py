@@ -116,7 +116,7 @@ def load_model(name_or_path: str | None, dtype: str | None = None, attn_implemen
     except (OSError, ValueError, ImportError, TypeError) as exc:  # ImportError: e.g. flash_attention_2 missing
         raise ConfigError(f"cannot load model {name_or_path!r}: {exc}") from exc
     if gguf:
-        _forget_gguf_quantization(model)
+        forget_gguf_quantization(model)
     return model
 
 
@@ -162,7 +162,7 @@ def kbit_device_map() -> dict:
     return {"": PartialState().local_process_index}
 
 
-def _forget_gguf_quantization(model) -> None:
+def forget_gguf_quantization(model) -> None:
     """GGUF weights are de-quantized to ordinary tensors on load, but the model still says it is quantized,
     which makes the Trainer refuse it. The tensors are plain floats, so the marker is dropped."""
     model.hf_quantizer = None

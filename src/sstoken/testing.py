@@ -111,7 +111,7 @@ def random_rows(prompt_lengths: list[int], response_lengths: list[int], seed: in
 
 def tiny_training_args(output_dir, **settings):
     """SSTokenConfig for a quick CPU run: no reports, no checkpoints, seed 0; ``settings`` override these."""
-    from sstoken.trainer import SSTokenConfig
+    from sstoken.training.config import SSTokenConfig
 
     config = dict(output_dir=str(output_dir), report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   dataloader_num_workers=0)
@@ -131,7 +131,7 @@ def tiny_trainer(output_dir, rows: list[dict], model=None, lora: bool = True, **
     :func:`tiny_training_args` (``settings`` override them) and :func:`tiny_lora` unless ``lora=False``."""
     from datasets import Dataset
 
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.training.trainer import SSTokenTrainer
 
     return SSTokenTrainer(model=model if model is not None else tiny_model("llama"),
                           args=tiny_training_args(output_dir, **settings), train_dataset=Dataset.from_list(rows),

@@ -1,6 +1,6 @@
 """Train a tiny model for a few steps with ssToken selection and record what every micro-batch did.
 
-Run by ``tests/test_distributed.py`` in two ways that must agree:
+Run by ``tests/training/test_distributed.py`` in two ways that must agree:
 
 * under ``accelerate launch --num_processes 2 --cpu`` (gloo DDP), ``--grad-accum 1``: each rank writes
   ``<workdir>/<case>-rank<r>.pt``;
@@ -47,7 +47,7 @@ def make_rows(n_rows: int = N_ROWS, seed: int = 1) -> list[dict]:
 
 def build_cache(workdir: str) -> str:
     """Base-model NLL cache of the training rows (what `sstoken cache` writes)."""
-    from sstoken.history import build_nll_cache
+    from sstoken.selection.nll_cache import build_nll_cache
     from sstoken.testing import tiny_model, tiny_tokenizer
 
     path = os.path.join(workdir, "cache")
@@ -57,9 +57,9 @@ def build_cache(workdir: str) -> str:
 
 
 def _recording_trainer_class():
-    from sstoken.history import iter_samples, sample_key
-    from sstoken.signals import BatchLayout
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.selection.nll_cache import iter_samples, sample_key
+    from sstoken.selection.signals import BatchLayout
+    from sstoken.training.trainer import SSTokenTrainer
 
     class RecordingTrainer(SSTokenTrainer):
         """Records, per micro-batch: step, sample keys, keep mask, kept NLL sum, kept count, loss, denominator."""
@@ -101,7 +101,7 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
     from peft import LoraConfig
 
     from sstoken.testing import tiny_model, tiny_tokenizer
-    from sstoken.trainer import SSTokenConfig
+    from sstoken.training.config import SSTokenConfig
 
     lora = case in ("base",)
     args = SSTokenConfig(
@@ -212,7 +212,7 @@ def run_fsdp_ema(workdir: str) -> dict:
     from torch.distributed.tensor import DTensor
 
     from sstoken.errors import ConfigError
-    from sstoken.history import EMAHistory, history_forward_nll
+    from sstoken.selection.history import EMAHistory, history_forward_nll
     from sstoken.testing import tiny_model
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))

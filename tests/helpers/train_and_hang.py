@@ -27,8 +27,8 @@ def main() -> int:
         raise SystemExit(f"unknown hang point {hang_at!r}; expected save:N")
     step = int(hang_at.split(":", 1)[1])
 
-    from sstoken import cli
-    from sstoken.trainer import SSTokenTrainer
+    from sstoken.cli import main
+    from sstoken.training.trainer import SSTokenTrainer
 
     original_save = SSTokenTrainer._save_optimizer_and_scheduler
 
@@ -41,7 +41,7 @@ def main() -> int:
         return original_save(self, output_dir)
 
     SSTokenTrainer._save_optimizer_and_scheduler = save_then_hang
-    return cli.main(argv)
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+import sys
+
+from sstoken.cli import main
+
+sys.exit(main())

@@ -1,0 +1,383 @@
+"""Per-token NLL and the kept-token loss straight from the hidden states: no B×T×V logits, and no extra work.
+
+A causal LM's head is ``logits = softcap(H·Wᵀ + b)`` (softcap: Gemma 2/3's ``final_logit_softcapping``, else
+the identity). sstoken needs two things from it, and neither needs the full logits:
+
+1. the current NLL of the *response* tokens, without gradient, to select tokens: their rows of H are projected
+   a chunk at a time (at most :func:`rows_per_chunk` rows, at most 128 MiB of logits on a CPU), keeping the row's
+   log-sum-exp and its label's logit;
+2. the loss, the NLL of the *kept* tokens with gradient. Its value is already known from (1); its gradient
+   (softmax − one-hot, through the softcap, times W) needs the kept rows' logits again, which the backward of
+   :class:`_KeptRowsNLL` recomputes chunk by chunk from the log-sum-exp of (1).
+
+So the head costs one projection of the response rows forward and two of the kept rows backward (three with a
+trainable W), against one of all B×T rows forward and one or two backward for the full logits: with the prompt
+and 40% of the response skipped, less. TRL's fused LM head (``add_fused_lm_head``) also avoids the logits, but
+projects every labelled row in the forward and again in the backward, with several passes per tile on a CPU.
+
+The model is patched (:func:`add_sstoken_head`) so that ``model(..., sstoken_head=HeadRequest(...))`` does all
+this inside its forward: DDP sees the loss come out of the forward, and the selection (``HeadRequest.select``)
+runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
+and the caller uses the model's full logits instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from sstoken.batch import pad_rows, unwrap_base_model
+from sstoken.selection import scoring
+
+logger = logging.getLogger(__name__)
+
+# Float32 logits of one chunk. Each chunk streams all of W (670 MB at vocab 262k, fp32), so too few rows make
+# the projection memory-bound: on a CPU, 128 MiB (128 rows at 262k, 682 at 49k) instead of 32 MiB took the head
+# from 1.01× to 0.87× the full logits' time at 262k (BENCHMARKS.md), and its few chunk-sized temporaries stay well
+# below the 1 GiB of full logits at T=1024 (and below the tiles of TRL's fused head). Accelerators get bigger chunks, as their matmuls need more rows to be efficient
+# (reasoned, not yet measured).
+LOGITS_CHUNK_BYTES = {"cpu": 128 * 2**20}
+DEFAULT_LOGITS_CHUNK_BYTES = 512 * 2**20
+# Tokens of the one-off forward that checks this head reproduces the model's own logits.
+PROBE_TOKENS = 4
+
+
+# ----------------------------------------------------------------------------------------------- pure maths
+def rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
+    """Rows of float32 logits that fit in ``chunk_bytes`` (at least one)."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def chunk_rows_for(weight: torch.Tensor) -> int:
+    bytes_ = LOGITS_CHUNK_BYTES.get(weight.device.type, DEFAULT_LOGITS_CHUNK_BYTES)
+    return rows_per_chunk(weight.shape[0], bytes_)
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            softcap: float | None) -> torch.Tensor:
+    """Float32 logits of ``hidden`` rows, computed in the model's dtype exactly as its forward does."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+def logit_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy of the predicted distribution, whether ``targets`` is its argmax) per row of float32 ``logits``
+    (N×V) whose log-sum-exp is ``lse``: TRL's ``entropy`` and ``mean_token_accuracy`` metrics, per token."""
+    probs = (logits - lse[:, None]).exp()
+    entropy = lse - (probs * logits).sum(-1)  # -Σ p·log p, with log p = logit - lse
+    return entropy, logits.argmax(-1) == targets
+
+
+@dataclass
+class RowStats:
+    """Per-row metrics of :func:`label_nll_and_lse` with ``stats=True`` (float32 entropy, bool argmax hit)."""
+
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+
+
+@torch.no_grad()
+def label_nll_and_lse(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, softcap: float | None,
+                      chunk_rows: int, stats: bool = False):
+    """(NLL of ``targets``, log-sum-exp) per row of ``hidden`` (N×d), both float32, ``chunk_rows`` rows at a time.
+
+    With ``stats``, a third value: :class:`RowStats` computed from the same chunks of logits (two more passes over
+    each chunk, which is why the trainer asks for them only on logging steps)."""
+    n = hidden.shape[0]
+    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    row_stats = RowStats(entropy=torch.empty(n, dtype=torch.float32, device=hidden.device),
+                         is_top1=torch.empty(n, dtype=torch.bool, device=hidden.device)) if stats else None
+    for start in range(0, n, chunk_rows):
+        stop = start + chunk_rows
+        logits = project(hidden[start:stop], weight, bias, softcap)
+        lse[start:stop] = torch.logsumexp(logits, dim=-1)
+        nll[start:stop] = lse[start:stop] - logits.gather(1, targets[start:stop, None]).squeeze(1)
+        if row_stats is not None:
+            row_stats.entropy[start:stop], row_stats.is_top1[start:stop] = logit_stats(
+                logits, lse[start:stop], targets[start:stop])
+    return (nll, lse, row_stats) if stats else (nll, lse)
+
+
+class _KeptRowsNLL(torch.autograd.Function):
+    """NLL of ``targets`` per row of ``hidden``, with gradient, from the values ``label_nll_and_lse`` returned.
+
+    The forward computes nothing (the NLL is known); the backward recomputes one chunk of logits at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, nll, lse, softcap, chunk_rows):
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
+        # The backward must recompute the logits in the precision ``lse`` came from (bf16 under mixed precision),
+        # and autograd runs it outside the forward's autocast.
+        device_type = hidden.device.type
+        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type))
+        return nll.clone()
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        with torch.autocast(**ctx.autocast):
+            return _KeptRowsNLL._backward(ctx, grad_nll)
+
+    @staticmethod
+    def _backward(ctx, grad_nll):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        softcap, chunk_rows = ctx.softcap, ctx.chunk_rows
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = start + chunk_rows
+            h = hidden[start:stop].to(weight.dtype)
+            # In place on the one chunk-sized buffer: at a 262k vocabulary the passes over it cost as much as
+            # the matmuls.
+            grad_logits = project(h, weight, bias, softcap)
+            # d(c·tanh(x/c))/dx = 1 − tanh²(x/c), and the capped logit is c·tanh(x/c)
+            softcap_slope = None if softcap is None else 1.0 - (grad_logits / softcap) ** 2
+            # d NLL / d logit = softmax − one-hot(target)
+            grad_logits.sub_(lse[start:stop, None]).exp_()
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[start:stop]] -= 1.0
+            grad_logits.mul_(grad_nll[start:stop, None])
+            if softcap_slope is not None:
+                grad_logits.mul_(softcap_slope)
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = (grad_logits @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h).float()
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def kept_rows_nll(hidden: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, lse: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+                  chunk_rows: int) -> torch.Tensor:
+    """``nll`` (from :func:`label_nll_and_lse` on the same rows) with the gradient of the cross-entropy."""
+    return _KeptRowsNLL.apply(hidden, weight, bias, targets, nll, lse, softcap, chunk_rows)
+
+
+# ----------------------------------------------------------------------------------------------- the model call
+@dataclass
+class HeadRequest:
+    """What ``model(..., sstoken_head=...)`` computes. B×T tensors aligned to the predicted token.
+
+    ``score_mask``: tokens whose NLL is computed (the response; column 0 is never scored). ``select``: given the
+    B×T no-grad NLL, the keep mask (a subset of ``score_mask``) whose summed NLL, with gradient, is the loss;
+    None computes the NLL only (history passes, ``sstoken cache``).
+    """
+
+    labels: torch.Tensor
+    score_mask: torch.Tensor
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    stats: bool = False  # also the entropy / argmax-accuracy sums over score_mask (TRL's logged metrics)
+
+
+@dataclass
+class HeadOutput(ModelOutput):
+    token_nll: torch.Tensor | None = None  # B×T float32, no gradient; 0 outside score_mask
+    keep: torch.Tensor | None = None
+    kept_nll_sum: torch.Tensor | None = None  # with gradient
+    entropy_sum: torch.Tensor | None = None  # over score_mask, when HeadRequest.stats
+    top1_count: torch.Tensor | None = None  # tokens of score_mask that are the argmax, when HeadRequest.stats
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, as the model's own forward returns it
+
+
+def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None,
+                 request: HeadRequest) -> HeadOutput:
+    """Steps (1) and (2) of the module docstring on the backbone's B×T×d ``hidden`` states."""
+    weight, bias = head.weight, head.bias
+    device = weight.device
+    hidden = hidden.to(device)  # a model split across devices (device_map) may end elsewhere than its head
+    score_mask = request.score_mask.to(device).clone()
+    score_mask[:, 0] = False
+    batch_rows, positions = score_mask.nonzero(as_tuple=True)
+    targets = request.labels.to(device)[batch_rows, positions]
+    chunk_rows = chunk_rows_for(weight)
+    nll, lse, *row_stats = label_nll_and_lse(hidden.detach()[batch_rows, positions - 1], targets, weight, bias,
+                                             softcap, chunk_rows, stats=request.stats)
+    token_nll = torch.zeros(score_mask.shape, dtype=torch.float32, device=device)
+    token_nll[batch_rows, positions] = nll
+    stats = {}
+    if row_stats:
+        stats = dict(entropy_sum=row_stats[0].entropy.sum(), top1_count=row_stats[0].is_top1.sum())
+    if request.select is None:
+        return HeadOutput(token_nll=token_nll, **stats)
+    keep = request.select(token_nll).to(device)
+    if (keep & ~score_mask).any():
+        raise ValueError("the keep mask selects tokens whose NLL was not computed (outside score_mask)")
+    kept = keep[batch_rows, positions]
+    kept_nll = kept_rows_nll(hidden[batch_rows[kept], positions[kept] - 1], targets[kept], nll[kept], lse[kept],
+                             weight, bias, softcap, chunk_rows)
+    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum(), **stats)
+
+
+def _softcap(base: torch.nn.Module) -> float | None:
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None else None
+    return getattr(text_config, "final_logit_softcapping", None)
+
+
+def add_sstoken_head(model: torch.nn.Module) -> None:
+    """Patch ``model`` (its base model under PEFT) so that ``sstoken_head=HeadRequest(...)`` runs the backbone
+    and :func:`head_outputs` instead of the LM head; without it the forward is the original one. Once.
+
+    Ours is the outermost patch: SFTTrainer wraps its own fused head around the forward, and an earlier patch
+    (e.g. from ``sstoken cache`` on the same model) stays underneath, as could accelerate's device-map hooks.
+    """
+    base = unwrap_base_model(model)
+    if vars(base).get("forward") is getattr(base, "_sstoken_forward", None) is not None:
+        return
+    original_forward = base.forward
+    softcap = _softcap(base)
+
+    @functools.wraps(type(base).forward)
+    def forward(self, *args, sstoken_head: HeadRequest | None = None, **kwargs):
+        if sstoken_head is None:
+            return original_forward(*args, **kwargs)
+        aux_loss_of = moe_aux_loss_function(self)
+        if aux_loss_of is not None:
+            kwargs["output_router_logits"] = True  # what the model's own forward passes its backbone
+        # Looked up on each call: PEFT and FSDP replace modules after patching.
+        backbone = self.base_model(*args, **kwargs)
+        outputs = head_outputs(backbone.last_hidden_state, self.get_output_embeddings(), softcap, sstoken_head)
+        if aux_loss_of is not None:
+            outputs.aux_loss = aux_loss_of(backbone.router_logits, kwargs.get("attention_mask"))
+        return outputs
+
+    base.forward = types.MethodType(forward, base)
+    base._sstoken_forward = base.forward
+
+
+def moe_aux_loss_function(base: torch.nn.Module) -> Callable | None:
+    """``fn(router_logits, attention_mask)`` → the load-balancing loss that ``base``'s own forward adds, when its
+    config asks for router logits (TRL sets ``output_router_logits`` from ``router_aux_loss_coef``); else None.
+
+    transformers' MoE causal LMs compute it with their module's ``load_balancing_loss_func(router_logits,
+    self.num_experts, self.num_experts_per_tok, attention_mask)``; a model that does it otherwise gets None from
+    :func:`moe_aux_loss_parts` and the full-logits path (its own forward) instead."""
+    config = getattr(base, "config", None)
+    if config is None or not getattr(config.get_text_config(), "output_router_logits", False):
+        return None
+    parts = moe_aux_loss_parts(base)
+    if parts is None:
+        return None
+    loss_func, num_experts, top_k = parts
+    return lambda router_logits, attention_mask: loss_func(router_logits, num_experts, top_k, attention_mask)
+
+
+def moe_aux_loss_parts(base: torch.nn.Module):
+    """(load_balancing_loss_func, num_experts, num_experts_per_tok) of a transformers MoE causal LM, or None."""
+    import sys
+
+    module = sys.modules.get(type(base).__module__)
+    loss_func = getattr(module, "load_balancing_loss_func", None)
+    num_experts, top_k = getattr(base, "num_experts", None), getattr(base, "num_experts_per_tok", None)
+    if loss_func is None or not isinstance(num_experts, int) or not isinstance(top_k, int):
+        return None
+    return loss_func, num_experts, top_k
+
+
+# ----------------------------------------------------------------------------------------------- when not to
+def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0.0) -> str | None:
+    """Why per-token NLL of ``model`` needs the full logits; None when :func:`head_outputs` gives it exactly."""
+    if label_smoothing_factor:
+        return f"label smoothing ({label_smoothing_factor}) spreads the loss over the whole vocabulary"
+    base = unwrap_base_model(model)
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return f"{type(base).__name__} has no standard LM head (a Linear output embedding)"
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        # The head multiplies by ``lm_head.weight``, the frozen base weight: the adapter would be ignored.
+        return "the LM head carries a PEFT adapter, which sstoken's head would ignore"
+    if getattr(base, "base_model", base) is base:
+        return f"{type(base).__name__} exposes no backbone (base_model) separate from its LM head"
+    text_config = base.config.get_text_config() if getattr(base, "config", None) is not None else None
+    if getattr(text_config, "output_router_logits", False) and moe_aux_loss_parts(base) is None:
+        return f"{type(base).__name__}'s MoE load-balancing loss is computed in a way sstoken's head does not know"
+    # Once per model: the architecture decides the answer, not the weights.
+    if "_sstoken_probe_mismatch" not in vars(base):
+        base._sstoken_probe_mismatch = _probe_mismatch(base, head)
+    return base._sstoken_probe_mismatch
+
+
+@torch.no_grad()
+def _probe_mismatch(base: torch.nn.Module, head: torch.nn.Module) -> str | None:
+    """Compare the model's own logits with softcap(H·Wᵀ + b) on a few tokens: models that scale their logits
+    (Cohere, Granite, MiniCPM, Falcon-H1...) or do anything else to them are caught here, whatever the config
+    calls it."""
+    was_training = base.training
+    base.eval()
+    try:
+        device = base.get_input_embeddings().weight.device
+        ids = (torch.arange(PROBE_TOKENS, device=device) % head.weight.shape[0]).unsqueeze(0)
+        theirs = base(input_ids=ids, use_cache=False).logits[0].float()
+        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        ours = project(hidden.to(head.weight.device), head.weight, head.bias, _softcap(base)).to(theirs.device)
+    except Exception as exc:  # noqa: BLE001 - any failure means the head cannot be trusted on this model
+        return f"checking sstoken's head against {type(base).__name__}'s logits failed ({exc})"
+    finally:
+        base.train(was_training)
+    # Half-precision matmuls of 1 row or PROBE_TOKENS rows may round differently; a logit scale does not hide.
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    scale = max(1.0, float(theirs.abs().max()))
+    if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):
+        return (f"{type(base).__name__}'s logits are not softcap(hidden·Wᵀ + b) of its backbone's output "
+                f"(max difference {float((ours - theirs).abs().max()):.3g})")
+    return None
+
+
+def log_full_logits_fallback(reason: str, where: str) -> None:
+    logger.warning("sstoken %s: per-token NLL from the full B×T×V logits, because %s", where, reason)
+
+
+def use_sstoken_head(model: torch.nn.Module, where: str, label_smoothing_factor: float = 0.0) -> str | None:
+    """Install sstoken's head on ``model`` where it reproduces the model's own numbers. Returns None when it did,
+    else the reason the caller must use the full logits (logged, naming ``where``: training, cache, ...)."""
+    reason = full_logits_reason(model, label_smoothing_factor)
+    if reason is None:
+        add_sstoken_head(model)
+    else:
+        log_full_logits_fallback(reason, where)
+    return reason
+
+
+def output_nll(outputs, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """B×T float32 per-token NLL without gradient, aligned to the predicted token, from either forward."""
+    if isinstance(outputs, HeadOutput):
+        return outputs.token_nll
+    return scoring.token_nll(outputs.logits.detach(), labels, chunk_size)
+
+
+def rows_token_nll(model: torch.nn.Module, rows, pad_id: int, use_head: bool,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """One no-grad forward over a padded batch of encoded rows (dicts with input_ids and labels): the B×T
+    per-token NLL on the CPU and the padded labels. ``use_head``: the model has sstoken's head installed (see
+    :func:`use_sstoken_head`), so only the response positions are projected."""
+    device = next(model.parameters()).device
+    ids, labels, mask = pad_rows(rows, pad_id)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    if use_head:
+        response = scoring.response_mask_from_labels(labels) & mask.bool()
+        inputs["sstoken_head"] = HeadRequest(labels=labels.to(device), score_mask=response.to(device))
+    with torch.no_grad():
+        nll = output_nll(model(**inputs), labels.to(device), chunk_size)
+    return nll.cpu(), labels

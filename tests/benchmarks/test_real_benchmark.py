@@ -1,0 +1,133 @@
+"""The real-data benchmark's pure parts: ShareGPT decoding, the quality rule, row selection and statistics."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "real_data"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        prepare = importlib.import_module("prepare")
+        run = importlib.import_module("run")
+    finally:
+        sys.path.remove(str(BENCH))
+    return prepare, run
+
+
+def test_truncated_sharegpt_file_yields_every_complete_record(tmp_path, bench):
+    prepare, _ = bench
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}"},
+                                                   {"from": "gpt", "value": f"answer {i}"}]} for i in range(3)]
+    text = json.dumps(records, indent=2)
+    cut = text[:text.rindex('"answer 2"') + 5]  # the file ends inside the last record, as the package's does
+    path = tmp_path / "sharegpt.json"
+    path.write_text(cut)
+    assert [r["id"] for r in prepare.iter_sharegpt_records(path)] == ["r0", "r1"]
+
+
+def test_first_turn_pairs_keep_english_first_turns_once(bench):
+    prepare, _ = bench
+    good = "Explain how photosynthesis works in plants, in simple words."
+    answer = "Plants use sunlight, water and carbon dioxide to make sugar and oxygen. " * 2
+    records = [
+        {"id": "a", "conversations": [{"from": "human", "value": good}, {"from": "gpt", "value": answer}]},
+        {"id": "b", "conversations": [{"from": "human", "value": good}, {"from": "gpt", "value": answer}]},
+        {"id": "c", "conversations": [{"from": "gpt", "value": answer}, {"from": "human", "value": good}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "Объясни фотосинтез простыми словами"},
+                                      {"from": "gpt", "value": "Растения используют свет, воду и углекислый газ."}]},
+    ]
+    pairs = prepare.first_turn_pairs(records)
+    assert [p["id"] for p in pairs] == ["a"]
+    assert pairs[0]["messages"][1] == {"role": "assistant", "content": answer.strip()}
+
+
+def test_quality_score_ranks_refusals_and_cut_off_answers_below_complete_ones(bench):
+    prepare, _ = bench
+    prompt = "Write a short note about the history of the bicycle for a school newsletter."
+    complete = ("The bicycle was invented in the nineteenth century. Early designs had no pedals, and riders "
+                "pushed with their feet. Pedals, chains and air-filled tyres came later and made it popular.")
+    refusal = "As an AI language model, I cannot write notes about history for a newsletter, I am sorry about it."
+    cut_off = complete[:-40]
+    assert prepare.quality_score(prompt, complete) > prepare.quality_score(prompt, cut_off)
+    assert prepare.quality_score(prompt, complete) > prepare.quality_score(prompt, refusal)
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_constant(bench):
+    _, run = bench
+    reference = [[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    method = [[v + 0.25 for v in row] for row in reference]
+    mean, low, high = run.paired_bootstrap(method, reference, iters=200)
+    assert mean == pytest.approx(0.25) and low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_pairs_a_seedless_method_with_every_seed(bench):
+    _, run = bench
+    base = [[1.0, 0.0]]
+    full = [[1.0, 1.0], [0.0, 0.0]]
+    mean, low, high = run.paired_bootstrap(base, full, iters=500)
+    # Differences per (seed, item): [0, -1] and [1, 0] -> mean 0; the interval spans both signs.
+    assert mean == pytest.approx(0.0)
+    assert low < 0 < high
+
+
+def _result(method, seed, task_items, nll):
+    return {"method": method, "seed": seed,
+            "eval": {"held_out_nll": nll,
+                     "tasks": {t: {"metric": "acc", "score": sum(v) / len(v), "items": v}
+                               for t, v in task_items.items()}}}
+
+
+def test_aggregate_means_stds_and_deltas(bench):
+    _, run = bench
+    results = [
+        _result("full", 0, {"a": [1, 0], "b": [0, 0]}, [2.0, 2.0]),
+        _result("full", 1, {"a": [1, 1], "b": [0, 0]}, [2.0, 4.0]),
+        _result("sstoken", 0, {"a": [1, 1], "b": [1, 0]}, [1.0, 1.0]),
+        _result("sstoken", 1, {"a": [1, 1], "b": [1, 0]}, [3.0, 3.0]),
+        _result("base", 0, {"a": [0, 0], "b": [0, 0]}, [5.0, 5.0]),
+    ]
+    summary = run.aggregate(results, ["a", "b"])
+    assert list(summary) == ["base", "full", "sstoken"]
+    assert summary["full"]["tasks"]["a"] == {"mean": 0.75, "std": 0.25}
+    assert summary["sstoken"]["average"]["mean"] == pytest.approx(0.75)
+    assert summary["full"]["held_out_nll"]["mean"] == pytest.approx(2.5)
+    assert "delta_vs_full" not in summary["full"]
+    delta = summary["sstoken"]["delta_vs_full"]
+    assert delta["a"]["mean"] == pytest.approx(0.25)
+    assert delta["average"]["mean"] == pytest.approx((0.25 + 0.5) / 2)
+    assert delta["held_out_nll"]["mean"] == pytest.approx(-0.5)
+    assert summary["base"]["delta_vs_full"]["average"]["mean"] == pytest.approx(-(0.75 + 0.0) / 2)
+    table = run.markdown_table(summary, ["a", "b"])
+    assert "| sstoken | 2 |" in table and "+37.5" in table
+
+
+def test_select_rows_skips_rows_that_would_be_truncated(tmp_path, bench):
+    _, run = bench
+    from sstoken.testing import tiny_tokenizer
+
+    pool = tmp_path / "pool.jsonl"
+    lines = []
+    for i in range(40):
+        answer = "Alice was born in Paris in 1984 and works as an engineer. " * (1 if i % 5 else 12)
+        lines.append(json.dumps({"id": f"p{i:02d}", "meta": {"quality": i % 7},
+                                 "messages": [{"role": "user", "content": f"Where was Alice born? ({i})"},
+                                              {"role": "assistant", "content": answer.strip()}]}))
+    pool.write_text("\n".join(lines) + "\n")
+    size = run.SIZES["tiny"]
+    rows = run.select_rows(pool, tiny_tokenizer(), size)
+    assert len(rows["held_out"]) == size.held_out and len(rows["train"]) == size.n_train
+    used = [r["id"] for part in rows.values() for r in part]
+    assert len(used) == len(set(used)), "held-out, training and reference rows are disjoint"
+    assert all(len(r["input_ids"]) <= size.max_length for part in rows.values() for r in part)
+    assert not any(int(r["id"][1:]) % 5 == 0 for part in rows.values() for r in part), "long rows are skipped"
+    qualities = [r["quality"] for r in rows["reference"]]
+    assert qualities == sorted(qualities, reverse=True)
