@@ -1,11 +1,11 @@
-"""CPU seconds of the LM head alone, forward + backward, for one T-token row (issue 12).
+"""CPU seconds of the LM head alone, forward + backward, for one T-token row.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/head_speed.py --vocab 49152 --hidden 576 --repeats 2
 
 What each variant does with the backbone's hidden states H (1×T×d, with gradient) and a frozen head W (V×d, as
 under LoRA), the first 25% of the row being prompt and ρ = 0.6 of the response kept (random, fixed seed):
 
-* ``full``: sstoken before issue 12, the model's own head: logits = H·Wᵀ for every position, the per-token NLL
+* ``full``: sstoken before it had its own LM head, the model's own head: logits = H·Wᵀ for every position, the per-token NLL
   without gradient from them (``scoring.token_nll``), cross-entropy of the kept rows with gradient;
 * ``trl-fused``: TRL's fused head as called on a CPU (``add_fused_lm_head``: every position scored, labels
   outside the response −100), current NLL = −log_probs, loss = −Σ kept log_probs;

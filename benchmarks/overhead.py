@@ -481,7 +481,7 @@ def _log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-TARGETS = {  # issue 12, against stock TRL, CPU, seq 1024 and 2048: (time ratio, memory ratio)
+TARGETS = {  # against stock TRL, CPU, seq 1024 and 2048: (time ratio, memory ratio)
     "sstoken-cached": (1.03, 1.02),
     "sstoken-online": (1.35, 1.05),
     "sstoken-ema": (1.40, 1.08),

@@ -1,4 +1,4 @@
-"""Peak RSS of one training step of one variant, in this process (issue 12: before/after the fused LM head).
+"""Peak RSS of one training step of one variant, in this process (before/after sstoken's own LM head).
 
     PYTHONPATH=<sstoken tree>/src OMP_NUM_THREADS=1 nice -n 10 \
         python benchmarks/peak_step_memory.py --variant sstoken-online --model-dir <dir> --seq-len 1024

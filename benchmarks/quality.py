@@ -59,13 +59,13 @@ METHODS: dict[str, dict] = {
     "sstoken": {"selection_method": "sstoken", "base_cache": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base_cache": True, "attention_warmup": 0.3},
 }
-# The selector the selection research (issue 11, BENCHMARKS.md "Selection research") recommends, written into
+# The selector the selection research (BENCHMARKS.md "Selection research") recommends, written into
 # every quality JSON with its one-line reason; None while no reference-free selector meets the issue's bar.
 RECOMMENDED: str | None = None
 RECOMMENDED_REASON = ("no reference-free selector met the issue-11 bar (clean-answer NLL <= 1.913 and better than "
                       "random, rho1, tokencleaning, rel and attn beyond the seed spread); see BENCHMARKS.md, "
                       "Selection research, round 2")
-# Experimental reference-free variants (issue 11): run on request (--methods x_...), not by default.
+# Experimental reference-free variants: run on request (--methods x_...), not by default.
 RESEARCH_METHODS: dict[str, dict] = dict(selection_research.QUALITY_METHODS)
 ALL_METHODS: dict[str, dict] = {**METHODS, **RESEARCH_METHODS}
 
@@ -276,7 +276,7 @@ class KeepRecorder:
 
 
 class SignalRecorder:
-    """Research (issue 11): every response token's reference-free signals with its noise kind and the training
+    """Research: every response token's reference-free signals with its noise kind and the training
     progress, to measure how well each signal separates noise from clean (``signal_separation``)."""
 
     def __init__(self, flags_by_key: dict[str, list]):
@@ -416,7 +416,7 @@ def _lora(size: Size):
 
 
 def _trainer_class(history_source: str | None, tokenizer):
-    """SSTokenTrainer, or (research, issue 11) a subclass whose history NLL comes from another source."""
+    """SSTokenTrainer, or (research) a subclass whose history NLL comes from another source."""
     from sstoken.training.trainer import SSTokenTrainer
 
     if history_source is None:

@@ -1,4 +1,4 @@
-"""Experimental reference-free selectors for the selection research of issue 11 (not shipped in the package).
+"""Experimental reference-free selectors for the selection research (BENCHMARKS.md, "Selection research"; not shipped in the package).
 
 Importing this module registers each variant with sstoken's selector registry, so the benchmarks can train them
 by name (``python benchmarks/quality.py --methods x_lowrel ...``, ``benchmarks/real_data/run.py --methods

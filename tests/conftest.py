@@ -29,6 +29,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny ChatML tokenizer (one shared, cached instance: tests must not change it)."""
+    from sstoken.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_encoding_cache(tmp_path_factory):
     """sstoken caches encoded data in the user's datasets cache; the tests encode many short-lived files, so their

@@ -40,7 +40,7 @@ from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
 from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
-RESEARCH_METHODS = selection_research.VARIANTS  # experimental (issue 11): run on request, listed after the rest
+RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
 NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}

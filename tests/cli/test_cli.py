@@ -209,7 +209,7 @@ def test_old_and_new_checkpointing_names_are_one_setting():
 
 
 def test_chat_template_and_eos_of_the_recipe_are_those_the_data_was_encoded_with(tmp_path, tiny_dir, monkeypatch):
-    """The rows trained on are exactly what the saved tokenizer makes of the data (issue 14)."""
+    """The rows trained on are exactly what the saved tokenizer makes of the data."""
     from transformers import AutoTokenizer
 
     import sstoken.cli.train

@@ -1,4 +1,4 @@
-"""User errors end to end (issue 7): bad input files and bad configuration through ``sstoken train``.
+"""User errors end to end: bad input files and bad configuration through ``sstoken train``.
 
 Every case must end with exit status 2 and exactly one stderr line ``sstoken: error: ...`` (no traceback),
 before any training step, leaving no checkpoint or adapter behind. Errors that do not need the model are
@@ -161,7 +161,7 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, t
         (dict(attention_layer=-3), "attention layer -3 is out of range for a model with 2 layers"),
         (dict(resume_from_checkpoint=True), "no complete checkpoint in"),
         (dict(resume_from_checkpoint="nowhere/checkpoint-4"), "nowhere/checkpoint-4 does not exist"),
-        # Issue 15: values that trained silently wrong or failed with a traceback, often after the model loaded.
+        # Values that once trained silently wrong or failed with a traceback, often after the model loaded.
         (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
         (dict(learning_rate=float("nan")), "learning_rate must be a finite number, got nan"),
         (dict(learning_rate=-1e-4), "learning_rate must be >= 0, got -0.0001"),
@@ -288,7 +288,7 @@ def test_unreadable_recipe(text, expected, tmp_path, guard, capsys):
 
 def test_yaml_alias_bomb_gives_one_short_line(tmp_path, tiny_model_dir, good_data, guard, capsys):
     """Nine levels of nine aliases: a value of 9**9 strings that PyYAML builds cheaply (shared lists), but that
-    printed in the message was hundreds of MB on one line (issue 15)."""
+    printed in the message was hundreds of MB on one line."""
     levels = ["&l0 [" + ", ".join(['"lol"'] * 9) + "]"]
     levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
     path = tmp_path / "bomb.yaml"
@@ -393,7 +393,7 @@ def test_attention_kernel_that_is_not_installed(tmp_path, tiny_model_dir, good_d
 
 def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path, tiny_model_dir, good_data, guard, capsys,
                                                              monkeypatch):
-    """Issue 15: `output_dir: .` overwrote the user's README.md with the model card."""
+    """`output_dir: .` once overwrote the user's README.md with the model card."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "README.md").write_text("my project\n")

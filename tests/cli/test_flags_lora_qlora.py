@@ -1,4 +1,4 @@
-"""TrlParser-style flags, TRL's LoRA names and QLoRA keys (issue 14): parsed, checked before the model loads,
+"""TrlParser-style flags, TRL's LoRA names and QLoRA keys: parsed, checked before the model loads,
 and wired into PEFT / transformers as TRL wires them (bitsandbytes and a GPU simulated)."""
 
 from __future__ import annotations

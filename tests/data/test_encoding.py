@@ -17,7 +17,7 @@ from sstoken.data.reading import MAX_LINE_BYTES, read_jsonl
 from sstoken.data.sources import LoadStats, load_training_rows
 from sstoken.data.templates import FALLBACK_CHAT_TEMPLATE
 from sstoken.errors import ConfigError, DataError
-from sstoken.testing import CHATML_TEMPLATE, tiny_tokenizer
+from sstoken.testing import CHATML_TEMPLATE
 
 DATA = Path(__file__).parent
 BAD = DATA / "bad"
@@ -25,11 +25,6 @@ GOOD = DATA / "good"
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "src" / "sstoken" / "demo" / "demo.jsonl"
 EXPECTED = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +245,7 @@ def chat(pairs: int) -> dict:
 
 
 def test_long_chat_costs_work_linear_in_its_turns(tok, rendered_messages):
-    """Issue 15: a row of thousands of turns hung the data check (each turn re-renders all before it). Turns
+    """A row of thousands of turns once hung the data check (each turn re-renders all before it). Turns
     past max_seq_length are not located, so the messages rendered grow with the row, not with its square."""
     long_row = chat(5000)
     enc = encode_row(long_row, tok, 128)

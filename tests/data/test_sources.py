@@ -37,11 +37,6 @@ def private_datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 def own_tokenizer():
     """A tiny tokenizer this test may change (tiny_tokenizer() is one shared, cached instance)."""
     return copy.deepcopy(tiny_tokenizer())

@@ -265,7 +265,7 @@ GPT_OSS = dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=3, hea
 @pytest.mark.parametrize("layer", [0, -1], ids=["sliding", "full"])
 def test_attention_sinks_take_their_share_of_the_softmax(layer):
     """gpt-oss adds a per-head sink logit to every softmax (s_aux): the context share is taken of the whole mass,
-    sink included, as in eager attention. Leaving the sink out was off by up to 0.5 (issue 15)."""
+    sink included, as in eager attention. Leaving the sink out was off by up to 0.5."""
     ids, attn, ctx = make_batch("right")
     model = tiny_model("gpt_oss", attn_implementation="eager", **GPT_OSS)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Per-token NLL and the kept-token loss from the hidden states (issue 12): the full logits' numbers without them."""
+"""Per-token NLL and the kept-token loss from the hidden states: the full logits' numbers without them."""
 
 from __future__ import annotations
 

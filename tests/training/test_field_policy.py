@@ -1,4 +1,4 @@
-"""Every TRL SFTConfig field is honoured or refused (issue 14), and TRL's logged metrics survive sstoken's loss."""
+"""Every TRL SFTConfig field is honoured or refused, and TRL's logged metrics survive sstoken's loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability (issue 7): faults during training, crash and resume, corrupted caches, unsafe loading.
+"""Reliability: faults during training, crash and resume, corrupted caches, unsafe loading.
 
 * Numerics: NaN/inf from the model or the history never reach the weights; the step is skipped and counted.
 * Crash and resume: a real ``sstoken train`` process is SIGKILLed at a known point and resumed; the result
@@ -353,7 +353,7 @@ def test_all_padding_rows_give_finite_loss_and_gradients(tmp_path):
 
 
 def test_a_step_that_makes_weights_non_finite_stops_the_run_before_it_is_saved(tmp_path):
-    """Issue 15: with an infinite learning rate the loss of step 1 is finite but its update is not. The run must
+    """With an infinite learning rate the loss of step 1 is finite but its update is not. The run must
     stop right after that optimizer step, before transformers checkpoints it, instead of saving NaN weights
     behind a normal summary (skipped_nonfinite_steps counts only non-finite losses)."""
     from sstoken.training.guards import TrainingDiverged
@@ -393,7 +393,7 @@ def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path,
 
 
 def test_attention_hook_that_never_fires_stops_the_step(tmp_path):
-    """Issue 15: attention switched to a plain implementation after the trainer was built bypasses the hook.
+    """Attention switched to a plain implementation after the trainer was built bypasses the hook.
     Selecting with an attention share of zeros would silently train on REL alone; the step must fail instead."""
     trainer = make_trainer(tmp_path, make_rows(8), max_steps=1)
     trainer.model.get_base_model().set_attn_implementation("sdpa")
@@ -405,7 +405,7 @@ def test_attention_hook_that_never_fires_stops_the_step(tmp_path):
 
 
 def test_cache_built_before_the_trainer_aligned_special_token_ids_is_accepted(tmp_path):
-    """Issue 15: the Trainer copies the tokenizer's pad id into the model config when it is built. A cache built
+    """The Trainer copies the tokenizer's pad id into the model config when it is built. A cache built
     from Python before that (config without pad_token_id) is still this model's cache."""
     rows = make_rows(8)
     model, tokenizer = tiny_model("llama", pad_token_id=None), tiny_tokenizer()

@@ -323,7 +323,7 @@ def test_full_fine_tuning_with_cached_history(tmp_path):
 
 
 def test_full_fine_tuning_online_base_needs_cache(tmp_path):
-    """Refused when the trainer is built, not inside the first step (issue 15)."""
+    """Refused when the trainer is built, not inside the first step."""
     with pytest.raises(ConfigError, match="full fine-tuning .* needs history_cache.*sstoken cache"):
         make_trainer(tmp_path, rows=make_rows(4), peft=False, max_steps=1)
 
