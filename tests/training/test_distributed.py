@@ -2,7 +2,8 @@
 
 One launch of ``tests/helpers/ddp_train.py`` with the shipped ``examples/accelerate/ddp.yaml`` (2 processes)
 trains three cases for 3 steps each: ssToken with the online base history (LoRA), with a cached base history
-(full fine-tuning), and with an EMA history (full fine-tuning); then runs ``sstoken train`` through the CLI, and
+(full fine-tuning), and with an EMA history (full fine-tuning), and the first again with one micro-batch whose loss
+is NaN on rank 1 (``skip``); then runs ``sstoken train`` through the CLI, and
 shards a model with FSDP2 by hand (the Trainer does not enable FSDP on CPU) to check the EMA history there.
 While it runs, this process trains the same cases alone with gradient_accumulation_steps=2, which sees the same
 micro-batches (see the helper's docstring for why); the test checks that instead of assuming it.

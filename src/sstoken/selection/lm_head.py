@@ -16,8 +16,9 @@ and 40% of the response skipped, less. TRL's fused LM head (``add_fused_lm_head`
 projects every labelled row in the forward and again in the backward, with several passes per tile on a CPU.
 
 The model is patched (:func:`add_sstoken_head`) so that ``model(..., sstoken_head=HeadRequest(...))`` does all
-this inside its forward: DDP sees the loss come out of the forward, and the selection (``HeadRequest.select``)
-runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
+this inside its forward, in a call of its head module: DDP sees the loss come out of the forward, an engine that
+holds the head weight sharded (FSDP2) or partitioned (ZeRO-3) gathers it for that call and its backward as for the
+model's own head, and the selection (``HeadRequest.select``) runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
 and the caller uses the model's full logits instead.
 """
 
