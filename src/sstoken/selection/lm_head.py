@@ -18,8 +18,8 @@ projects every labelled row in the forward and again in the backward, with sever
 The model is patched (:func:`add_sstoken_head`) so that ``model(..., sstoken_head=HeadRequest(...))`` does all
 this inside its forward, in a call of its head module: DDP sees the loss come out of the forward, an engine that
 holds the head weight sharded (FSDP2) or partitioned (ZeRO-3) gathers it for that call and its backward as for the
-model's own head, and the selection (``HeadRequest.select``) runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
-and the caller uses the model's full logits instead.
+model's own head, and the selection (``HeadRequest.select``) runs between (1) and (2). Where that would not give
+the model's own numbers, :func:`full_logits_reason` says why and the caller uses the model's full logits instead.
 """
 
 from __future__ import annotations
@@ -266,9 +266,9 @@ def add_sstoken_head(model: torch.nn.Module) -> None:
         backbone = self.base_model(*args, **kwargs)
         head = self.get_output_embeddings()
         _route_requests_through(head, softcap)
-        # A call of the head module itself, so that whatever engine holds its weight gathers it for this forward
-        # and its backward, as for the model's own head: ZeRO-3's module hooks, FSDP2's unsharding of the unit
-        # that owns it, accelerate's offload hooks.
+        # A call of the head module itself, so that an engine holding its weight gathers it for this forward and
+        # its backward as for the model's own head: ZeRO-3's module hooks, FSDP2's unsharding of the unit that
+        # owns it.
         outputs = head(backbone.last_hidden_state, sstoken_head=sstoken_head)
         if aux_loss_of is not None:
             outputs.aux_loss = aux_loss_of(backbone.router_logits, kwargs.get("attention_mask"))
