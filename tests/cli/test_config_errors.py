@@ -221,6 +221,10 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, t
         (dict(report_to=[1]), "report_to must be a logger name or a list of names, got [1]"),
         (dict(eval_strategy="steps", eval_steps=5), "eval_strategy steps needs eval_data"),
         (dict(attn_implementation="flex_attention"), "attn_implementation flex_attention cannot train on CPU"),
+        (dict(fsdp="full_shard", fsdp_config={"version": 1}), "FSDP version 1 is not supported"),
+        (dict(fsdp="full_shard", history="ema"), "history 'ema' does not support sharded parameters"),
+        (dict(deepspeed={"zero_optimization": {"stage": 3}}, history="ema"),
+         "history 'ema' does not support sharded parameters"),
         # transformers reads a number here as a file descriptor: open(1) would close the process's stdout.
         (dict(accelerator_config=1), "accelerator_config must be text or a mapping, got 1"),
         (dict(accelerator_config="absent.json"), "invalid training setting"),

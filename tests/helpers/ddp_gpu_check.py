@@ -6,7 +6,7 @@ accelerate config (FSDP2 or DeepSpeed), through the real Trainer path that CPU r
 
 Each rank writes ``<workdir>/gpu-<case>-rank<r>.json``: how the model was wrapped, whether its parameters were
 sharded, the per-step losses and kept counts, or the error the case stopped with (history 'ema' must refuse
-sharded parameters with a ConfigError before the first optimizer step).
+sharded parameters with a ConfigError when its configuration is built).
 """
 
 from __future__ import annotations

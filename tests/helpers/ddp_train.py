@@ -23,6 +23,9 @@ import sys
 import torch
 
 CASES = ("base", "cached", "ema")
+# The "skip" case is "base" with one micro-batch whose loss is NaN: global micro-batch SKIPPED (rank 1 of step 1
+# under DDP, the 4th micro-batch of the one-process reference).
+SKIPPED = 3
 N_ROWS = 16
 BATCH = 2  # per device / per micro-batch
 STEPS = 3
@@ -103,7 +106,7 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
     from sstoken.testing import tiny_model, tiny_tokenizer
     from sstoken.training.config import SSTokenConfig
 
-    lora = case in ("base",)
+    lora = case in ("base", "skip")
     args = SSTokenConfig(
         output_dir=os.path.join(workdir, f"out-{case}-ga{grad_accum}"),
         per_device_train_batch_size=BATCH,
@@ -141,12 +144,14 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
                                task_type="CAUSAL_LM") if lora else None,
     )
     trainer.records = []
+    if case == "skip":
+        _poison_one_micro_batch(trainer)
     trainer.train()
     weights = {name: p.detach().cpu().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     result = {"records": trainer.records, "weights": weights,
               "world_size": trainer.args.world_size, "rank": trainer.args.process_index,
               "distributed_type": str(trainer.accelerator.distributed_type),
-              "wrapper": type(trainer.model_wrapped).__name__}
+              "wrapper": type(trainer.model_wrapped).__name__, "skipped": trainer.skipped_nonfinite_steps}
     if trainer.ema is not None:
         result["ema_shadow"] = {name: t.detach().cpu().clone() for name, t in trainer.ema.shadow.items()}
         result["ema_updates"] = trainer.ema.updates
@@ -154,6 +159,25 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         flat = torch.cat([t.reshape(-1) for t in trainer.ema.shadow.values()])
         result["ema_gathered"] = trainer.accelerator.gather(flat.unsqueeze(0)).cpu()
     return result
+
+
+def _poison_one_micro_batch(trainer) -> None:
+    """Make the final norm's output NaN in the training forward of global micro-batch SKIPPED. The NaN stays in the
+    autograd graph (a product, not a new tensor), as a real overflow would: the backward still runs through every
+    layer, which is what keeps the rank in step with the others."""
+    world, rank = trainer.args.world_size, trainer.args.process_index
+    forwards = {"count": 0}
+
+    def poison(module, args, output):
+        if not module.training:  # the history pass and the head check run in eval mode
+            return output
+        micro_batch = forwards["count"] * world + rank
+        forwards["count"] += 1
+        return output * float("nan") if micro_batch == SKIPPED else output
+
+    from sstoken.batch import unwrap_base_model
+
+    unwrap_base_model(trainer.model).model.norm.register_forward_hook(poison)
 
 
 def write_cli_recipe(workdir: str) -> str:

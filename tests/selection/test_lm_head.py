@@ -98,7 +98,9 @@ def test_a_model_that_scales_its_logits_falls_back():
     # Granite divides its logits by `logits_scaling`: not softcap(H·Wᵀ + b), caught by the probe whatever it is called.
     assert "are not softcap" in lm_head.full_logits_reason(tiny_model("granite", logits_scaling=4.0))
     model = tiny_model("llama")
-    model.lm_head.register_forward_hook(lambda module, args, output: output * 2.0)
+    # Scales the logits the module returns; sstoken's head, which the module also runs, returns no logits.
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2.0
+                                        if isinstance(output, torch.Tensor) else output)
     assert "are not softcap" in lm_head.full_logits_reason(model)
 
 
@@ -231,10 +233,11 @@ class _LargestTensor(TorchDispatchMode):
 
 def _refuse_lm_head_calls(model):
     def refuse(module, args, output):
-        # The one-off check of the head against the model's own logits (full_logits_reason) may run it on a
-        # few tokens; anything more is the full logits.
-        if args[0].shape[-2] > lm_head.PROBE_TOKENS:
-            raise AssertionError(f"lm_head was called on {tuple(args[0].shape)} hidden states: full logits built")
+        # sstoken's head runs inside the head module too, and returns no logits. The one-off check of the head
+        # against the model's own logits (full_logits_reason) builds them for a few tokens; anything more is the
+        # full logits.
+        if isinstance(output, torch.Tensor) and output.shape[-2] > lm_head.PROBE_TOKENS:
+            raise AssertionError(f"lm_head returned {tuple(output.shape)} logits: full logits built")
 
     return model.get_output_embeddings().register_forward_hook(refuse)
 

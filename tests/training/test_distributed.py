@@ -2,7 +2,8 @@
 
 One launch of ``tests/helpers/ddp_train.py`` with the shipped ``examples/accelerate/ddp.yaml`` (2 processes)
 trains three cases for 3 steps each: ssToken with the online base history (LoRA), with a cached base history
-(full fine-tuning), and with an EMA history (full fine-tuning); then runs ``sstoken train`` through the CLI, and
+(full fine-tuning), and with an EMA history (full fine-tuning), and the first again with one micro-batch whose loss
+is NaN on rank 1 (``skip``); then runs ``sstoken train`` through the CLI, and
 shards a model with FSDP2 by hand (the Trainer does not enable FSDP on CPU) to check the EMA history there.
 While it runs, this process trains the same cases alone with gradient_accumulation_steps=2, which sees the same
 micro-batches (see the helper's docstring for why); the test checks that instead of assuming it.
@@ -43,7 +44,7 @@ def runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ddp")
     ddp_train.build_cache(str(workdir))
     ddp_train.write_cli_recipe(str(workdir))
-    cases = list(ddp_train.CASES)
+    cases = [*ddp_train.CASES, "skip"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -181,6 +182,24 @@ def test_ema_history_is_identical_on_every_rank(runs):
     live = run[0]["weights"]
     assert max(float((shadows[0][n] - initial[n].detach()).abs().max()) for n in shadows[0]) > 100 * ATOL
     assert max(float((shadows[0][n] - live[n]).abs().max()) for n in shadows[0]) > 100 * ATOL
+
+
+def test_a_non_finite_micro_batch_on_one_rank_is_skipped_without_stopping_the_others(runs):
+    """Rank 1's second micro-batch has a NaN loss. Its rank still joins DDP's gradient all-reduce (with zeros), so
+    the run finishes, both ranks hold the same finite weights, and they equal the one-process run that skips the
+    same micro-batch."""
+    run = runs["skip"]
+    assert [run[rank]["skipped"] for rank in range(WORLD)] == [0, 1] and run["ref"]["skipped"] == 1
+    assert run[1]["records"][1]["loss"] == 0.0 and run["ref"]["records"][ddp_train.SKIPPED]["loss"] == 0.0
+    reference = run["ref"]["weights"]
+    for rank in range(WORLD):
+        for name, value in run[rank]["weights"].items():
+            assert torch.isfinite(value).all(), (rank, name)
+            assert torch.equal(value, run[0]["weights"][name]), (rank, name)
+            assert torch.allclose(value, reference[name], atol=ATOL, rtol=0), (rank, name)
+    # The skipped micro-batch's gradient was dropped, not applied: the weights differ from the run without the NaN.
+    unpoisoned = runs["base"]["ref"]["weights"]
+    assert max(float((reference[n] - unpoisoned[n]).abs().max()) for n in reference) > 100 * ATOL
 
 
 def test_cached_history_is_looked_up_per_rank_shard(runs):

@@ -439,6 +439,8 @@ def test_evaluation_that_returns_logits_runs_the_model_once_with_the_same_loss(t
     model = trainer.model
     model.eval()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # Decided on first use, with a check forward of its own: before the counting starts.
+    assert trainer.full_logits_reason is None
     forwards = []
     handle = model.get_base_model().model.register_forward_hook(lambda *a: forwards.append(1))
     try:

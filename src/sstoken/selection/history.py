@@ -58,9 +58,14 @@ def check_ema_interval(interval) -> None:
 class EMAHistory:
     """θ_his ← α·θ_his + (1−α)·θ over the trainable parameters (with LoRA: the adapter only).
 
-    The EMA values live beside the model as plain tensors (an adapter's worth of memory with LoRA, a full copy
-    of the trained weights otherwise). :meth:`forward` runs the model with them substituted for one call. With LoRA the average is taken over the A and B factors, which is an
-    approximation of the average of the weight delta B·A; at the start both equal the base model.
+    The EMA values live beside the model as plain float32 tensors (float64 weights stay float64): an adapter's worth
+    of memory with LoRA, a full copy of the trained weights otherwise, 4 bytes per trainable parameter. Kept in
+    the weights' own dtype, a bf16 average would round every update to 8 mantissa bits and drop any change
+    smaller than ~0.4% of its value: history 'ema' would stay the base model. :meth:`forward` runs the model with
+    the average, rounded to the weights' dtype, substituted for one call (a transient copy in that dtype of the
+    parameters that differ from it: 2 bytes per bf16 parameter). With LoRA the average is taken over the A and B
+    factors, which is an approximation of the average of the weight delta B·A; at the start both equal the base
+    model.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, interval: int = 1):
@@ -71,7 +76,7 @@ class EMAHistory:
         self.params = {name: p for name, p in _named_trainable(model)}
         if not self.params:
             raise ConfigError("EMA history: the model has no trainable parameters")
-        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+        self.shadow = {name: p.detach().to(_average_dtype(p.dtype), copy=True) for name, p in self.params.items()}
         self.updates = 0
         self._model = model  # to notice parameters replaced after construction (see _check_params)
 
@@ -108,7 +113,8 @@ class EMAHistory:
         saved the live weights is not invalidated (no in-place change to a parameter).
         """
         self._check_params()
-        return torch.func.functional_call(model, self.shadow, args=(), kwargs=model_inputs, strict=False)
+        weights = {name: average.to(self.params[name].dtype) for name, average in self.shadow.items()}
+        return torch.func.functional_call(model, weights, args=(), kwargs=model_inputs, strict=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"shadow.{name}": tensor.contiguous() for name, tensor in self.shadow.items()}
@@ -122,6 +128,11 @@ class EMAHistory:
         for name in self.shadow:
             self.shadow[name].copy_(state[f"shadow.{name}"])
         self.updates = int(state["meta.updates"].item())
+
+
+def _average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision (and float32) weights, float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
 def _named_trainable(model: torch.nn.Module):

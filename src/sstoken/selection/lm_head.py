@@ -16,9 +16,10 @@ and 40% of the response skipped, less. TRL's fused LM head (``add_fused_lm_head`
 projects every labelled row in the forward and again in the backward, with several passes per tile on a CPU.
 
 The model is patched (:func:`add_sstoken_head`) so that ``model(..., sstoken_head=HeadRequest(...))`` does all
-this inside its forward: DDP sees the loss come out of the forward, and the selection (``HeadRequest.select``)
-runs between (1) and (2). Where that would not give the model's own numbers, :func:`full_logits_reason` says why
-and the caller uses the model's full logits instead.
+this inside its forward, in a call of its head module: DDP sees the loss come out of the forward, an engine that
+holds the head weight sharded (FSDP2) or partitioned (ZeRO-3) gathers it for that call and its backward as for the
+model's own head, and the selection (``HeadRequest.select``) runs between (1) and (2). Where that would not give
+the model's own numbers, :func:`full_logits_reason` says why and the caller uses the model's full logits instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from sstoken.batch import pad_rows, unwrap_base_model
+from sstoken import distributed
+from sstoken.batch import pad_rows, unwrap_base_model, unwrap_model
 from sstoken.selection import scoring
 
 logger = logging.getLogger(__name__)
@@ -203,6 +205,12 @@ def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | N
                  request: HeadRequest) -> HeadOutput:
     """Steps (1) and (2) of the module docstring on the backbone's B×T×d ``hidden`` states."""
     weight, bias = head.weight, head.bias
+    if distributed.is_dtensor(weight):
+        # FSDP2 unshards a weight for the forward of the unit that owns it: the root, or the head module (which runs
+        # this). A tied weight owned by an input embedding sharded as a unit of its own is a shard here.
+        raise RuntimeError("the LM head weight is still an FSDP2 shard (DTensor) in the head's forward: it belongs "
+                           "to another FSDP unit (a tied input embedding sharded on its own?); shard the embedding "
+                           "with the root module or with the head")
     device = weight.device
     hidden = hidden.to(device)  # a model split across devices (device_map) may end elsewhere than its head
     score_mask = request.score_mask.to(device).clone()
@@ -256,13 +264,34 @@ def add_sstoken_head(model: torch.nn.Module) -> None:
             kwargs["output_router_logits"] = True  # what the model's own forward passes its backbone
         # Looked up on each call: PEFT and FSDP replace modules after patching.
         backbone = self.base_model(*args, **kwargs)
-        outputs = head_outputs(backbone.last_hidden_state, self.get_output_embeddings(), softcap, sstoken_head)
+        head = self.get_output_embeddings()
+        _route_requests_through(head, softcap)
+        # A call of the head module itself, so that an engine holding its weight gathers it for this forward and
+        # its backward as for the model's own head: ZeRO-3's module hooks, FSDP2's unsharding of the unit that
+        # owns it.
+        outputs = head(backbone.last_hidden_state, sstoken_head=sstoken_head)
         if aux_loss_of is not None:
             outputs.aux_loss = aux_loss_of(backbone.router_logits, kwargs.get("attention_mask"))
         return outputs
 
     base.forward = types.MethodType(forward, base)
     base._sstoken_forward = base.forward
+
+
+def _route_requests_through(head: torch.nn.Module, softcap: float | None) -> None:
+    """Let ``head(hidden, sstoken_head=request)`` run :func:`head_outputs`; without a request, the head's own forward.
+    Once per module."""
+    if vars(head).get("forward") is getattr(head, "_sstoken_forward", None) is not None:
+        return
+    original_forward = head.forward
+
+    def forward(self, hidden, sstoken_head: HeadRequest | None = None):
+        if sstoken_head is None:
+            return original_forward(hidden)
+        return head_outputs(hidden, self, softcap, sstoken_head)
+
+    head.forward = types.MethodType(forward, head)
+    head._sstoken_forward = head.forward
 
 
 def moe_aux_loss_function(base: torch.nn.Module) -> Callable | None:
@@ -296,14 +325,19 @@ def moe_aux_loss_parts(base: torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------------- when not to
 def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0.0) -> str | None:
-    """Why per-token NLL of ``model`` needs the full logits; None when :func:`head_outputs` gives it exactly."""
+    """Why per-token NLL of ``model`` needs the full logits; None when :func:`head_outputs` gives it exactly.
+
+    The last check runs the model (:func:`_probe_mismatch`), so under a distributed engine every rank calls this
+    at the same point, on the model as the engine holds it (after ``deepspeed.initialize`` / ``fully_shard`` and
+    the loading of rank 0's weights): the answer is then the same on every rank."""
     if label_smoothing_factor:
         return f"label smoothing ({label_smoothing_factor}) spreads the loss over the whole vocabulary"
     base = unwrap_base_model(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # Judged by the shape the model computes with: a ZeRO-3 placeholder holds no elements outside the forward.
+    if not isinstance(weight, torch.Tensor) or len(distributed.logical_shape(weight)) != 2:
         return f"{type(base).__name__} has no standard LM head (a Linear output embedding)"
     if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
         # The head multiplies by ``lm_head.weight``, the frozen base weight: the adapter would be ignored.
@@ -315,33 +349,49 @@ def full_logits_reason(model: torch.nn.Module, label_smoothing_factor: float = 0
         return f"{type(base).__name__}'s MoE load-balancing loss is computed in a way sstoken's head does not know"
     # Once per model: the architecture decides the answer, not the weights.
     if "_sstoken_probe_mismatch" not in vars(base):
-        base._sstoken_probe_mismatch = _probe_mismatch(base, head)
+        add_sstoken_head(model)
+        base._sstoken_probe_mismatch = distributed.first_non_none_across_ranks(_probe_mismatch(model))
     return base._sstoken_probe_mismatch
 
 
 @torch.no_grad()
-def _probe_mismatch(base: torch.nn.Module, head: torch.nn.Module) -> str | None:
-    """Compare the model's own logits with softcap(H·Wᵀ + b) on a few tokens: models that scale their logits
-    (Cohere, Granite, MiniCPM, Falcon-H1...) or do anything else to them are caught here, whatever the config
-    calls it."""
-    was_training = base.training
-    base.eval()
+def _probe_mismatch(model: torch.nn.Module) -> str | None:
+    """Compare the NLL from the model's own logits with sstoken's head on a few tokens: models that scale their
+    logits (Cohere, Granite, MiniCPM, Falcon-H1...) or do anything else to them are caught here, whatever the
+    config calls it.
+
+    Both forwards go through the outermost module (under FSDP2 the root, which gathers the shards; under ZeRO-3
+    the engine's module, whose hooks gather the partitions), exactly as training calls it."""
+    outer, base = unwrap_model(model), unwrap_base_model(model)
+    name = type(base).__name__
+    where = f" on rank {distributed.rank()}" if distributed.world_size() > 1 else ""
+    head_weight = base.get_output_embeddings().weight
+    vocab = distributed.logical_shape(head_weight)[0]
+    if any(param.is_meta for param in outer.parameters()):
+        return f"the weights of {name} are not loaded{where} (meta tensors), so sstoken's head cannot be checked"
+    was_training = outer.training
+    outer.eval()
     try:
-        device = base.get_input_embeddings().weight.device
-        ids = (torch.arange(PROBE_TOKENS, device=device) % head.weight.shape[0]).unsqueeze(0)
-        theirs = base(input_ids=ids, use_cache=False).logits[0].float()
-        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-        ours = project(hidden.to(head.weight.device), head.weight, head.bias, _softcap(base)).to(theirs.device)
+        position = torch.arange(PROBE_TOKENS, device=base.get_input_embeddings().weight.device)
+        ids, labels = (position % vocab)[None], ((position * 7 + 3) % vocab)[None]
+        theirs_logits = outer(input_ids=ids, use_cache=False).logits
+        ours = outer(input_ids=ids, use_cache=False, sstoken_head=HeadRequest(
+            labels=labels, score_mask=torch.ones_like(labels, dtype=torch.bool))).token_nll[:, 1:]
     except Exception as exc:  # noqa: BLE001 - any failure means the head cannot be trusted on this model
-        return f"checking sstoken's head against {type(base).__name__}'s logits failed ({exc})"
+        return f"checking sstoken's head against {name}'s logits failed{where} ({exc})"
     finally:
-        base.train(was_training)
+        outer.train(was_training)
+    logits = theirs_logits[:, :-1].float()
+    theirs = torch.logsumexp(logits, -1) - logits.gather(-1, labels[:, 1:, None].to(logits.device)).squeeze(-1)
+    ours = ours.to(theirs.device)
     # Half-precision matmuls of 1 row or PROBE_TOKENS rows may round differently; a logit scale does not hide.
-    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
-    scale = max(1.0, float(theirs.abs().max()))
+    exact = theirs_logits.dtype == head_weight.dtype == torch.float32 and \
+        not torch.is_autocast_enabled(theirs_logits.device.type)
+    tolerance = 1e-4 if exact else 2e-2
+    scale = max(1.0, float(logits.abs().max()))
     if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):
-        return (f"{type(base).__name__}'s logits are not softcap(hidden·Wᵀ + b) of its backbone's output "
-                f"(max difference {float((ours - theirs).abs().max()):.3g})")
+        return (f"{name}'s logits are not softcap(hidden·Wᵀ + b) of its backbone's output "
+                f"(max NLL difference {float((ours - theirs).abs().max()):.3g}{where})")
     return None
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sstoken import distributed
 from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path, atomic_write_json, file_sha256
@@ -40,23 +41,40 @@ def sample_key(token_ids: Sequence[int] | torch.Tensor) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of a model's config and of a strided sample of its (base) weights; LoRA adapters are excluded."""
+    """Hash of a model's config and of a strided sample of its (base) weights; LoRA adapters are excluded.
+
+    The weights are read as the model computes with them, whatever engine holds them: ZeRO-3 partitions and FSDP2
+    shards are gathered one parameter at a time (every rank must call this, as the trainer does), and under
+    ``cpu_ram_efficient_loading``, where only rank 0 has loaded the checkpoint (the others hold ``meta`` tensors),
+    rank 0's hash is every rank's."""
     base = unwrap_base_model(model)
     digest = hashlib.sha256()
     config = getattr(base, "config", None)
     if config is not None:
         cfg = _without_volatile_keys(config.to_dict())
         digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    unloaded = None
     with torch.no_grad():
         for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
             if "lora_" in name or "modules_to_save" in name:
                 continue
-            flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
+            with distributed.materialized(param) as full:
+                if full is None:
+                    unloaded = unloaded or name
+                    continue
+                flat = full.detach().reshape(-1)
+                step = max(1, flat.numel() // 64)
+                # A copy: numpy must not hold on to an engine's storage, which FSDP2 resizes when it reshards.
+                sample = flat[::step][:64].to("cpu", torch.float32, copy=True)
             # PEFT renames wrapped weights (q_proj.weight -> q_proj.base_layer.weight); the base is the same.
             digest.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
-            digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+            digest.update(sample.numpy().tobytes())
+    # Every rank takes part in the broadcast before any of them raises, so that none is left waiting.
+    fingerprint, unloaded = distributed.from_rank0((digest.hexdigest()[:16], unloaded))
+    if unloaded is not None:
+        raise ConfigError(f"cannot fingerprint the model: its weight {unloaded} is not loaded (a meta tensor) "
+                          f"on rank 0; load the model's weights before building the trainer")
+    return fingerprint
 
 
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation", "use_cache", "dtype",

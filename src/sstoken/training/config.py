@@ -162,6 +162,59 @@ def validate_selection_args(args) -> None:
     if selector.cannot_pack_because and args.packing:
         raise ConfigError(f"selection_method {selector.name!r} {selector.cannot_pack_because} and cannot run on "
                           f"packed sequences; set packing: false")
+    check_training_engine(args)
+
+
+def training_engine(args) -> str:
+    """How accelerate will hold the weights: "deepspeed-zero3", "deepspeed" (ZeRO stages 0-2: replicated
+    parameters), "fsdp2", "fsdp1", or "replicated" (one process, or DDP). From the training arguments (``fsdp`` /
+    ``fsdp_config``, ``deepspeed``) or, as the Trainer's accelerator reads it, from ``accelerate launch``'s
+    environment."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        return "deepspeed-zero3" if plugin.zero_stage == 3 else "deepspeed"
+    fsdp = getattr(args, "fsdp_plugin_args", None)
+    if fsdp is not None:
+        version = int(fsdp.get("fsdp_version", 2))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default
+    else:
+        return "replicated"
+    return "fsdp2" if version == 2 else "fsdp1"
+
+
+SHARDED_ENGINES = ("fsdp2", "deepspeed-zero3")
+
+
+def _model_parallel_sizes(args) -> dict[str, int]:
+    """tp_size, cp_size and sp_size of accelerate's parallelism config (the training arguments' or the launch's)."""
+    config = getattr(args, "parallelism_config", None)
+    sizes = {}
+    for name in ("tp_size", "cp_size", "sp_size"):
+        value = getattr(config, name, None) if config is not None else None
+        if value is None:
+            value = os.environ.get(f"PARALLELISM_CONFIG_{name.upper()}", 1)
+        sizes[name] = int(value)
+    return sizes
+
+
+def check_training_engine(args) -> None:
+    """Refuse, before the model loads, the engine settings sstoken has not been proven under (docs/scaling.md)."""
+    engine = training_engine(args)
+    if engine == "fsdp1":
+        raise ConfigError("FSDP version 1 is not supported (its flattened parameters are untested with sstoken's "
+                          "head and history); use FSDP2: fsdp_version: 2 in the accelerate config, or "
+                          "fsdp_config: {version: 2}")
+    split = {name: size for name, size in _model_parallel_sizes(args).items() if size > 1}
+    if split:
+        # Tensor parallelism splits the LM head's weight across ranks inside the forward; context and sequence
+        # parallelism split a sequence, while the attention share of a query needs every key of its sequence.
+        raise ConfigError(f"parallelism_config {', '.join(f'{k}={v}' for k, v in split.items())} is not supported: "
+                          f"sstoken's LM head needs the whole vocabulary on each rank and its attention share the "
+                          f"whole sequence; use data parallelism (DDP, FSDP2 or DeepSpeed ZeRO)")
+    if engine in SHARDED_ENGINES and args.history == "ema" and selector_of(args).needs_history:
+        raise ConfigError("history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or "
+                          "ZeRO-2, or history 'base' (online with LoRA, or history_cache)")
 
 
 def selector_of(args) -> Selector:

@@ -1,7 +1,12 @@
-"""Checks that run during training, on the weights themselves.
+"""Checks that run during training, on the loss and on the weights themselves.
 
-The loss guard in ``SSTokenTrainer.compute_loss`` keeps a NaN or inf *loss* from producing a gradient. A
-finite loss can still give a non-finite update (an infinite or huge learning rate, an overflowing optimizer
+A micro-batch whose loss is NaN or inf must contribute no gradient, yet under several processes its rank must
+still take part in every collective of the backward (DDP's all-reduce, FSDP's and ZeRO's reduce-scatter), or the
+other ranks wait for it forever. :func:`drop_gradients` does both: the backward runs through the model as usual,
+and the gradient that reaches each leaf is replaced by zeros before it is accumulated, so the engines reduce
+zeros from that rank and every rank applies the same update.
+
+A finite loss can still give a non-finite update (an infinite or huge learning rate, an overflowing optimizer
 state), and then every later step and the saved adapter are NaN while the summary looks normal. So after
 each optimizer step the trainable parameters are checked, before transformers logs or saves that step.
 """
@@ -12,6 +17,46 @@ import torch
 from transformers import TrainerCallback
 
 from sstoken.errors import SSTokenError
+
+
+class DroppedGradients:
+    """Handle of :func:`drop_gradients`: :meth:`remove` once the backward has run."""
+
+    def __init__(self, handles: list, nodes: list):
+        self._handles = handles
+        self._nodes = nodes  # keeps each leaf's gradient accumulator, and so its hook, alive until the backward
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._nodes = [], []
+
+
+def _zeros(grads: tuple) -> tuple:
+    return tuple(None if grad is None else torch.zeros_like(grad) for grad in grads)
+
+
+def drop_gradients(loss: torch.Tensor, model: torch.nn.Module) -> DroppedGradients:
+    """Make the next backward of ``loss`` add zeros to every gradient, whatever the loss's values.
+
+    The accumulators are found twice over: in ``loss``'s graph (FSDP2 computes with unsharded copies of its
+    parameters, which only the graph reaches) and from ``model``'s trainable parameters (reentrant activation
+    checkpointing recomputes its part of the graph inside the backward, with the same parameters). A zero passed
+    down the graph would not do: ``0 × NaN`` activations give NaN weight gradients; zeroing at the accumulator does.
+    """
+    nodes, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            nodes[node] = None
+        stack.extend(child for child, _ in node.next_functions)
+    for param in model.parameters():
+        if param.requires_grad:
+            nodes[param.view_as(param).grad_fn.next_functions[0][0]] = None
+    return DroppedGradients([node.register_prehook(_zeros) for node in nodes], list(nodes))
 
 
 class TrainingDiverged(SSTokenError):

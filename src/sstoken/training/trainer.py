@@ -60,12 +60,13 @@ from sstoken.training.config import (
     check_history_source,
     selector_of,
 )
-from sstoken.training.guards import FiniteWeightsGuard
+from sstoken.training.guards import DroppedGradients, FiniteWeightsGuard, drop_gradients
 from sstoken.training.snapshots import SelectionSnapshots
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sstoken_state.safetensors"
+_UNDECIDED = object()  # full_logits_reason before its first use
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ class SSTokenTrainer(SFTTrainer):
         self.selector.prepare(self.train_dataset, self.history_cache, self.reference_cache)
         self.add_callback(FiniteWeightsGuard())
         self.skipped_nonfinite_steps = 0
-        # After SFTTrainer.__init__, which sets the MoE config's output_router_logits from router_aux_loss_coef.
-        self.full_logits_reason = lm_head.use_sstoken_head(self.model, "training", self.args.label_smoothing_factor)
+        self._dropped_gradients: DroppedGradients | None = None
+        self._full_logits_reason: str | None | object = _UNDECIDED
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
 
@@ -204,6 +205,24 @@ class SSTokenTrainer(SFTTrainer):
     def timed_part(self, name: str) -> ContextManager:
         """``part_timer(name)``, or a context that does nothing when no timer is set."""
         return contextlib.nullcontext() if self.part_timer is None else self.part_timer(name)
+
+    @property
+    def full_logits_reason(self) -> str | None:
+        """Why this run computes the NLL from the full logits; None when it uses sstoken's head.
+
+        Decided on first use, from the model as the training engine holds it: under ZeRO-3 or FSDP the weights
+        exist only once accelerate has prepared the model (before, they are partitions or, on ranks ≥ 1 with
+        ``cpu_ram_efficient_loading``, meta tensors). Every rank decides at the same point, and the ranks agree
+        (see :func:`sstoken.selection.lm_head.full_logits_reason`). After SFTTrainer.__init__, which sets the MoE
+        config's output_router_logits from router_aux_loss_coef."""
+        if self._full_logits_reason is _UNDECIDED:
+            self._full_logits_reason = lm_head.use_sstoken_head(self.model, "training",
+                                                                self.args.label_smoothing_factor)
+        return self._full_logits_reason
+
+    @full_logits_reason.setter
+    def full_logits_reason(self, reason: str | None) -> None:
+        self._full_logits_reason = reason
 
     # ---------------------------------------------------------------------------------------------- signals
     def _attention_probe(self):
@@ -312,12 +331,14 @@ class SSTokenTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             loss = loss + self._weighted_aux_loss(mode, outputs, num_items_in_batch)
 
+        # A host sync, but not an extra wait: the head's keep mask (or the full-logits path's nonzero) has already
+        # synchronised on the whole forward, and what is left to compute the loss from is a few tiny ops.
         if not torch.isfinite(loss):
             self.skipped_nonfinite_steps += 1
             warnings.warn(f"non-finite loss ({loss.item()}) at step {self.state.global_step}: this micro-batch is "
                           f"skipped (no gradient); {self.skipped_nonfinite_steps} skipped so far", stacklevel=2)
             self._metrics[mode]["skipped_nonfinite"].append(float(self.skipped_nonfinite_steps))
-            loss = torch.zeros((), device=loss.device, requires_grad=True)
+            loss = self._skipped(loss, model)
         with self.timed_part("logging"):
             self._log_selection(mode, signals, keep, response, current_nll)
             if wants_token_metrics:
@@ -330,6 +351,22 @@ class SSTokenTrainer(SFTTrainer):
             for listener in self.selection_listeners:
                 listener(event)
         return (loss, outputs) if return_outputs else loss
+
+    def _skipped(self, loss: torch.Tensor, model) -> torch.Tensor:
+        """The loss that skips a non-finite micro-batch: 0, and a backward that still runs through the model (so
+        that this rank joins the other ranks' gradient collectives) but adds zeros to every gradient."""
+        if not (loss.requires_grad and model.training):
+            return torch.zeros((), device=loss.device, requires_grad=True)  # nothing reaches a weight anyway
+        self._dropped_gradients = drop_gradients(loss, model)
+        return loss.nan_to_num(0.0, 0.0, 0.0)
+
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            if self._dropped_gradients is not None:  # the skipped micro-batch's backward has run
+                self._dropped_gradients.remove()
+                self._dropped_gradients = None
 
     def _weighted_aux_loss(self, mode: str, outputs, num_items_in_batch) -> torch.Tensor:
         """The MoE load-balancing loss, weighted as TRL weights it (its SFTTrainer.compute_loss), and logged."""
