@@ -57,6 +57,10 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
     if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
         # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
         raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
+    if config.device.type == "cpu":
+        # accelerate imports DeepSpeed, where it is installed, to recognise its engine, and DeepSpeed then logs a
+        # WARNING that it found no GPU and falls back to the CPU. The run is on the CPU: it is told so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
