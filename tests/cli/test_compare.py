@@ -30,9 +30,13 @@ def _demo_compare(tiny_model_dir, out, *extra):
 
 
 def test_compare_seeds_on_the_demo_data_without_held_out_data(tmp_path, tiny_model_dir, capsys):
+    # First one seed, the recipe's; then two more seeds in the same folder, which reuse the first seed's runs.
+    assert main(_demo_compare(tiny_model_dir, tmp_path / "run", "--seed", "0")) == 0
+    assert "one training seed" in capsys.readouterr().out
     argv = _demo_compare(tiny_model_dir, tmp_path / "run", "--seeds", "0", "1", "2")
     assert main(argv) == 0
     output = capsys.readouterr().out
+    assert output.count("already trained and scored") == 2
     out = tmp_path / "run" / "compare"
     document = json.loads((out / "compare.json").read_text())
     held_out = document["held_out"]

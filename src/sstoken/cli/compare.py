@@ -45,7 +45,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--config", help="YAML recipe (default: the demo recipe)")
     parser.add_argument("--methods", nargs="+", required=True, help="selection methods, e.g. full sstoken")
     parser.add_argument("--seeds", nargs="+", type=int,
-                        help="train every method once per seed (seed, data_seed and selection_seed of the run), "
+                        help="train every method once per seed (the run's seed, data_seed and selection_seed), "
                              "e.g. --seeds 0 1 2; the intervals then count training noise too "
                              "(default: the recipe's seed alone)")
     parser.add_argument("--eval_data", "--eval-data", dest="held_out",
@@ -65,9 +65,9 @@ def _run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def _run_overrides(overrides: list[str], method: str, seed: int | None, output_dir: Path) -> list[str]:
-    seeds = [] if seed is None else ["--seed", str(seed), "--data_seed", str(seed), "--selection_seed", str(seed)]
-    return [*overrides, *seeds, "--selection_method", method, "--output_dir", str(output_dir)]
+def _run_overrides(overrides: list[str], method: str, seed: int, output_dir: Path) -> list[str]:
+    return [*overrides, "--seed", str(seed), "--data_seed", str(seed), "--selection_seed", str(seed),
+            "--selection_method", method, "--output_dir", str(output_dir)]
 
 
 def cmd_compare(ns, overrides: list[str]) -> int:
@@ -97,11 +97,10 @@ def cmd_compare(ns, overrides: list[str]) -> int:
     if not 0 < fraction < 1:
         raise ConfigError(f"--held_out_fraction must be between 0 and 1 (exclusive), got {fraction}")
     seeds = list(dict.fromkeys(ns.seeds)) if ns.seeds else [config.seed]
-    run_seed = (lambda s: s) if ns.seeds else (lambda s: None)  # without --seeds, the recipe's own seeds
     out = Path(ns.out).expanduser() if ns.out else Path(config.output_dir) / "compare"
     # Every run's configuration is checked before the first one trains (e.g. rho1 without reference_cache).
     for method in methods:
-        prepare_run(ns.config, _run_overrides(overrides, method, run_seed(seeds[0]), out / _run_name(method, seeds[0])))
+        prepare_run(ns.config, _run_overrides(overrides, method, seeds[0], out / _run_name(method, seeds[0])))
     tasks = None
     if ns.tasks:
         from sstoken.evaluation.tasks import default_tasks_dir, prepare_eval_tasks, resolve_tasks
@@ -124,7 +123,7 @@ def cmd_compare(ns, overrides: list[str]) -> int:
 
     held_out["fingerprint"] = rows_fingerprint(held_out_rows)
     out.mkdir(parents=True, exist_ok=True)
-    _check_setup(out, {"recipe": _recipe_settings(ns.config, overrides, bool(ns.seeds)), "held_out": held_out,
+    _check_setup(out, {"recipe": _recipe_settings(ns.config, overrides), "held_out": held_out,
                        "tasks": tasks, "limit": ns.limit})
     print(f"sstoken compare: held-out data: {_describe_held_out(held_out, out)}", flush=True)
 
@@ -143,7 +142,7 @@ def cmd_compare(ns, overrides: list[str]) -> int:
         else:
             print(f"sstoken compare: {where}: training -> {run_dir}", flush=True)
             cmd_train(argparse.Namespace(config=ns.config),
-                      _run_overrides(overrides, method, run_seed(seed), run_dir), data=(rows, stats))
+                      _run_overrides(overrides, method, seed, run_dir), data=(rows, stats))
         result = {"method": method, "seed": seed, "eval": _score(run_dir, held_out_rows, tasks, ns),
                   "wall_s": round(time.time() - started, 1)}
         atomic_write_json(scored, result, indent=None)
@@ -195,13 +194,16 @@ def _describe_held_out(held_out: dict, out: Path) -> str:
             f"run; their row numbers (0-based, among the usable rows) are in {out / SETUP_FILE}")
 
 
-def _recipe_settings(config_path, overrides: list[str], seeds_vary: bool) -> dict:
+# What differs between the runs of one comparison (set by compare for each run).
+_PER_RUN_KEYS = ("output_dir", "selection_method", "seed", "data_seed", "selection_seed")
+
+
+def _recipe_settings(config_path, overrides: list[str]) -> dict:
     """The recipe as merged with the flags, less what differs between the runs of one comparison."""
     from sstoken.cli.recipe import load_recipe, merge_overrides, parse_overrides
 
     recipe = merge_overrides(load_recipe(config_path), parse_overrides(overrides))
-    per_run = {"output_dir", "selection_method"} | ({"seed", "data_seed", "selection_seed"} if seeds_vary else set())
-    return json.loads(json.dumps({k: v for k, v in recipe.items() if k not in per_run}, default=str))
+    return json.loads(json.dumps({k: v for k, v in recipe.items() if k not in _PER_RUN_KEYS}, default=str))
 
 
 def _check_setup(out: Path, setup: dict) -> None:
