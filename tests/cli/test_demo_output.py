@@ -3,13 +3,13 @@ WARNING, and the adapters it saves (final and checkpoints) load again."""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 
 import pytest
 
 from sstoken.cli import main
-
 
 # Two steps, a checkpoint after each. With checkpoints less than a second apart, transformers' rotation
 # (save_total_limit) cannot order them by time and says so; the demo's are minutes apart, so no limit here.
@@ -49,8 +49,6 @@ def test_embedded_model_saves_without_peft_config_warning_and_its_adapters_load(
     out = tmp_path / "demo"
     _train_demo_quietly([*QUICK_CHECKPOINTS, "--per_device_train_batch_size", "1",
                          "--max_seq_length", "64", "--output_dir", str(out)], capfd, caplog)
-    import json
-
     adapter = json.loads((out / "checkpoint-1" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(embedded_model_dir())  # still names the base model
     with warnings.catch_warnings():

@@ -103,7 +103,11 @@ def cmd_compare(ns, overrides: list[str]) -> int:
         prepare_run(ns.config, _run_overrides(overrides, method, seeds[0], out / _run_name(method, seeds[0])))
     tasks = None
     if ns.tasks:
-        from sstoken.evaluation.tasks import default_tasks_dir, prepare_eval_tasks, resolve_tasks
+        from sstoken.evaluation.tasks import (
+            default_tasks_dir,
+            prepare_eval_tasks,
+            resolve_tasks,
+        )
 
         tasks_dir = Path(ns.tasks_dir).expanduser() if ns.tasks_dir else default_tasks_dir()
         tasks = resolve_tasks(ns.tasks, tasks_dir)
