@@ -35,7 +35,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 import selection_research  # noqa: E402  (registers the x_* variants)
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
 
-from sstoken.evaluation.stats import paired_bootstrap  # noqa: E402
+from sstoken.evaluation.stats import compare_runs  # noqa: E402
 from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
 from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -194,77 +194,6 @@ def evaluate(model, tokenizer, held_out: list[dict], tasks_dir: Path, tasks: lis
                                            for t, r in scores.items()}}
 
 
-# --------------------------------------------------------------------------------------------- statistics
-def _per_seed(results: list[dict], key) -> list[list[float]]:
-    return [key(r) for r in sorted(results, key=lambda r: r["seed"])]
-
-
-def aggregate(results: list[dict], tasks: list[str]) -> dict:
-    """Per method: mean ± std over seeds per task, average, held-out NLL; paired Δ vs full with 95% CI."""
-    import numpy as np
-
-    by_method: dict[str, list[dict]] = {}
-    for r in results:
-        by_method.setdefault(r["method"], []).append(r)
-    full = by_method.get("full")
-    summary = {}
-    for method in [m for m in METHODS + RESEARCH_METHODS if m in by_method]:
-        runs = by_method[method]
-        if full is not None and method not in ("base",):
-            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in full})
-            runs = [r for r in runs if r["seed"] in seeds]
-            reference = [r for r in full if r["seed"] in seeds]
-        else:
-            reference = full or []
-        entry = {"seeds": sorted(r["seed"] for r in runs), "tasks": {}}
-        for task in tasks:
-            per_seed = [r["eval"]["tasks"][task]["score"] for r in runs]
-            entry["tasks"][task] = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed))}
-        averages = [np.mean([r["eval"]["tasks"][t]["score"] for t in tasks]) for r in runs]
-        entry["average"] = {"mean": float(np.mean(averages)), "std": float(np.std(averages))}
-        nlls = [np.nanmean(r["eval"]["held_out_nll"]) for r in runs]
-        entry["held_out_nll"] = {"mean": float(np.mean(nlls)), "std": float(np.std(nlls))}
-        if reference and method != "full":
-            delta = {}
-            for task in tasks:
-                delta[task] = paired_bootstrap(_per_seed(runs, lambda r: r["eval"]["tasks"][task]["items"]),
-                                               _per_seed(reference, lambda r: r["eval"]["tasks"][task]["items"]))
-            delta["average"] = _average_delta(runs, reference, tasks)
-            delta["held_out_nll"] = paired_bootstrap(_per_seed(runs, lambda r: r["eval"]["held_out_nll"]),
-                                                     _per_seed(reference, lambda r: r["eval"]["held_out_nll"]))
-            entry["delta_vs_full"] = {k: {"mean": v[0], "ci95": [v[1], v[2]]} for k, v in delta.items()}
-        summary[method] = entry
-    return summary
-
-
-def _average_delta(runs, reference, tasks, iters: int = 2000, seed: int = 0):
-    """Δ of the task-average score, resampling seeds and, within each task, items."""
-    import numpy as np
-
-    def matrix(rs, task):
-        return np.asarray(_per_seed(rs, lambda r: r["eval"]["tasks"][task]["items"]), dtype=float)
-
-    a = {t: matrix(runs, t) for t in tasks}
-    b = {t: matrix(reference, t) for t in tasks}
-    n_seeds = next(iter(b.values())).shape[0]
-    for t in tasks:
-        if a[t].shape[0] == 1 and n_seeds > 1:
-            a[t] = np.repeat(a[t], n_seeds, axis=0)
-    point = float(np.mean([np.mean(a[t] - b[t]) for t in tasks]))
-    rng = np.random.default_rng(seed)
-    samples = np.empty(iters)
-    for i in range(iters):
-        s = rng.integers(0, n_seeds, n_seeds)
-        per_task = []
-        for t in tasks:
-            n_items = a[t].shape[1]
-            j = rng.integers(0, n_items, n_items)
-            per_task.append(np.mean(a[t][np.ix_(s, j)] - b[t][np.ix_(s, j)]))
-        samples[i] = np.mean(per_task)
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return point, float(low), float(high)
-
-
 # --------------------------------------------------------------------------------------------- report
 def markdown_table(summary: dict, tasks: list[str]) -> str:
     short = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "boolq": "BoolQ", "sciq": "SciQ",
@@ -279,7 +208,7 @@ def markdown_table(summary: dict, tasks: list[str]) -> str:
     lines += ["", "Paired difference from `full` (mean, 95% bootstrap interval over seeds and items):", "",
               "| method | average (points) | held-out NLL (nats/token) |", "|---|---|---|"]
     for method, e in summary.items():
-        d = e.get("delta_vs_full")
+        d = e.get("delta")
         if not d:
             continue
         avg, nll = d["average"], d["held_out_nll"]
@@ -295,13 +224,13 @@ def plot(summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in summary if summary[m].get("delta_vs_full")]
+    methods = [m for m in summary if summary[m].get("delta")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, scale, label in ((axes[0], "average", 100, "Δ average score vs full (points)"),
                                   (axes[1], "held_out_nll", 1, "Δ held-out NLL vs full (nats/token; lower is better)")):
-        means = [scale * summary[m]["delta_vs_full"][key]["mean"] for m in methods]
-        lows = [scale * summary[m]["delta_vs_full"][key]["ci95"][0] for m in methods]
-        highs = [scale * summary[m]["delta_vs_full"][key]["ci95"][1] for m in methods]
+        means = [scale * summary[m]["delta"][key]["mean"] for m in methods]
+        lows = [scale * summary[m]["delta"][key]["ci95"][0] for m in methods]
+        highs = [scale * summary[m]["delta"][key]["ci95"][1] for m in methods]
         err = [[mu - lo for mu, lo in zip(means, lows)], [hi - mu for mu, hi in zip(means, highs)]]
         ax.barh(methods, means, xerr=err, color="#4c72b0", capsize=3)
         ax.axvline(0, color="black", lw=0.8)
@@ -317,7 +246,8 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
     results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     if not results:
         raise SystemExit(f"no results in {out / 'runs'}")
-    summary = aggregate(results, tasks)
+    # Paired differences from full over seeds and items: the statistics `sstoken compare` reports too.
+    summary = compare_runs(results, "full", tasks, order=METHODS + RESEARCH_METHODS, seedless=("base",))
     meta = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
     document = {"size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
                 "wall_time_s": sum(r.get("wall_s", 0) for r in results)}

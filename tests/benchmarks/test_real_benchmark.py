@@ -61,53 +61,20 @@ def test_quality_score_ranks_refusals_and_cut_off_answers_below_complete_ones(be
     assert prepare.quality_score(prompt, complete) > prepare.quality_score(prompt, refusal)
 
 
-def test_paired_bootstrap_of_a_constant_difference_is_that_constant(bench):
+def test_markdown_table_of_the_shared_paired_statistics(bench):
     _, run = bench
-    reference = [[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
-    method = [[v + 0.25 for v in row] for row in reference]
-    mean, low, high = run.paired_bootstrap(method, reference, iters=200)
-    assert mean == pytest.approx(0.25) and low == pytest.approx(0.25) and high == pytest.approx(0.25)
+    from sstoken.evaluation.stats import compare_runs
 
-
-def test_paired_bootstrap_pairs_a_seedless_method_with_every_seed(bench):
-    _, run = bench
-    base = [[1.0, 0.0]]
-    full = [[1.0, 1.0], [0.0, 0.0]]
-    mean, low, high = run.paired_bootstrap(base, full, iters=500)
-    # Differences per (seed, item): [0, -1] and [1, 0] -> mean 0; the interval spans both signs.
-    assert mean == pytest.approx(0.0)
-    assert low < 0 < high
-
-
-def _result(method, seed, task_items, nll):
-    return {"method": method, "seed": seed,
-            "eval": {"held_out_nll": nll,
-                     "tasks": {t: {"metric": "acc", "score": sum(v) / len(v), "items": v}
-                               for t, v in task_items.items()}}}
-
-
-def test_aggregate_means_stds_and_deltas(bench):
-    _, run = bench
     results = [
-        _result("full", 0, {"a": [1, 0], "b": [0, 0]}, [2.0, 2.0]),
-        _result("full", 1, {"a": [1, 1], "b": [0, 0]}, [2.0, 4.0]),
-        _result("sstoken", 0, {"a": [1, 1], "b": [1, 0]}, [1.0, 1.0]),
-        _result("sstoken", 1, {"a": [1, 1], "b": [1, 0]}, [3.0, 3.0]),
-        _result("base", 0, {"a": [0, 0], "b": [0, 0]}, [5.0, 5.0]),
-    ]
-    summary = run.aggregate(results, ["a", "b"])
-    assert list(summary) == ["base", "full", "sstoken"]
-    assert summary["full"]["tasks"]["a"] == {"mean": 0.75, "std": 0.25}
-    assert summary["sstoken"]["average"]["mean"] == pytest.approx(0.75)
-    assert summary["full"]["held_out_nll"]["mean"] == pytest.approx(2.5)
-    assert "delta_vs_full" not in summary["full"]
-    delta = summary["sstoken"]["delta_vs_full"]
-    assert delta["a"]["mean"] == pytest.approx(0.25)
-    assert delta["average"]["mean"] == pytest.approx((0.25 + 0.5) / 2)
-    assert delta["held_out_nll"]["mean"] == pytest.approx(-0.5)
-    assert summary["base"]["delta_vs_full"]["average"]["mean"] == pytest.approx(-(0.75 + 0.0) / 2)
+        {"method": m, "seed": s, "eval": {"held_out_nll": nll, "tasks": {
+            t: {"metric": "acc", "score": sum(v) / len(v), "items": v} for t, v in items.items()}}}
+        for m, s, items, nll in [("full", 0, {"a": [1, 0], "b": [0, 0]}, [2.0, 2.0]),
+                                 ("full", 1, {"a": [1, 1], "b": [0, 0]}, [2.0, 4.0]),
+                                 ("sstoken", 0, {"a": [1, 1], "b": [1, 0]}, [1.0, 1.0]),
+                                 ("sstoken", 1, {"a": [1, 1], "b": [1, 0]}, [3.0, 3.0])]]
+    summary = compare_runs(results, "full", ["a", "b"], order=run.METHODS, seedless=("base",))
     table = run.markdown_table(summary, ["a", "b"])
-    assert "| sstoken | 2 |" in table and "+37.5" in table
+    assert "| sstoken | 2 |" in table and "+37.5" in table and "| full | 2 |" in table
 
 
 def test_select_rows_skips_rows_that_would_be_truncated(tmp_path, bench):

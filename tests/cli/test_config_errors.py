@@ -145,6 +145,10 @@ def test_rows_without_trainable_tokens_are_skipped_and_counted(name, tmp_path, t
         (dict(gamma=1.01), "gamma must be in [0, 1], got 1.01"),
         (dict(rhoo=0.5), "unknown config key 'rhoo' (did you mean 'rho'?)"),
         (dict(gama=0.5), "unknown config key 'gama' (did you mean 'gamma'?)"),
+        # A key typed with a Greek omicron, or a Cyrillic a and e: it looks right on screen, so the hint says why.
+        ({"rh\u03bf": 0.5}, "(did you mean 'rho'? 'rh\u03bf' has a look-alike character: \u03bf (U+03BF GREEK SMALL"),
+        ({"g\u0430mm\u0430": 0.5}, "(did you mean 'gamma'? 'g\u0430mm\u0430' has a look-alike character: \u0430"),
+        ({"Learning_Rate": 1e-4}, "unknown config key 'Learning_Rate' (did you mean 'learning_rate'?)"),
         (dict(lora={"r": 4, "alpah": 8}), "unknown lora key 'alpah' (did you mean 'alpha'?)"),
         (dict(max_steps="abc"), "max_steps must be an integer, got 'abc'"),
         (dict(learning_rate=[1]), "learning_rate must be a number, got [1]"),

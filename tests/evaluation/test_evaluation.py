@@ -231,15 +231,17 @@ def test_compare_two_methods_on_a_tiny_model(tmp_path, tiny_model_dir, capsys):
     document = json.loads((out / "compare.json").read_text())
     assert document["baseline"] == "full"
     assert set(document["methods"]) == {"full", "random"}
-    delta = document["methods"]["random"]["delta_held_out_nll"]
+    delta = document["methods"]["random"]["delta"]["held_out_nll"]
     assert delta["ci95"][0] <= delta["mean"] <= delta["ci95"][1]
+    assert document["held_out"]["rows"] == 6 and document["seeds"] == [42]  # the recipe's seed (TRL's default)
     assert (out / "compare.png").stat().st_size > 1000
-    assert json.loads((out / "random" / "summary.json").read_text())["rho"] == 0.5
+    assert json.loads((out / "random-seed42" / "summary.json").read_text())["rho"] == 0.5
     # Both runs are scored on the same rows, and a rerun reuses them instead of training again.
-    first = (out / "random" / "compare_eval.json").read_text()
+    first = (out / "random-seed42" / "compare_result.json").read_text()
     assert main(argv) == 0
-    assert (out / "random" / "compare_eval.json").read_text() == first
-    assert "already trained and scored" in capsys.readouterr().out
+    assert (out / "random-seed42" / "compare_result.json").read_text() == first
+    output = capsys.readouterr().out
+    assert "already trained and scored" in output and "one training seed" in output
 
 
 def test_compare_checks_every_method_before_training(tmp_path, tiny_model_dir, capsys):
@@ -251,7 +253,7 @@ def test_compare_checks_every_method_before_training(tmp_path, tiny_model_dir, c
             "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "reference_cache" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "compare" / "full").exists()
+    assert not (tmp_path / "out" / "compare").exists()
 
 
 def test_data_flags_take_a_yaml_mapping_like_the_recipe(tmp_path, tiny_model_dir, capsys):

@@ -35,7 +35,10 @@ def _train_or_list_keys(ns, overrides: list[str]) -> int:
     return help_config() if ns.help_config else cmd_train(ns, overrides)
 
 
-def cmd_train(ns, overrides: list[str]) -> int:
+def cmd_train(ns, overrides: list[str], data=None) -> int:
+    """Train the recipe ``ns.config`` with ``overrides``. ``data``: the training rows already encoded, as
+    (rows, LoadStats) from :func:`~sstoken.cli.common.load_run_rows` with this run's tokenizer (``sstoken
+    compare`` trains every run on the rows it read once); else the recipe's ``data`` is read."""
     from sstoken.models import load_model, load_tokenizer, revision_of
     from sstoken.training.config import apply_tokenizer_settings, check_history_source
     from sstoken.training.trainer import SSTokenTrainer, check_text_rows
@@ -54,13 +57,17 @@ def cmd_train(ns, overrides: list[str]) -> int:
     if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
         # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
         raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
+    if config.device.type == "cpu":
+        # accelerate imports DeepSpeed, where it is installed, to recognise its engine, and DeepSpeed then logs a
+        # WARNING that it found no GPU and falls back to the CPU. The run is on the CPU: it is told so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
     tokenizer = load_tokenizer(run["model"], run["trust_remote_code"],
                                revision=revision_of(config.model_init_kwargs))
     apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
-    rows, stats = load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
+    rows, stats = data if data is not None else load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
     check_text_rows(stats, config, "data")
     eval_dataset = None
     if run["eval_data"]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import gzip
 import json
 import lzma
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sstoken.errors import ConfigError, DataError
 
@@ -67,7 +68,8 @@ def json_type(value: Any) -> str:
 _DECOMPRESSING_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
-def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_BYTES,
+               stream: BinaryIO | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)`` for each non-blank line of a JSONL file (line numbers are 1-based).
 
     The file (or its ``.gz``/``.bz2``/``.xz`` compression) is read in binary, line by line, and never more than ``max_line_bytes + 2`` bytes at a time,
@@ -75,16 +77,22 @@ def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
     byte order mark at the start of line 1 is accepted and dropped. Lines holding only JSON whitespace are
     skipped. NaN/Infinity, duplicate keys in one object and top-level values other than objects are
     rejected. Every problem raises :class:`DataError` with a message starting ``"{path}:{line}: "``.
+
+    ``stream``: an open binary file to read, from where it stands, instead of opening ``path`` (which then only
+    names it, and its suffix the compression): a pipe, which can be opened and read only once. It is not closed.
     """
     where = os.fspath(path)
     if max_line_bytes < 1:
         raise ConfigError(f"max_line_bytes must be >= 1, got {max_line_bytes}")
     opener = _DECOMPRESSING_OPENERS.get(Path(where).suffix.lower(), open)
     try:
-        handle = opener(path, "rb")  # noqa: SIM115 - closed by the with below
+        if stream is None:
+            handle = opener(path, "rb")  # noqa: SIM115 - closed by the with below
+        else:  # the decompressors take a file object, and leave it open when they close
+            handle = contextlib.nullcontext(stream) if opener is open else opener(stream, "rb")
     except OSError as exc:
         raise DataError(f"{where}: cannot open the file: {exc.strerror or exc}") from None
-    with handle:
+    with handle as handle:
         lineno = 0
         while True:
             try:
@@ -113,6 +121,9 @@ def read_jsonl(path: str | os.PathLike[str], *, max_line_bytes: int = MAX_LINE_B
                 hint = ""
                 if lineno == 1 and content[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
                     hint = " (the file looks UTF-16 encoded; save it as UTF-8)"
+                elif lineno == 1 and content.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+                    hint = (" (the data looks compressed: name the file .gz, .bz2 or .xz, or decompress it, "
+                            "e.g. <(zcat rows.jsonl.gz))")
                 raise DataError(
                     f"{where}:{lineno}: not valid UTF-8: byte 0x{content[exc.start]:02x} at byte offset "
                     f"{exc.start}{hint}"

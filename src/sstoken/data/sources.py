@@ -10,6 +10,7 @@ encoding and any change to one of those encodes again. :func:`load_rows` is the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,11 @@ def _load_source(spec: SourceSpec, what: str, max_line_bytes: int) -> list[_Part
         return [_saved_dataset_part(spec, what)]
     elif path.is_dir():
         files = _resolve_files(path / spec.data_dir if spec.data_dir else path, spec, what)
+    elif path.exists():  # a pipe (`--data <(zcat rows.jsonl.gz)`), a named pipe, /dev/stdin
+        if spec.split != "train" or spec.data_files is not None:
+            raise ConfigError(f"{what}: {spec.path} is one stream, which is the train split; it has no other "
+                              f"splits or data_files")
+        return [_stream_part(path, spec.columns, max_line_bytes)]
     elif looks_local(spec.path):
         raise ConfigError(f"{what} {spec.path} does not exist")
     else:
@@ -155,11 +161,7 @@ def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) ->
     # is left to datasets, like every other format.
     if builder == "json" and _is_json_lines(path, suffix, compression):
         rows = list(read_jsonl(path, max_line_bytes=max_line_bytes))
-        keys = list(dict.fromkeys(key for _, row in rows for key in row))
-        if rows:
-            _check_columns(str(path), keys, columns)
-        ignored = {key for _, row in rows for key in _renamed_keys(row, columns)} - KNOWN_KEYS
-        return _Part(str(path), rows=rows, fingerprint=_hash(["jsonl", file_sha256(path)]), ignored=ignored)
+        return _jsonl_part(path, rows, columns, _hash(["jsonl", file_sha256(path)]))
     import datasets
 
     options = {"sep": "\t"} if suffix == ".tsv" else {}
@@ -171,6 +173,63 @@ def _file_part(path: Path, builder: str | None, columns, max_line_bytes: int) ->
     except Exception as exc:  # noqa: BLE001 - pyarrow, pandas and datasets raise many types for a bad file
         raise DataError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
     return _dataset_part(str(path), dataset, columns)
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether ``path`` exists and is neither a file nor a folder: a pipe, a named pipe (FIFO), /dev/stdin, which
+    can be read only once, from the start."""
+    path = Path(path)
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+class _HashingReader:
+    """A binary stream whose bytes are hashed as they are read: a pipe's content key (the SHA-256 that a file
+    gets from a first pass over it, which a pipe cannot give before it is read)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha256.update(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        data = self.raw.readline(size)
+        self.sha256.update(data)
+        return data
+
+
+def _stream_part(path: Path, columns, max_line_bytes: int) -> _Part:
+    """A pipe read once, as JSON Lines (plain, or .gz/.bz2/.xz by its name) through the strict reader. Every
+    other format is read by ``datasets``, which opens a file more than once (it is hashed first, then loaded), so
+    a pipe would be empty the second time: that is refused before anything is read."""
+    suffix, compression = data_suffix(path)
+    builder = BUILDER_OF_SUFFIX.get(suffix, "json")
+    if builder != "json" or compression not in ("", ".gz", ".bz2", ".xz") or (suffix == ".json" and compression):
+        kind = f"{builder} data" if builder != "json" else f"a {suffix}{compression} file"
+        raise ConfigError(f"{path} is a pipe, which can be read only once; {kind} is read by the datasets "
+                          f"library, which opens a file twice (to hash it, then to load it): write it to a file "
+                          f"first (a pipe of JSON Lines, plain or .gz/.bz2/.xz, is read as it comes)")
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open the pipe: {exc.strerror or exc}") from None
+    with raw:
+        if suffix == ".json" and raw.peek(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            raise ConfigError(f"{path} is a pipe holding one JSON array, which is read by the datasets library "
+                              f"from a file only: write it to a file first, or send JSON Lines (one object a line)")
+        reader = _HashingReader(raw)
+        rows = list(read_jsonl(path, max_line_bytes=max_line_bytes, stream=reader))
+    return _jsonl_part(path, rows, columns, _hash(["jsonl", reader.sha256.hexdigest()]))
+
+
+def _jsonl_part(path: Path, rows: list[tuple[int, dict]], columns, fingerprint: str) -> _Part:
+    keys = list(dict.fromkeys(key for _, row in rows for key in row))
+    if rows:
+        _check_columns(str(path), keys, columns)
+    ignored = {key for _, row in rows for key in _renamed_keys(row, columns)} - KNOWN_KEYS
+    return _Part(str(path), rows=rows, fingerprint=fingerprint, ignored=ignored)
 
 
 def _has_module(name: str) -> bool:
@@ -439,8 +498,9 @@ def load_data(spec: Any, tokenizer: Any, max_seq_length: int, *, what: str = "da
     sources = [_load_source(s, what, max_line_bytes) for s in specs]
     for s, parts in zip(specs, sources):
         if sum(len(p) for p in parts) == 0:
-            raise DataError(f"{s.path}: no rows (the {'file is' if Path(s.path).is_file() else 'source is'} empty "
-                            "or has only blank lines)")
+            kind = ("pipe is empty, was read already" if is_stream(s.path)
+                    else "file is empty" if Path(s.path).is_file() else "source is empty")
+            raise DataError(f"{s.path}: no rows (the {kind} or has only blank lines)")
     if specs[0].fraction is not None:
         sources = _mixture_heads(sources, [s.fraction for s in specs])
     label = specs[0].path if len(specs) == 1 else f"{what} (a mixture of {len(specs)} sources)"

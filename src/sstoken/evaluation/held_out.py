@@ -26,3 +26,29 @@ def held_out_nll(model, rows: Sequence[dict], batch_size: int = 8) -> list[float
             count = int(trained[j].sum())
             means[index] = float(nll[j].float()[trained[j]].sum()) / count if count else math.nan
     return means
+
+
+def held_out_split(n_rows: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows): disjoint sorted indices of ``n_rows`` rows, ``round(fraction * n_rows)``
+    of them (at least one) held out, chosen by a permutation drawn with ``seed``. The same arguments give the
+    same split on any machine (NumPy's PCG64 generator)."""
+    import numpy as np
+
+    n_held = max(1, round(fraction * n_rows))
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return sorted(int(i) for i in order[n_held:]), sorted(int(i) for i in order[:n_held])
+
+
+def rows_fingerprint(rows: Sequence[dict]) -> str:
+    """SHA-256 of encoded rows (their token ids and labels, in order): equal only for the same rows, scored on
+    the same tokens."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            values = np.asarray(row[key], dtype=np.int64)
+            digest.update(len(values).to_bytes(8, "little") + values.tobytes())
+    return digest.hexdigest()

@@ -23,6 +23,7 @@ accumulating 2 micro-batches of b samples gives the same gradient as one batch o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -92,6 +93,22 @@ class _EMACallback(TrainerCallback):
         if self.trainer.ema is not None:
             with self.trainer.timed_part("ema_update"):
                 self.trainer.ema.update(state.global_step)
+
+
+def _embedding_rows(model) -> int | None:
+    """Rows of the model's input embedding (its vocabulary as trained), or None for a model without one."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _base_config_missing(model) -> bool:
+    """Whether ``model`` is a PEFT model whose base model is a local folder without config.json: a GGUF file's
+    folder, whose config only the GGUF file holds."""
+    configs = getattr(model, "peft_config", None)
+    bases = {getattr(c, "base_model_name_or_path", None) for c in configs.values()} if isinstance(configs, dict) else ()
+    return any(b and os.path.isdir(b) and not os.path.isfile(os.path.join(b, "config.json")) for b in bases)
 
 
 class SSTokenTrainer(SFTTrainer):
@@ -170,6 +187,7 @@ class SSTokenTrainer(SFTTrainer):
             raise ConfigError(f"launched as {launched} processes but training would run as 1 (no distributed "
                               f"backend was set up); on CPUs set use_cpu: true (accelerate config: use_cpu)")
         check_history_source(sst_args, trains_an_adapter=hasattr(unwrap_model(self.model), "disable_adapter"))
+        self._vocabulary_at_start = _embedding_rows(unwrap_model(self.model))
         self.selector = selector_of(sst_args)
         self.part_timer = part_timer
         # Distributions of REL / attention share at a few steps, for `sstoken report` (selection_snapshots.json).
@@ -449,6 +467,21 @@ class SSTokenTrainer(SFTTrainer):
         if not _internal_call and (output_dir is None or os.path.abspath(output_dir) ==
                                    os.path.abspath(self.args.output_dir)):
             self.create_model_card(model_name=os.path.basename(os.path.abspath(self.args.output_dir)))
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = unwrap_model(self.model)
+        if not _base_config_missing(model):
+            return super()._save(output_dir, state_dict)
+        # PEFT also saves the embedding layers when the vocabulary was resized, which it finds out by reading
+        # config.json at the adapter's base_model_name_or_path. A GGUF base (the embedded model) has none there:
+        # PEFT warned at every save and assumed no resize. The trainer knows: neither sstoken nor TRL resizes the
+        # vocabulary, and the embedding's size when training began is at hand.
+        resized = _embedding_rows(model) != self._vocabulary_at_start
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=resized)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
     def _save_checkpoint(self, model, trial):
         # Our state goes in first: transformers writes trainer_state.json last, so a checkpoint that has it is
