@@ -40,8 +40,10 @@ from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
 from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
+# Other losses, run on request (sstoken.training.config.method_settings: dft = full SFT with DFT's loss)
+LOSS_METHODS = ("dft", "sstoken+dft")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
-NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning",
+NEEDS_HISTORY = {"rel", "sstoken", "sstoken+dft", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}
 
@@ -137,12 +139,12 @@ def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: 
     from peft import LoraConfig
 
     from sstoken.data.encoding import to_hf_dataset
-    from sstoken.training.config import SSTokenConfig
+    from sstoken.training.config import SSTokenConfig, method_settings
     from sstoken.training.trainer import SSTokenTrainer
 
     cuda = _device() == "cuda"
     config = SSTokenConfig(
-        output_dir=str(workdir), selection_method=method, rho=size.rho, gamma=size.gamma, history="base",
+        output_dir=str(workdir), **method_settings(method), rho=size.rho, gamma=size.gamma, history="base",
         history_cache=history_cache if method in NEEDS_HISTORY else None,
         reference_cache=reference_cache if method in NEEDS_REFERENCE else None,
         per_device_train_batch_size=size.batch_size, num_train_epochs=size.epochs,
@@ -208,7 +210,7 @@ def aggregate(results: list[dict], tasks: list[str]) -> dict:
         by_method.setdefault(r["method"], []).append(r)
     full = by_method.get("full")
     summary = {}
-    for method in [m for m in METHODS + RESEARCH_METHODS if m in by_method]:
+    for method in [m for m in METHODS + LOSS_METHODS + RESEARCH_METHODS if m in by_method]:
         runs = by_method[method]
         if full is not None and method not in ("base",):
             seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in full})
@@ -465,8 +467,9 @@ def _run_workers(ns, argv: list[str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + RESEARCH_METHODS, default=list(METHODS),
-                        help="methods to run (default: all but the experimental x_* variants)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + LOSS_METHODS + RESEARCH_METHODS,
+                        default=list(METHODS),
+                        help="methods to run (default: all but DFT's and the experimental x_* variants)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", choices=DEFAULT_TASKS, default=list(DEFAULT_TASKS))
     parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 IGNORE_INDEX = -100
 """Label value of tokens that carry no loss (Hugging Face convention)."""
 
+TOKEN_WEIGHTS = "token_weights"
+"""Column (and batch key) of per-token loss weights, float, aligned like ``labels``; only data with ``weight``
+fields has it (see docs/data.md)."""
+
 
 def pad_rows(rows: Sequence[dict], pad_id: int):
     """(input_ids, labels, attention_mask), each len(rows) × longest row; labels are -100 on padding."""
@@ -23,6 +27,16 @@ def pad_rows(rows: Sequence[dict], pad_id: int):
         labels[i, :n] = torch.tensor(row["labels"])
         attention[i, :n] = 1
     return ids, labels, attention
+
+
+def padded_weights(weight_rows: Sequence[Sequence[float]], shape: tuple[int, int]):
+    """Rows of token weights in a float32 tensor of ``shape``, each row from the left, 0 on the padding."""
+    import torch
+
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, row in enumerate(weight_rows):
+        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.float32)
+    return out
 
 
 def unwrap_model(model):

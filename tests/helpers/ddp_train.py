@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-CASES = ("base", "cached", "ema")
+CASES = ("base", "cached", "ema", "weighted")  # weighted: cached, with DFT's token weights
 # The "skip" case is "base" with one micro-batch whose loss is NaN: global micro-batch SKIPPED (rank 1 of step 1
 # under DDP, the 4th micro-batch of the one-process reference).
 SKIPPED = 3
@@ -65,7 +65,8 @@ def _recording_trainer_class():
     from sstoken.training.trainer import SSTokenTrainer
 
     class RecordingTrainer(SSTokenTrainer):
-        """Records, per micro-batch: step, sample keys, keep mask, kept NLL sum, kept count, loss, denominator."""
+        """Records, per micro-batch: step, sample keys, keep mask, kept (weighted) NLL sum, kept count, loss,
+        denominator."""
 
         records: list
 
@@ -74,6 +75,7 @@ def _recording_trainer_class():
 
             def record(event):
                 seen["keep"], seen["nll"] = event.keep.detach().cpu(), event.signals.current_nll.detach().cpu()
+                seen["weights"] = None if event.weights is None else event.weights.detach().cpu()
 
             self.add_selection_listener(record)
             try:
@@ -89,7 +91,8 @@ def _recording_trainer_class():
                 "keys": keys,
                 "keep": keep,
                 "kept": int(keep.sum()),
-                "kept_nll_sum": float((seen["nll"] * keep).sum()),
+                # Σ wᵢ·NLLᵢ over the kept tokens: the numerator of the loss (weights 1 unless the case weighs)
+                "kept_nll_sum": float((seen["nll"] * keep * (1.0 if seen["weights"] is None else seen["weights"])).sum()),
                 "loss": float((loss[0] if return_outputs else loss).detach()),
                 "denominator": int(num_items_in_batch) if num_items_in_batch is not None else None,
             })
@@ -116,7 +119,9 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         # missing or extra division by ranks or accumulation steps) would go unnoticed in the weights; with SGD
         # it shows. Large steps make the selections after step 1 depend on the updated weights.
         optim="sgd",
-        learning_rate=0.5,
+        # DFT weighs each token by its probability, about 1/vocabulary on a random model: a step 100 times larger
+        # moves the weights as much as in the other cases.
+        learning_rate=50.0 if case == "weighted" else 0.5,
         lr_scheduler_type="constant",
         activation_checkpointing=False,  # tiny model: recomputing activations only costs time
         logging_steps=1,
@@ -132,7 +137,8 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         gamma=0.5,
         history="ema" if case == "ema" else "base",
         ema_decay=0.5,
-        history_cache=os.path.join(workdir, "cache") if case == "cached" else None,
+        history_cache=os.path.join(workdir, "cache") if case in ("cached", "weighted") else None,
+        loss_type="dft" if case == "weighted" else "nll",
     )
     torch.manual_seed(0)  # LoRA initialisation draws from the global generator
     trainer = _recording_trainer_class()(

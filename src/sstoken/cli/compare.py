@@ -17,6 +17,7 @@ EXAMPLES = """\
 examples:
   sstoken compare --config recipe.yaml --methods full sstoken --eval_data held_out.jsonl
   sstoken compare --config recipe.yaml --methods full random sstoken --tasks arc_easy,boolq --limit 200
+  sstoken compare --config recipe.yaml --methods full dft sstoken sstoken+dft --eval_data held_out.jsonl
   sstoken compare --config recipe.yaml --methods full sstoken --max_steps 50   # recipe overrides as in train
 """
 
@@ -29,7 +30,9 @@ def register_cli(subparsers) -> None:
                     "the recipe, as in `sstoken train`.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (default: the demo recipe)")
-    parser.add_argument("--methods", nargs="+", required=True, help="selection methods, e.g. full sstoken")
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help="selection methods, e.g. full sstoken; dft is full SFT with DFT's loss "
+                             "(loss_type dft), <method>+dft a selector with it (sstoken+dft)")
     parser.add_argument("--eval_data", "--eval-data", dest="held_out",
                         help="held-out data, like eval_data: a file, folder or Hub dataset id, or YAML such as "
                              "'{path: org/ds, split: test}' (default: the recipe's eval_data)")
@@ -41,18 +44,20 @@ def register_cli(subparsers) -> None:
 
 
 def _method_overrides(overrides: list[str], method: str, output_dir: Path) -> list[str]:
-    return [*overrides, "--selection_method", method, "--output_dir", str(output_dir)]
+    from sstoken.training.config import method_settings
+
+    settings = [token for key, value in method_settings(method).items() for token in (f"--{key}", value)]
+    return [*overrides, *settings, "--output_dir", str(output_dir)]
 
 
 def cmd_compare(ns, overrides: list[str]) -> int:
     from sstoken.cli.common import prepare_run
     from sstoken.cli.train import cmd_train
-    from sstoken.selection.selectors import SELECTORS
+    from sstoken.training.config import method_settings
 
     methods = list(dict.fromkeys(ns.methods))
-    unknown = [m for m in methods if m not in SELECTORS]
-    if unknown:
-        raise ConfigError(f"unknown method {', '.join(unknown)}; choose from {', '.join(SELECTORS)}")
+    for method in methods:
+        method_settings(method)  # an unknown name is refused before anything trains
     if len(methods) < 2:
         raise ConfigError("compare needs at least two methods, e.g. --methods full sstoken")
     if ns.limit is not None and ns.limit < 1:

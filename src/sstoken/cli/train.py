@@ -226,6 +226,7 @@ def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
         "rows_used": stats.used,
         "rows_skipped_no_trainable_token": stats.skipped_no_trainable_token,
         "selection_method": config.selection_method,
+        "loss_type": config.loss_type,
         "rho": config.rho,
         "gamma": config.gamma,
         "history": config.history,

@@ -14,10 +14,13 @@ no B×T×V logits, the prompt never projected, and the backward projecting only 
 or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
 
 Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
-step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
-accumulated micro-batches and, with ``average_tokens_across_devices`` (the default), over all ranks. Since
-ρ fixes how many tokens each sample keeps (ceil(ρ·n)), that count is known before the forward pass, so
-accumulating 2 micro-batches of b samples gives the same gradient as one batch of 2b samples.
+step is the sum of kept-token NLLs, each times its token weight, divided by the number of kept tokens in the
+whole step (not the sum of their weights), summed over the accumulated micro-batches and, with
+``average_tokens_across_devices`` (the default), over all ranks. Since ρ fixes how many tokens each sample keeps
+(ceil(ρ·n)), that count is known before the forward pass, so accumulating 2 micro-batches of b samples gives the
+same gradient as one batch of 2b samples, weighted or not. Token weights are 1 unless the data has ``weight``
+fields, the selector weighs tokens, or ``loss_type`` is ``"dft"`` (Dynamic Fine-Tuning: each kept token weighted
+by its probability under the current model, from the same no-grad NLL that selection reads, as TRL computes it).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class SelectionEvent:
     keep: torch.Tensor  # B×T bool, the tokens that carry the loss
     progress: float  # fraction of training done, as the selector saw it
     step: int  # the optimizer step this micro-batch belongs to (1-based, as in log_history)
+    weights: torch.Tensor | None = None  # B×T loss weight of each response token (data × selector × DFT); None: 1
 
 
 SelectionListener = Callable[[SelectionEvent], None]
@@ -311,21 +315,18 @@ class SSTokenTrainer(SFTTrainer):
         progress = self._progress()
         selection = select_tokens(model, inputs, self.selector, sources, progress=progress,
                                   draw_key=self._draw_key() if training else None, selecting=training,
-                                  timer=self.timed_part)
-        outputs, signals, keep = selection.outputs, selection.signals, selection.keep
+                                  dft=self.args.loss_type == "dft", timer=self.timed_part)
+        outputs, signals, keep, weights = selection.outputs, selection.signals, selection.keep, selection.weights
         response, current_nll = selection.layout.response, selection.current_nll
         if sources.sstoken_head:
             loss_sum = outputs.kept_nll_sum
         else:
             rows, cols = keep.nonzero(as_tuple=True)
-            loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
-                                       label_smoothing=self.args.label_smoothing_factor)
+            token_loss = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="none",
+                                         label_smoothing=self.args.label_smoothing_factor)
+            loss_sum = scoring.weighted_sum(token_loss, None if weights is None else weights[rows, cols])
 
-        if num_items_in_batch is None:
-            denominator = keep.sum().clamp(min=1)
-        else:
-            denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
-        loss = loss_sum / denominator
+        loss = scoring.step_mean(loss_sum, num_items_in_batch, keep)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         if self.aux_loss_enabled:
@@ -347,7 +348,7 @@ class SSTokenTrainer(SFTTrainer):
                 self._count_tokens(inputs)
         if signals is not None:
             event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
-                                   step=self.state.global_step + 1)
+                                   step=self.state.global_step + 1, weights=weights)
             for listener in self.selection_listeners:
                 listener(event)
         return (loss, outputs) if return_outputs else loss

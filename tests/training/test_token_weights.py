@@ -1,0 +1,179 @@
+"""Token weights in the loss: DFT (TRL's ``loss_type: dft``) alone and with every selector, and the rule that the
+loss divides by the kept count of the step whatever the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sstoken.selection import scoring
+from sstoken.selection.selectors import SELECTORS, Selector
+from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer, tiny_training_args
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+SETTINGS = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1, data_seed=0,
+                activation_checkpointing=False, lr_scheduler_type="constant")
+
+
+def make_rows(n=8, seed=0):
+    return random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
+
+
+def make_trainer(tmp_path, rows=None, peft=True, **overrides):
+    return tiny_trainer(tmp_path / "out", rows or make_rows(), lora=peft, **{**SETTINGS, **overrides})
+
+
+def first_batch(trainer, n=4):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def loss_grads_event(trainer, batch, num_items_in_batch=None):
+    """One training-mode compute_loss + backward: (loss, {name: grad}, the selection event)."""
+    events = []
+    trainer.add_selection_listener(events.append)
+    try:
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items_in_batch)
+        loss.backward()
+    finally:
+        trainer.selection_listeners.remove(events.append)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, (events[0] if events else None)
+
+
+def trl_loss_and_grads(tmp_path, rows, loss_type, batch, num_items_in_batch=None):
+    """TRL's own SFTTrainer on the same tiny model (seed 0) and batch: its loss and gradients."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, report_to="none", use_cpu=True,
+                     bf16=False, activation_checkpointing=False, dataloader_num_workers=0, max_length=None)
+    trainer = SFTTrainer(model=tiny_model("llama", seed=0), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tiny_tokenizer())
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_type", ["dft", "nll"])
+@pytest.mark.parametrize("num_items_in_batch", [None, 57])
+def test_full_selection_equals_trls_own_loss_on_the_same_batch(tmp_path, loss_type, num_items_in_batch):
+    """selection_method full with loss_type dft (or nll) is TRL's SFTTrainer: the same loss and the same gradient
+    on one batch, with the micro-batch's own count or a step count (num_items_in_batch) as the denominator."""
+    rows = make_rows(4, seed=5)
+    ours = make_trainer(tmp_path, rows=rows, peft=False, selection_method="full", loss_type=loss_type,
+                        max_length=None)
+    batch = first_batch(ours)
+    loss, grads, event = loss_grads_event(ours, batch, num_items_in_batch)
+    trl_loss, trl_grads = trl_loss_and_grads(tmp_path, rows, loss_type, batch, num_items_in_batch)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert grads.keys() == trl_grads.keys()
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in grads.values()) > 100 * 1e-6  # far above the tolerance
+    if loss_type == "dft":
+        assert torch.allclose(event.weights[event.keep], torch.exp(-event.signals.current_nll[event.keep]))
+        assert loss.item() != pytest.approx(scoring.masked_mean(event.signals.current_nll, event.keep), rel=1e-3)
+    else:
+        assert event.weights is None
+
+
+@pytest.mark.parametrize("method", [m for m in SELECTORS if m not in ("rho1", "tokencleaning")])
+def test_dft_weighs_the_kept_tokens_of_any_selector(tmp_path, method):
+    """With a selector, DFT's weights p = exp(−NLL) apply to the kept tokens; the loss divides by their count."""
+    trainer = make_trainer(tmp_path, selection_method=method, rho=0.5, loss_type="dft")
+    loss, _, event = loss_grads_event(trainer, first_batch(trainer))
+    nll, keep = event.signals.current_nll, event.keep
+    expected = (torch.exp(-nll) * nll * keep).sum() / keep.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if method != "full":
+        assert keep.sum() < event.signals.response_mask.sum()
+
+
+def test_full_logits_path_gives_the_heads_weighted_loss(tmp_path):
+    """A model whose head sstoken cannot use runs on its full logits: the same DFT loss and gradient."""
+    head = make_trainer(tmp_path / "a", loss_type="dft", selection_method="random", rho=0.5)
+    batch = first_batch(head)
+    loss, grads, event = loss_grads_event(head, batch)
+    logits = make_trainer(tmp_path / "b", loss_type="dft", selection_method="random", rho=0.5)
+    logits.full_logits_reason = "the test asks for the full logits"
+    loss_full, grads_full, event_full = loss_grads_event(logits, batch)
+    assert torch.equal(event.keep, event_full.keep)
+    assert loss.item() == pytest.approx(loss_full.item(), rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_full[name], grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sstoken", "full"])
+def test_gradient_accumulation_with_dft_equals_one_big_batch(tmp_path, method):
+    """Weights leave the denominator alone: 2 micro-batches of 4 give the gradient of one batch of 8."""
+    trainer = make_trainer(tmp_path, rows=make_rows(8, seed=3), selection_method=method, loss_type="dft")
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    batches = {"big": [trainer.data_collator(examples)],
+               "small": [trainer.data_collator(examples[:4]), trainer.data_collator(examples[4:])]}
+    results = {}
+    for name, micro_batches in batches.items():
+        trainer.model.zero_grad()
+        count = trainer._get_num_items_in_batch(micro_batches, torch.device("cpu"))
+        total = 0.0
+        for batch in micro_batches:
+            trainer.model.train()
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count)
+            loss.backward()
+            total += loss.item()
+        results[name] = total, {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                                if p.requires_grad}
+    assert results["small"][0] == pytest.approx(results["big"][0], rel=1e-5)
+    for name, grad in results["big"][1].items():
+        torch.testing.assert_close(results["small"][1][name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_evaluation_with_dft_is_the_plain_response_nll(tmp_path):
+    trainer = make_trainer(tmp_path, loss_type="dft", selection_method="full")
+    batch = first_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    _, _, event = loss_grads_event(trainer, batch)
+    assert loss.item() == pytest.approx(scoring.masked_mean(event.signals.current_nll, event.keep), rel=1e-5)
+
+
+@pytest.fixture
+def weighing_selector():
+    """A selector, registered for the test only, that keeps every response token and weighs the first half of
+    the positions 0.5."""
+
+    class HalfOfEarlyTokens(Selector):
+        name = "test_half_early"
+
+        def select(self, signals, progress=0.0):
+            return signals.response_mask.clone()
+
+        def weights(self, signals, progress=0.0):
+            w = torch.ones(signals.response_mask.shape)
+            w[:, : signals.response_mask.shape[1] // 2] = 0.5
+            return w
+
+    yield HalfOfEarlyTokens
+    SELECTORS.pop(HalfOfEarlyTokens.name)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_a_selectors_own_weights_multiply_dfts(tmp_path, weighing_selector, loss_type):
+    trainer = make_trainer(tmp_path, selection_method=weighing_selector.name, loss_type=loss_type)
+    loss, _, event = loss_grads_event(trainer, first_batch(trainer))
+    nll, keep = event.signals.current_nll, event.keep
+    own = weighing_selector().weights(event.signals)
+    dft = torch.exp(-nll) if loss_type == "dft" else torch.ones_like(nll)
+    assert loss.item() == pytest.approx(((own * dft * nll) * keep).sum().item() / keep.sum().item(), rel=1e-5)
+
+
+def test_dft_with_label_smoothing_is_refused(tmp_path):
+    from sstoken.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set one of them"):
+        tiny_training_args(tmp_path, loss_type="dft", label_smoothing_factor=0.1)
