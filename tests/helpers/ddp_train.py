@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-CASES = ("base", "cached", "ema", "weighted")  # weighted: cached, with DFT's token weights
+CASES = ("base", "cached", "ema", "weighted")  # weighted: cached, with the data's and DFT's token weights
 # The "skip" case is "base" with one micro-batch whose loss is NaN: global micro-batch SKIPPED (rank 1 of step 1
 # under DDP, the 4th micro-batch of the one-process reference).
 SKIPPED = 3
@@ -46,6 +46,21 @@ def make_rows(n_rows: int = N_ROWS, seed: int = 1) -> list[dict]:
         ids = torch.randint(3, vocab, (prompt + response,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return rows
+
+
+def with_weights(rows: list[dict], seed: int = 2) -> list[dict]:
+    """The rows with token weights that vary along each row: in [2, 3) for the long answers (every third row, see
+    make_rows), in [0.25, 1) for the others, so that a mean of the ranks' means is far from the step's mean; every
+    fourth row is stored without (1s)."""
+    from sstoken.batch import TOKEN_WEIGHTS
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, row in enumerate(rows):
+        low = 2.0 if i % 3 == 0 else 0.25
+        weights = (low + (1.0 if i % 3 == 0 else 0.75) * torch.rand(len(row["input_ids"]), generator=g)).tolist()
+        out.append({**row, TOKEN_WEIGHTS: [] if i % 4 == 3 else weights})
+    return out
 
 
 def build_cache(workdir: str) -> str:
@@ -144,7 +159,7 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
     trainer = _recording_trainer_class()(
         model=tiny_model(seed=0),
         args=args,
-        train_dataset=Dataset.from_list(make_rows()),
+        train_dataset=Dataset.from_list(with_weights(make_rows()) if case == "weighted" else make_rows()),
         processing_class=tiny_tokenizer(),
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                task_type="CAUSAL_LM") if lora else None,

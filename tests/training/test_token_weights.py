@@ -7,6 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
+from sstoken.batch import TOKEN_WEIGHTS
+from sstoken.errors import ConfigError
 from sstoken.selection import scoring
 from sstoken.selection.selectors import SELECTORS, Selector
 from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer, tiny_training_args
@@ -17,8 +19,21 @@ SETTINGS = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-2, 
                 activation_checkpointing=False, lr_scheduler_type="constant")
 
 
-def make_rows(n=8, seed=0):
-    return random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
+def make_rows(n=8, seed=0, weighted=False):
+    """Encoded rows; ``weighted``: with token weights that vary within and across rows (every third row stored
+    without any: it weighs 1)."""
+    rows = random_rows([5 + i % 4 for i in range(n)], [4 + i % 5 for i in range(n)], seed)
+    if weighted:
+        gen = torch.Generator().manual_seed(seed + 100)
+        for i, row in enumerate(rows):
+            weights = (0.25 + 2.5 * torch.rand(len(row["input_ids"]), generator=gen)).tolist()
+            row[TOKEN_WEIGHTS] = [] if i % 3 == 2 else weights
+    return rows
+
+
+def data_weights(trainer, batch_rows):
+    """The token weights of ``batch_rows`` laid out as the trainer's collator lays out their labels."""
+    return trainer.data_collator([dict(r) for r in batch_rows])[TOKEN_WEIGHTS]
 
 
 def make_trainer(tmp_path, rows=None, peft=True, **overrides):
@@ -95,11 +110,13 @@ def test_dft_weighs_the_kept_tokens_of_any_selector(tmp_path, method):
 
 
 def test_full_logits_path_gives_the_heads_weighted_loss(tmp_path):
-    """A model whose head sstoken cannot use runs on its full logits: the same DFT loss and gradient."""
-    head = make_trainer(tmp_path / "a", loss_type="dft", selection_method="random", rho=0.5)
+    """A model whose head sstoken cannot use runs on its full logits: the same weighted loss and gradient (the
+    data's weights and DFT's)."""
+    rows = make_rows(weighted=True)
+    head = make_trainer(tmp_path / "a", rows=rows, loss_type="dft", selection_method="random", rho=0.5)
     batch = first_batch(head)
     loss, grads, event = loss_grads_event(head, batch)
-    logits = make_trainer(tmp_path / "b", loss_type="dft", selection_method="random", rho=0.5)
+    logits = make_trainer(tmp_path / "b", rows=rows, loss_type="dft", selection_method="random", rho=0.5)
     logits.full_logits_reason = "the test asks for the full logits"
     loss_full, grads_full, event_full = loss_grads_event(logits, batch)
     assert torch.equal(event.keep, event_full.keep)
@@ -108,10 +125,12 @@ def test_full_logits_path_gives_the_heads_weighted_loss(tmp_path):
         torch.testing.assert_close(grads_full[name], grad, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["sstoken", "full"])
-def test_gradient_accumulation_with_dft_equals_one_big_batch(tmp_path, method):
+@pytest.mark.parametrize("method, loss_type, weighted", [("sstoken", "dft", False), ("full", "dft", False),
+                                                          ("sstoken", "nll", True), ("full", "dft", True)])
+def test_gradient_accumulation_with_weights_equals_one_big_batch(tmp_path, method, loss_type, weighted):
     """Weights leave the denominator alone: 2 micro-batches of 4 give the gradient of one batch of 8."""
-    trainer = make_trainer(tmp_path, rows=make_rows(8, seed=3), selection_method=method, loss_type="dft")
+    trainer = make_trainer(tmp_path, rows=make_rows(8, seed=3, weighted=weighted), selection_method=method,
+                           loss_type=loss_type)
     examples = [trainer.train_dataset[i] for i in range(8)]
     batches = {"big": [trainer.data_collator(examples)],
                "small": [trainer.data_collator(examples[:4]), trainer.data_collator(examples[4:])]}
@@ -177,3 +196,74 @@ def test_dft_with_label_smoothing_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="set one of them"):
         tiny_training_args(tmp_path, loss_type="dft", label_smoothing_factor=0.1)
+
+
+# ----------------------------------------------------------------------------------------------- the data's weights
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+@pytest.mark.parametrize("method", ["full", "sstoken", "random"])
+def test_the_datas_weights_scale_the_kept_tokens(tmp_path, method, loss_type):
+    """loss = Σ_kept w·NLL / kept count, w = the rows' token weights (× p = exp(−NLL) under DFT)."""
+    rows = make_rows(weighted=True)
+    trainer = make_trainer(tmp_path, rows=rows, selection_method=method, rho=0.5, loss_type=loss_type)
+    assert type(trainer.data_collator).__name__ == "TokenWeightsCollator"
+    batch = first_batch(trainer)
+    loss, _, event = loss_grads_event(trainer, batch)
+    nll, keep = event.signals.current_nll, event.keep
+    w = data_weights(trainer, rows[:4])
+    assert torch.equal(batch[TOKEN_WEIGHTS], w)
+    assert set(w[2][: len(rows[2]["input_ids"])].tolist()) == {1.0}  # the row stored without weights
+    dft = torch.exp(-nll) if loss_type == "dft" else torch.ones_like(nll)
+    expected = (w * dft * nll * keep).sum() / keep.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(((dft * nll * keep).sum() / keep.sum()).item(), rel=1e-3)  # weights matter
+    assert torch.allclose(event.weights[keep], (w * dft)[keep])
+
+
+def test_raw_conversations_with_weight_fields_train_with_those_weights(tmp_path):
+    """A raw dataset with row and message weights is encoded with its token weights, which reach the loss."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}.", "weight": 0.5 + i}],
+             "weight": 2 if i % 2 else None} for i in range(4)]
+    from sstoken.training.trainer import SSTokenTrainer
+
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=tiny_training_args(tmp_path / "raw", **SETTINGS,
+                                                                                 selection_method="full"),
+                             train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer())
+    assert trainer.train_dataset.column_names == ["input_ids", "labels", TOKEN_WEIGHTS]
+    trained = [{w for w, label in zip(row[TOKEN_WEIGHTS], row["labels"]) if label != -100}
+               for row in trainer.train_dataset]
+    assert trained == [{0.5}, {3.0}, {2.5}, {7.0}]  # message weight × row weight (2 on odd rows)
+    loss, _, event = loss_grads_event(trainer, first_batch(trainer))
+    assert loss.item() == pytest.approx(
+        (event.weights * event.signals.current_nll * event.keep).sum().item() / event.keep.sum().item(), rel=1e-5)
+
+
+def test_a_collator_that_drops_the_weights_is_refused(tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sstoken.training.trainer import SSTokenTrainer
+
+    trl_collator = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer().pad_token_id)
+
+    def own_collator(examples):  # a user's collator, which knows nothing of token weights
+        return trl_collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=tiny_training_args(tmp_path, **SETTINGS,
+                                                                                 selection_method="full"),
+                             train_dataset=Dataset.from_list(make_rows(weighted=True)),
+                             processing_class=tiny_tokenizer(), data_collator=own_collator)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert TOKEN_WEIGHTS not in batch
+    trainer.model.train()
+    with pytest.raises(ConfigError, match="drops them"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_evaluation_ignores_the_datas_weights(tmp_path):
+    trainer = make_trainer(tmp_path, rows=make_rows(weighted=True), selection_method="full")
+    batch = first_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    _, _, event = loss_grads_event(trainer, batch)
+    assert loss.item() == pytest.approx(scoring.masked_mean(event.signals.current_nll, event.keep), rel=1e-5)

@@ -225,6 +225,7 @@ def _summary(trainer, run, config, stats, result, wall_s: float) -> dict:
         "data": run["data"],
         "rows_used": stats.used,
         "rows_skipped_no_trainable_token": stats.skipped_no_trainable_token,
+        "rows_weighted": stats.weighted,
         "selection_method": config.selection_method,
         "loss_type": config.loss_type,
         "rho": config.rho,

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sstoken.batch import unwrap_model
+from sstoken.batch import TOKEN_WEIGHTS, unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path
 from sstoken.models import quiet_peft_wrapping
@@ -63,6 +64,7 @@ from sstoken.training.config import (
     check_history_source,
     selector_of,
 )
+from sstoken.training.collation import TokenWeightsCollator, pack_with_weights
 from sstoken.training.guards import DroppedGradients, FiniteWeightsGuard, drop_gradients
 from sstoken.training.snapshots import SelectionSnapshots
 
@@ -167,6 +169,9 @@ class SSTokenTrainer(SFTTrainer):
             kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, "eval_dataset")
         with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
+        self.weighted_data = _has_token_weights(self.train_dataset, self.eval_dataset)
+        if self.weighted_data and isinstance(self.data_collator, DataCollatorForLanguageModeling):
+            self.data_collator = TokenWeightsCollator(self.data_collator)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             # e.g. `accelerate launch` on a CPU-only machine without use_cpu: N independent runs would
@@ -269,6 +274,22 @@ class SSTokenTrainer(SFTTrainer):
                              probe=self._attention_probe() if self.selector.needs_attention else None,
                              sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
 
+    # ---------------------------------------------------------------------------------------------- data
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if TOKEN_WEIGHTS not in self._signature_columns:  # remove_unused_columns must keep the data's weights
+            self._signature_columns = [*self._signature_columns, TOKEN_WEIGHTS]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # TRL packs input_ids and labels only; weighted data packs its weights with them. (Without max_length
+        # TRL's own preparation refuses packing.)
+        if not (packing and args.max_length is not None and TOKEN_WEIGHTS in _columns_of(dataset)):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        from trl.trainer.utils import global_then_local_main_first
+
+        with global_then_local_main_first():
+            return pack_with_weights(dataset, args, dataset_name)
+
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Kept tokens of the whole accumulated step (all ranks): the denominator of the loss."""
@@ -303,6 +324,10 @@ class SSTokenTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         training = mode == "train"
         labels = inputs["labels"]
+        if training and self.weighted_data and TOKEN_WEIGHTS not in inputs:
+            raise ConfigError(f"the training data has token weights (weight fields) but the data_collator "
+                              f"{type(self.data_collator).__name__} drops them; leave data_collator unset (TRL's) or "
+                              f"return '{TOKEN_WEIGHTS}' from it")
         # Evaluation reports the plain NLL of every response token: no history, attention or selection. A caller
         # that wants the logits back (Trainer.prediction_step, for compute_metrics) gets the model's own forward,
         # which builds them, rather than sstoken's head followed by a second forward.
@@ -536,6 +561,15 @@ def _columns_of(dataset) -> list[str]:
     return list(columns or [])
 
 
+def _has_token_weights(*datasets) -> bool:
+    """Whether any of the (train, eval) datasets, or of an eval dict's, carries the data's token weights."""
+    for dataset in datasets:
+        parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+        if any(TOKEN_WEIGHTS in _columns_of(part) for part in parts if part is not None):
+            return True
+    return False
+
+
 def _only_text(columns: list[str]) -> bool:
     return "text" in columns and not any(c in columns for c in _CONVERSATION_COLUMNS)
 
@@ -582,6 +616,6 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, label: str, text_re
     encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc,
                                     stream_text_refusal=text_refusal)
     if stats.skipped_no_trainable_token:
-        logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
+        logger.warning("%s: skipped %d rows with no trainable token (weight 0, or truncated away)", label,
                        stats.skipped_no_trainable_token)
     return encoded, stats
