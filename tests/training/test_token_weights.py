@@ -267,3 +267,34 @@ def test_evaluation_ignores_the_datas_weights(tmp_path):
         loss = trainer.compute_loss(trainer.model, dict(batch))
     _, _, event = loss_grads_event(trainer, batch)
     assert loss.item() == pytest.approx(scoring.masked_mean(event.signals.current_nll, event.keep), rel=1e-5)
+
+
+def test_a_stream_carries_its_weights(tmp_path):
+    """A streamed dataset cannot be known to be weighted before it is read: it keeps the column (empty lists for
+    unweighted rows), and the weights reach the batches."""
+    from sstoken.training.trainer import SSTokenTrainer
+
+    rows = [{"prompt": f"What is {i} plus {i}? ", "completion": f"{2 * i}.", "weight": 3 if i % 2 else None}
+            for i in range(8)]
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=tiny_training_args(
+        tmp_path, **{**SETTINGS, "per_device_train_batch_size": 2}, selection_method="full"),
+        train_dataset=stream, processing_class=tiny_tokenizer())
+    batch = next(iter(trainer.get_train_dataloader()))
+    trained = batch["labels"] != -100
+    assert set(batch[TOKEN_WEIGHTS][0][trained[0]].tolist()) == {1.0}
+    assert set(batch[TOKEN_WEIGHTS][1][trained[1]].tolist()) == {3.0}
+    assert trainer.train().global_step == 2
+
+
+def test_weighted_evaluation_data_beside_unweighted_training_data(tmp_path):
+    """Weights only in the evaluation set: training batches need none, and evaluation runs (unweighted NLL)."""
+    from sstoken.training.trainer import SSTokenTrainer
+
+    trainer = SSTokenTrainer(model=tiny_model("llama"), args=tiny_training_args(tmp_path, **SETTINGS,
+                                                                                 selection_method="full"),
+                             train_dataset=Dataset.from_list(make_rows()),
+                             eval_dataset=Dataset.from_list(make_rows(4, seed=1, weighted=True)),
+                             processing_class=tiny_tokenizer())
+    assert trainer.train().global_step == SETTINGS["max_steps"]
+    assert trainer.evaluate()["eval_loss"] > 0

@@ -169,8 +169,10 @@ class SSTokenTrainer(SFTTrainer):
             kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, "eval_dataset")
         with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
-        self.weighted_data = _has_token_weights(self.train_dataset, self.eval_dataset)
-        if self.weighted_data and isinstance(self.data_collator, DataCollatorForLanguageModeling):
+        # The data's loss weights (weight fields) ride in a token_weights column that TRL's collator would drop.
+        self.weighted_data = _has_token_weights(self.train_dataset)
+        if (self.weighted_data or _has_token_weights(self.eval_dataset)) and \
+                isinstance(self.data_collator, DataCollatorForLanguageModeling):
             self.data_collator = TokenWeightsCollator(self.data_collator)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
@@ -561,13 +563,10 @@ def _columns_of(dataset) -> list[str]:
     return list(columns or [])
 
 
-def _has_token_weights(*datasets) -> bool:
-    """Whether any of the (train, eval) datasets, or of an eval dict's, carries the data's token weights."""
-    for dataset in datasets:
-        parts = dataset.values() if isinstance(dataset, dict) else [dataset]
-        if any(TOKEN_WEIGHTS in _columns_of(part) for part in parts if part is not None):
-            return True
-    return False
+def _has_token_weights(dataset) -> bool:
+    """Whether the dataset (or any of a dict of datasets) carries the data's token weights."""
+    parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+    return any(TOKEN_WEIGHTS in _columns_of(part) for part in parts if part is not None)
 
 
 def _only_text(columns: list[str]) -> bool:
