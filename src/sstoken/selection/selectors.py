@@ -100,8 +100,9 @@ class Selector:
 
     def weights(self, signals: Signals, progress: float = 0.0) -> torch.Tensor | None:
         """Per-token loss weights (B×T, used on the kept tokens) besides the keep mask; None: every kept token
-        weighs 1. They multiply the data's weights and DFT's; the loss still divides by the kept count (see
-        :func:`sstoken.selection.scoring.step_mean`), so weights must not change how many tokens are kept."""
+        weighs 1. They multiply the data's weights and DFT's. The loss still divides by the kept count (see
+        :func:`sstoken.selection.scoring.step_mean`): a weight scales a kept token's gradient, and only
+        :meth:`select` decides which tokens count."""
         return None
 
 
