@@ -197,8 +197,6 @@ def test_a_selectors_own_weights_multiply_dfts(tmp_path, weighing_selector, loss
 
 
 def test_dft_with_label_smoothing_is_refused(tmp_path):
-    from sstoken.errors import ConfigError
-
     with pytest.raises(ConfigError, match="set one of them"):
         tiny_training_args(tmp_path, loss_type="dft", label_smoothing_factor=0.1)
 
