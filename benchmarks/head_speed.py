@@ -69,7 +69,7 @@ def main() -> None:
         token_nll[keep].sum().backward()
 
     def sstoken():
-        request = lm_head.HeadRequest(labels=labels, score_mask=response, select=lambda nll: keep)
+        request = lm_head.HeadRequest(labels=labels, score_mask=response, select=lambda nll: (keep, None))
         lm_head.head_outputs(hidden, head, None, request).kept_nll_sum.backward()
 
     variants = {"full": full, "trl-fused": trl_fused, "sstoken": sstoken}

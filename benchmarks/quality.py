@@ -43,6 +43,7 @@ import selection_research
 from tasks import NoiseLevels, answer_correct, exact_match, make_splits
 
 from sstoken.io import atomic_write_json
+from sstoken.training.config import method_settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ METHODS: dict[str, dict] = {
     "attn": {"selection_method": "attn"},
     "sstoken": {"selection_method": "sstoken", "base_cache": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base_cache": True, "attention_warmup": 0.3},
+    "dft": method_settings("dft"),  # full SFT with DFT's loss: every token weighted by its probability
 }
 # The selector the selection research (BENCHMARKS.md "Selection research") recommends, written into
 # every quality JSON with its one-line reason; None while no reference-free selector meets the bar.

@@ -40,8 +40,10 @@ from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
 from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
+# Other losses, run on request (sstoken.training.config.method_settings: dft = full SFT with DFT's loss)
+LOSS_METHODS = ("dft", "sstoken+dft")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
-NEEDS_HISTORY = {"rel", "sstoken", "tokencleaning",
+NEEDS_HISTORY = {"rel", "sstoken", "sstoken+dft", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}
 
@@ -137,12 +139,12 @@ def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: 
     from peft import LoraConfig
 
     from sstoken.data.encoding import to_hf_dataset
-    from sstoken.training.config import SSTokenConfig
+    from sstoken.training.config import SSTokenConfig, method_settings
     from sstoken.training.trainer import SSTokenTrainer
 
     cuda = _device() == "cuda"
     config = SSTokenConfig(
-        output_dir=str(workdir), selection_method=method, rho=size.rho, gamma=size.gamma, history="base",
+        output_dir=str(workdir), **method_settings(method), rho=size.rho, gamma=size.gamma, history="base",
         history_cache=history_cache if method in NEEDS_HISTORY else None,
         reference_cache=reference_cache if method in NEEDS_REFERENCE else None,
         per_device_train_batch_size=size.batch_size, num_train_epochs=size.epochs,
@@ -247,7 +249,7 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
     if not results:
         raise SystemExit(f"no results in {out / 'runs'}")
     # Paired differences from full over seeds and items: the statistics `sstoken compare` reports too.
-    summary = compare_runs(results, "full", tasks, order=METHODS + RESEARCH_METHODS, seedless=("base",))
+    summary = compare_runs(results, "full", tasks, order=METHODS + LOSS_METHODS + RESEARCH_METHODS, seedless=("base",))
     meta = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
     document = {"size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
                 "wall_time_s": sum(r.get("wall_s", 0) for r in results)}
@@ -395,8 +397,9 @@ def _run_workers(ns, argv: list[str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + RESEARCH_METHODS, default=list(METHODS),
-                        help="methods to run (default: all but the experimental x_* variants)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + LOSS_METHODS + RESEARCH_METHODS,
+                        default=list(METHODS),
+                        help="methods to run (default: all but DFT's and the experimental x_* variants)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", choices=DEFAULT_TASKS, default=list(DEFAULT_TASKS))
     parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")

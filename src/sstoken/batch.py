@@ -8,6 +8,11 @@ from collections.abc import Sequence
 IGNORE_INDEX = -100
 """Label value of tokens that carry no loss (Hugging Face convention)."""
 
+TOKEN_WEIGHTS = "token_weights"
+"""Column (and batch key) of per-token loss weights, float, aligned like ``labels``; only data with ``weight``
+fields has it (see docs/data.md). In a dataset, an empty list is a row whose tokens all weigh 1 (it keeps the
+column small for the unweighted rows of weighted data); in a batch it is a B×T float tensor."""
+
 
 def pad_rows(rows: Sequence[dict], pad_id: int):
     """(input_ids, labels, attention_mask), each len(rows) × longest row; labels are -100 on padding."""
@@ -23,6 +28,27 @@ def pad_rows(rows: Sequence[dict], pad_id: int):
         labels[i, :n] = torch.tensor(row["labels"])
         attention[i, :n] = 1
     return ids, labels, attention
+
+
+def row_weights(row: dict) -> list[float]:
+    """The token weights of one encoded row, one per token: its ``token_weights``, or 1s when it has none."""
+    weights = row.get(TOKEN_WEIGHTS) or [1.0] * len(row["input_ids"])
+    if len(weights) != len(row["input_ids"]):
+        from sstoken.errors import DataError
+
+        raise DataError(f"a row has {len(weights)} token_weights for {len(row['input_ids'])} input_ids; they must "
+                        "be as long (or empty: every token weighs 1)")
+    return list(weights)
+
+
+def padded_weights(weight_rows: Sequence[Sequence[float]], shape: tuple[int, int]):
+    """Rows of token weights in a float32 tensor of ``shape``, each row from the left, 0 on the padding."""
+    import torch
+
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, row in enumerate(weight_rows):
+        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.float32)
+    return out
 
 
 def unwrap_model(model):

@@ -273,3 +273,25 @@ def test_data_flags_take_a_yaml_mapping_like_the_recipe(tmp_path, tiny_model_dir
                  str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"), "--eval_data",
                  "{path: org/ds, split: [test}"]) != 0
     assert "not a valid YAML mapping or list" in capsys.readouterr().err
+
+
+def test_compare_takes_dft_as_a_method(tmp_path, tiny_model_dir, capsys):
+    from sstoken.testing import write_tiny_jsonl
+    from sstoken.training.config import method_settings
+
+    assert method_settings("dft") == {"selection_method": "full", "loss_type": "dft"}
+    assert method_settings("sstoken+dft") == {"selection_method": "sstoken", "loss_type": "dft"}
+    assert method_settings("rel") == {"selection_method": "rel"}  # the recipe's own loss_type stays
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", n_rows=8)
+    common = ["--eval_data", data, "--model", tiny_model_dir, "--data", data, "--output_dir", str(tmp_path / "out"),
+              "--max_seq_length", "96", "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "4",
+              "--save_strategy", "no", "--report_to", "none", "--activation_checkpointing", "false",
+              "--plots", "false"]
+    assert main(["compare", "--methods", "full", "sstoken+dtf", *common]) == 2
+    assert "did you mean 'sstoken+dft'" in capsys.readouterr().err
+    assert main(["compare", "--methods", "full", "dft", *common]) == 0
+    out = tmp_path / "out" / "compare"
+    assert set(json.loads((out / "compare.json").read_text())["methods"]) == {"full", "dft"}
+    summaries = {m: json.loads(next(out.glob(f"{m}-seed*/summary.json")).read_text()) for m in ("full", "dft")}
+    assert summaries["dft"]["loss_type"] == "dft" and summaries["dft"]["selection_method"] == "full"
+    assert summaries["full"]["loss_type"] == "nll"

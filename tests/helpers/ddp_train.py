@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-CASES = ("base", "cached", "ema")
+CASES = ("base", "cached", "ema", "weighted")  # weighted: cached, with the data's and DFT's token weights
 # The "skip" case is "base" with one micro-batch whose loss is NaN: global micro-batch SKIPPED (rank 1 of step 1
 # under DDP, the 4th micro-batch of the one-process reference).
 SKIPPED = 3
@@ -48,6 +48,21 @@ def make_rows(n_rows: int = N_ROWS, seed: int = 1) -> list[dict]:
     return rows
 
 
+def with_weights(rows: list[dict], seed: int = 2) -> list[dict]:
+    """The rows with token weights that vary along each row: in [2, 3) for the long answers (every third row, see
+    make_rows), in [0.25, 1) for the others, so that a mean of the ranks' means is far from the step's mean; every
+    fourth row is stored without (1s)."""
+    from sstoken.batch import TOKEN_WEIGHTS
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, row in enumerate(rows):
+        low = 2.0 if i % 3 == 0 else 0.25
+        weights = (low + (1.0 if i % 3 == 0 else 0.75) * torch.rand(len(row["input_ids"]), generator=g)).tolist()
+        out.append({**row, TOKEN_WEIGHTS: [] if i % 4 == 3 else weights})
+    return out
+
+
 def build_cache(workdir: str) -> str:
     """Base-model NLL cache of the training rows (what `sstoken cache` writes)."""
     from sstoken.selection.nll_cache import build_nll_cache
@@ -65,7 +80,8 @@ def _recording_trainer_class():
     from sstoken.training.trainer import SSTokenTrainer
 
     class RecordingTrainer(SSTokenTrainer):
-        """Records, per micro-batch: step, sample keys, keep mask, kept NLL sum, kept count, loss, denominator."""
+        """Records, per micro-batch: step, sample keys, keep mask, kept (weighted) NLL sum, kept count, loss,
+        denominator."""
 
         records: list
 
@@ -74,6 +90,7 @@ def _recording_trainer_class():
 
             def record(event):
                 seen["keep"], seen["nll"] = event.keep.detach().cpu(), event.signals.current_nll.detach().cpu()
+                seen["weights"] = None if event.weights is None else event.weights.detach().cpu()
 
             self.add_selection_listener(record)
             try:
@@ -89,7 +106,8 @@ def _recording_trainer_class():
                 "keys": keys,
                 "keep": keep,
                 "kept": int(keep.sum()),
-                "kept_nll_sum": float((seen["nll"] * keep).sum()),
+                # Σ wᵢ·NLLᵢ over the kept tokens: the numerator of the loss (weights 1 unless the case weighs)
+                "kept_nll_sum": float((seen["nll"] * keep * (1.0 if seen["weights"] is None else seen["weights"])).sum()),
                 "loss": float((loss[0] if return_outputs else loss).detach()),
                 "denominator": int(num_items_in_batch) if num_items_in_batch is not None else None,
             })
@@ -116,7 +134,9 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         # missing or extra division by ranks or accumulation steps) would go unnoticed in the weights; with SGD
         # it shows. Large steps make the selections after step 1 depend on the updated weights.
         optim="sgd",
-        learning_rate=0.5,
+        # DFT weighs each token by its probability, about 1/vocabulary on a random model: a step 100 times larger
+        # moves the weights as much as in the other cases.
+        learning_rate=50.0 if case == "weighted" else 0.5,
         lr_scheduler_type="constant",
         activation_checkpointing=False,  # tiny model: recomputing activations only costs time
         logging_steps=1,
@@ -132,13 +152,14 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
         gamma=0.5,
         history="ema" if case == "ema" else "base",
         ema_decay=0.5,
-        history_cache=os.path.join(workdir, "cache") if case == "cached" else None,
+        history_cache=os.path.join(workdir, "cache") if case in ("cached", "weighted") else None,
+        loss_type="dft" if case == "weighted" else "nll",
     )
     torch.manual_seed(0)  # LoRA initialisation draws from the global generator
     trainer = _recording_trainer_class()(
         model=tiny_model(seed=0),
         args=args,
-        train_dataset=Dataset.from_list(make_rows()),
+        train_dataset=Dataset.from_list(with_weights(make_rows()) if case == "weighted" else make_rows()),
         processing_class=tiny_tokenizer(),
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                task_type="CAUSAL_LM") if lora else None,

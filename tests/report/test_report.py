@@ -8,6 +8,7 @@ and a trained adapter, so that REL is non-zero when the page is made with ``--ad
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -221,6 +222,37 @@ def test_inspect_full_and_random_selectors(workdir):
         n = len(_response(r_sample))
         assert r_sample["summary"]["n_kept"] == scoring.keep_count(n, RHO)
     assert any("does not rank by score" in note for note in rand["notes"])
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_inspect_shows_each_tokens_loss_weight(workdir, loss_type):
+    """The data's weights (row × message), times DFT's p = exp(−NLL) with --loss-type dft, per response token."""
+    data = workdir / "weighted.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Where was Ana born?"},
+                          {"role": "assistant", "content": "In Lima.", "weight": 0.5},
+                          {"role": "user", "content": "And Bo?"},
+                          {"role": "assistant", "content": "In Oslo."}], "weight": 2},
+            {"prompt": "Where was Cy born? ", "completion": "In Rome."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    html_path, json_path = workdir / f"weights-{loss_type}.html", workdir / f"weights-{loss_type}.json"
+    assert main(["inspect", "--model", str(workdir / "tiny"), "--data", str(data), "--out", str(html_path),
+                 "--json", str(json_path), "--method", "full", "--loss-type", loss_type]) == 0
+    result = json.loads(json_path.read_text(encoding="utf-8"))
+    assert result["settings"]["loss_type"] == loss_type
+    first, second = (_response(sample) for sample in result["samples"])
+    data_weights = []
+    seen_end = 0
+    for token in first:  # the first turn (weight 0.5 × 2) ends with its <|im_end|>, then the second (1 × 2)
+        data_weights.append(1.0 if seen_end == 0 else 2.0)
+        seen_end += token["text"] == "<|im_end|>"
+    data_weights += [1.0] * len(second)
+    for token, weight in zip(first + second, data_weights):
+        dft = math.exp(-token["nll"]) if loss_type == "dft" else 1.0
+        assert token["weight"] == pytest.approx(weight * dft, rel=1e-5)
+    assert result["samples"][0]["summary"]["mean_weight"] == pytest.approx(
+        sum(t["weight"] for t in first) / len(first))
+    page_html = html_path.read_text(encoding="utf-8")
+    assert "<th>mean weight</th>" in page_html and 'data-weight="' in page_html
 
 
 def test_inspect_with_adapter_measures_rel_against_the_base_model(workdir, trained_run):

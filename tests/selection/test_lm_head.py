@@ -79,7 +79,7 @@ def test_a_keep_mask_outside_the_scored_tokens_is_refused():
     head = torch.nn.Linear(3, 5, bias=False)
     score_mask = torch.tensor([[False, True, False]])
     request = lm_head.HeadRequest(labels=torch.tensor([[1, 2, 3]]), score_mask=score_mask,
-                                  select=lambda nll: torch.tensor([[False, True, True]]))
+                                  select=lambda nll: (torch.tensor([[False, True, True]]), None))
     with pytest.raises(ValueError, match="outside score_mask"):
         lm_head.head_outputs(torch.randn(1, 3, 3), head, None, request)
 
@@ -182,8 +182,10 @@ def test_sstoken_head_gives_the_full_logits_loss_grads_and_keep_mask(tmp_path, a
     assert 0 < ours[3].sum() < response.sum(), "a real selection: some response tokens dropped"
 
 
-def test_full_fine_tuning_of_a_tied_softcapped_head_gets_the_full_logits_gradients():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_fine_tuning_of_a_tied_softcapped_head_gets_the_full_logits_gradients(weighted):
     # Gemma 3: the head is the input embedding (tied), so its gradient has a head part and an embedding part.
+    # With token weights, the head's Σ wᵢ·NLLᵢ has the gradient of the full logits' weighted cross-entropy.
     model = tiny_model("gemma3_text", **GEMMA3)
     lm_head.add_sstoken_head(model)
     gen = torch.Generator().manual_seed(0)
@@ -192,17 +194,20 @@ def test_full_fine_tuning_of_a_tied_softcapped_head_gets_the_full_logits_gradien
     labels[:, :3] = scoring.IGNORE_INDEX
     response = scoring.response_mask_from_labels(labels)
     keep = response & (torch.rand(response.shape, generator=gen) < 0.6)
+    weights = 0.1 + 2 * torch.rand(response.shape, generator=gen) if weighted else None
 
     def grads(loss):
         model.zero_grad()
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    outputs = model(input_ids=ids, sstoken_head=lm_head.HeadRequest(labels, response, select=lambda nll: keep))
+    outputs = model(input_ids=ids, sstoken_head=lm_head.HeadRequest(labels, response,
+                                                                     select=lambda nll: (keep, weights)))
     ours = grads(outputs.kept_nll_sum)
     logits = model(input_ids=ids).logits
     rows, cols = keep.nonzero(as_tuple=True)
-    full_sum = F.cross_entropy(logits[rows, cols - 1], labels[rows, cols], reduction="sum")
+    token_loss = F.cross_entropy(logits[rows, cols - 1], labels[rows, cols], reduction="none")
+    full_sum = (token_loss * (1.0 if weights is None else weights[rows, cols])).sum()
     full = grads(full_sum)
     assert outputs.kept_nll_sum.item() == pytest.approx(full_sum.item(), rel=1e-5)
     assert torch.equal(outputs.keep, keep)

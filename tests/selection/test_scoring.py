@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from sstoken.batch import IGNORE_INDEX
 from sstoken.selection.scoring import (
     combined_score,
+    combined_weights,
+    dft_weights,
     excess_loss,
     global_threshold,
     keep_count,
@@ -25,9 +27,11 @@ from sstoken.selection.scoring import (
     retrospective_excess_loss,
     sstoken_mask,
     sstoken_scores,
+    step_mean,
     threshold_mask,
     token_nll,
     top_rho_mask,
+    weighted_sum,
 )
 
 NAN = float("nan")
@@ -665,3 +669,45 @@ def test_minmax_treats_rounding_level_spread_as_constant():
     # a small but real spread is still ranked: 0, 1e-4, 2e-4 -> 0, .5, 1
     small = minmax_normalize(t([[0.0, 1e-4, 2e-4]]), torch.ones(1, 3, dtype=torch.bool))
     assert small[0].tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------- token weights
+def test_dft_weight_is_the_probability_of_the_label():
+    # NLL 0 → p 1; NLL ln 2 → p 1/2; NLL ln 4 → p 1/4
+    nll = t([[0.0, math.log(2.0), math.log(4.0)]])
+    assert dft_weights(nll)[0].tolist() == pytest.approx([1.0, 0.5, 0.25])
+    # a constant of the backward, even for an NLL that has a gradient
+    assert not dft_weights(nll.clone().requires_grad_()).requires_grad
+
+
+def test_combined_weights_multiply_the_given_factors():
+    data, dft = t([[2.0, 0.5, 1.0]]), t([[0.5, 0.5, 0.25]])
+    assert combined_weights(data, None, dft)[0].tolist() == pytest.approx([1.0, 0.25, 0.25])  # 2·.5, .5·.5, 1·.25
+    assert combined_weights(data)[0].tolist() == [2.0, 0.5, 1.0]
+    assert combined_weights(None, None) is None
+
+
+def test_weighted_sum():
+    nll = t([1.0, 2.0, 4.0])
+    assert weighted_sum(nll).item() == 7.0  # no weights: the plain sum
+    assert weighted_sum(nll, t([0.5, 1.0, 0.25])).item() == 3.5  # .5 + 2 + 1
+
+
+def test_step_mean_divides_by_the_kept_count_of_the_step_not_the_weights():
+    keep = b([[False, True, True], [False, True, False]])  # 3 kept tokens in this micro-batch
+    # Its own count when the micro-batch is the step: 6 / 3
+    assert step_mean(t(6.0), None, keep).item() == 2.0
+    # The step's count when it is one of several micro-batches (12 kept in the step): 6 / 12
+    assert step_mean(t(6.0), 12, keep).item() == 0.5
+    # A step that keeps nothing: 0, not 0/0
+    assert step_mean(t(0.0), 0, torch.zeros_like(keep)).item() == 0.0
+
+
+def test_weighted_step_loss_is_the_same_split_in_micro_batches():
+    # One step: weighted NLL 1·2 + 0.5·4 + 2·1 + 1·3 = 9 over 4 kept tokens → 2.25, whether as one batch or as two
+    # micro-batches (2 + 2)/4 + (2 + 3)/4 = 1 + 1.25.
+    nll, w = t([2.0, 4.0, 1.0, 3.0]), t([1.0, 0.5, 2.0, 1.0])
+    keep = torch.ones(4, dtype=torch.bool)
+    whole = step_mean(weighted_sum(nll, w), 4, keep)
+    parts = step_mean(weighted_sum(nll[:2], w[:2]), 4, keep[:2]) + step_mean(weighted_sum(nll[2:], w[2:]), 4, keep[2:])
+    assert whole.item() == parts.item() == 2.25

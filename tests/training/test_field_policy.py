@@ -52,7 +52,8 @@ def test_docs_table_is_generated_from_the_policy():
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        (dict(loss_type="dft"), "loss_type must be 'nll'"),
+        (dict(loss_type="dfft"), "loss_type must be 'nll' or 'dft', got 'dfft' (did you mean 'dft'?)"),
+        (dict(loss_type="dft", label_smoothing_factor=0.1), "label smoothing spreads the loss"),
         (dict(completion_only_loss=False), "completion_only_loss false is not supported"),
         (dict(assistant_only_loss=False), "assistant_only_loss false is not supported"),
         (dict(dataset_text_field="content"), "dataset_text_field 'content'"),
@@ -74,7 +75,7 @@ def test_refused_values_fail_when_the_config_is_built(tmp_path, settings, expect
 
 
 def test_every_refused_field_has_a_refusal_test():
-    tested = {"loss_type", "completion_only_loss", "assistant_only_loss", "dataset_text_field", "truncation_mode",
+    tested = {"completion_only_loss", "assistant_only_loss", "dataset_text_field", "truncation_mode",
               "label_names", "use_liger_kernel", "liger_kernel_config"}
     assert {name for name, p in SFT_FIELD_POLICY.items() if p.handling == REFUSED} == tested
 

@@ -14,6 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from sstoken.batch import TOKEN_WEIGHTS
 from sstoken.selection import scoring
 from sstoken.selection.attention import segment_ids_from_position_ids
 from sstoken.selection.nll_cache import NLLCache, build_nll_cache
@@ -206,9 +207,51 @@ def test_cache_lookup_does_not_depend_on_batch_composition(rows, cache_dir):
             assert torch.equal(values[0, start:start + length], by_row[i, :length])
 
 
-def test_end_to_end_packing_matches_padded_training(tmp_path):
-    """Two optimizer steps with TRL packing (all samples in one packed row) vs. the same samples as one padded batch."""
+def with_weights(rows: list[dict]) -> list[dict]:
+    """The rows with token weights: row i's weights vary along the row (0.5 + i/2 on its second half); the last
+    row is stored without (an empty list: all 1), as unweighted rows of weighted data are."""
+    out = []
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        weights = [1.0] * (n // 2) + [0.5 + i / 2] * (n - n // 2)
+        out.append({**row, TOKEN_WEIGHTS: [] if i == len(rows) - 1 else weights})
+    return out
+
+
+def test_weights_are_packed_with_the_ids_exactly_as_trl_packs_them(tmp_path):
+    """Packing weighted data gives TRL's own packed ids, labels and lengths, and each packed token keeps its weight."""
     rows = make_rows(n=6, seed=5)
+
+    def packed(data):
+        args = SSTokenConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], packing=True, max_length=24,
+                             shuffle_dataset=True, seed=3, activation_checkpointing=False, selection_method="full")
+        return SSTokenTrainer(model=tiny_model(seed=0), args=args, train_dataset=Dataset.from_list(data),
+                              processing_class=tiny_tokenizer()).train_dataset
+
+    plain, weighted = packed(rows), packed(with_weights(rows))
+    assert weighted.column_names == [*plain.column_names[:2], TOKEN_WEIGHTS, *plain.column_names[2:]]
+    for name in plain.column_names:
+        assert weighted[name] == plain[name], name
+    expected = {tuple(r["input_ids"]): r[TOKEN_WEIGHTS] or [1.0] * len(r["input_ids"]) for r in with_weights(rows)}
+    checked = 0
+    for packed_row in weighted:
+        start = 0
+        for length in packed_row["seq_lengths"]:
+            ids = tuple(packed_row["input_ids"][start:start + length])
+            if ids in expected:  # a row cut at max_length is not a whole row any more
+                assert packed_row[TOKEN_WEIGHTS][start:start + length] == pytest.approx(expected[ids])
+                checked += 1
+            start += length
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_end_to_end_packing_matches_padded_training(tmp_path, weighted):
+    """Two optimizer steps with TRL packing (all samples in one packed row) vs. the same samples as one padded batch;
+    with token weights too (padded: TRL's collator plus the weights, packed: the weights packed and concatenated)."""
+    rows = make_rows(n=6, seed=5)
+    if weighted:
+        rows = with_weights(rows)
 
     def train(packed):
         args = SSTokenConfig(
@@ -231,6 +274,7 @@ def test_end_to_end_packing_matches_padded_training(tmp_path):
                                    task_type="CAUSAL_LM"),
         )
         batch = next(iter(trainer.get_train_dataloader()))
+        assert (TOKEN_WEIGHTS in batch) == weighted
         trainer.train()
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -20,6 +20,7 @@ examples:
   sstoken compare --methods full sstoken --seeds 0 1 2     # the demo recipe, 10% of its rows held out
   sstoken compare --config recipe.yaml --methods full sstoken --seeds 0 1 2 --eval_data held_out.jsonl
   sstoken compare --config recipe.yaml --methods full random sstoken --tasks arc_easy,boolq --limit 200
+  sstoken compare --config recipe.yaml --methods full dft sstoken sstoken+dft --eval_data held_out.jsonl
   sstoken compare --config recipe.yaml --methods full sstoken --max_steps 50   # recipe overrides as in train
 A rerun with the same --out skips every (method, seed) already scored, so more seeds or methods can be added.
 """
@@ -43,7 +44,9 @@ def register_cli(subparsers) -> None:
                     "recipe, as in `sstoken train`.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (default: the demo recipe)")
-    parser.add_argument("--methods", nargs="+", required=True, help="selection methods, e.g. full sstoken")
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help="selection methods, e.g. full sstoken; dft is full SFT with DFT's loss "
+                             "(loss_type dft), <method>+dft a selector with it (sstoken+dft)")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="train every method once per seed (the run's seed, data_seed and selection_seed), "
                              "e.g. --seeds 0 1 2; the intervals then count training noise too "
@@ -66,19 +69,21 @@ def _run_name(method: str, seed: int) -> str:
 
 
 def _run_overrides(overrides: list[str], method: str, seed: int, output_dir: Path) -> list[str]:
+    from sstoken.training.config import method_settings
+
+    settings = [token for key, value in method_settings(method).items() for token in (f"--{key}", value)]
     return [*overrides, "--seed", str(seed), "--data_seed", str(seed), "--selection_seed", str(seed),
-            "--selection_method", method, "--output_dir", str(output_dir)]
+            *settings, "--output_dir", str(output_dir)]
 
 
 def cmd_compare(ns, overrides: list[str]) -> int:
     from sstoken.cli.common import load_run_rows, prepare_run
     from sstoken.cli.train import cmd_train
-    from sstoken.selection.selectors import SELECTORS
+    from sstoken.training.config import method_settings
 
     methods = list(dict.fromkeys(ns.methods))
-    unknown = [m for m in methods if m not in SELECTORS]
-    if unknown:
-        raise ConfigError(f"unknown method {', '.join(unknown)}; choose from {', '.join(SELECTORS)}")
+    for method in methods:
+        method_settings(method)  # an unknown name is refused before anything trains
     if len(methods) < 2:
         raise ConfigError("compare needs at least two methods, e.g. --methods full sstoken")
     if ns.limit is not None and ns.limit < 1:
@@ -199,7 +204,7 @@ def _describe_held_out(held_out: dict, out: Path) -> str:
 
 
 # What differs between the runs of one comparison (set by compare for each run).
-_PER_RUN_KEYS = ("output_dir", "selection_method", "seed", "data_seed", "selection_seed")
+_PER_RUN_KEYS = ("output_dir", "selection_method", "loss_type", "seed", "data_seed", "selection_seed")
 
 
 def _recipe_settings(config_path, overrides: list[str]) -> dict:

@@ -49,7 +49,7 @@ def cmd_inspect(ns, rest=None) -> int:
                 "max_seq_length": ns.max_seq_length}
     result = inspect_samples(model, tokenizer, rows, method=ns.method, rho=ns.rho, gamma=ns.gamma,
                              layer=ns.layer, has_history_model=bool(ns.adapter), batch_size=ns.batch_size,
-                             seed=ns.seed, settings=settings)
+                             seed=ns.seed, loss_type=ns.loss_type, settings=settings)
     _write_text(Path(ns.out), render_page(result))
     written = [ns.out]
     if ns.json:
@@ -92,6 +92,9 @@ def register_cli(subparsers) -> None:
     inspect.add_argument("--batch-size", type=int, default=4, help="samples per forward pass (default 4)")
     inspect.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16 (default: auto)")
     inspect.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    inspect.add_argument("--loss-type", choices=("nll", "dft"), default="nll",
+                         help="dft: each token's loss weight includes DFT's p = exp(-NLL), as loss_type dft trains "
+                              "(default nll: the data's weight fields alone)")
     inspect.add_argument("--data-seed", type=int, default=42,
                          help="shuffle seed of a mixture: the recipe's data_seed, else its seed (default 42, as train)")
     inspect.set_defaults(handler=cmd_inspect)

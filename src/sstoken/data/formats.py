@@ -11,7 +11,8 @@ Each row is a mapping in one of five formats:
   converted to messages
 * ``text``: ``{"text": str}`` (language modelling: every token trained), only when no other format's key is there
 
-plus ``tools`` (handed to the encoder with the row). Any other key (``id``, ``category``, ``prompt_id``, ...) is
+plus ``tools`` (handed to the encoder with the row) and ``weight`` (a loss weight for the whole row; an assistant
+message or ShareGPT turn may carry its own, see :func:`_weight`). Any other key (``id``, ``category``, ``prompt_id``, ...) is
 ignored, except a near miss of a format key the row lacks (``mesages``), which is an error. A malformed row
 raises :class:`RowError`, which the encoder turns into a :class:`~sstoken.errors.DataError` naming the row and the
 field.
@@ -39,7 +40,17 @@ reasoning parsers use ``reasoning_content``, gpt-oss's template ``thinking``. Th
 template under the first two, whichever the data used (as recent transformers versions do themselves)."""
 
 
-MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls", *REASONING_KEYS)
+WEIGHT_KEY = "weight"
+"""A loss weight: on a row (all its trained tokens) or on an assistant message (that turn's tokens)."""
+
+
+MAX_WEIGHT = 10.0
+"""Largest ``weight`` accepted. Weights are relative to the default 1 and a token of weight w trains like w tokens
+(the loss divides by the count of trained tokens, not by their weights), so a larger value is far more likely a
+score on another scale (a percentage, a 1–100 rating) than a wish: such data is refused, to be rescaled."""
+
+
+MESSAGE_KEYS = ("role", "content", "name", "tool_call_id", "tool_calls", *REASONING_KEYS, WEIGHT_KEY)
 
 
 _TOOL_CALL_KEYS = ("type", "id", "function")
@@ -90,7 +101,7 @@ TEXT_KEY = "text"
 """The column of a language-modelling row (``{"text": ...}``): every token trained, no context."""
 
 
-PASSTHROUGH_KEYS = frozenset({"tools"})
+PASSTHROUGH_KEYS = frozenset({"tools", WEIGHT_KEY})
 """Top-level keys that are not a format of their own but are handed to the encoder with the row."""
 
 
@@ -233,6 +244,36 @@ def _is_set(mapping: Mapping[str, Any], key: str) -> bool:
     return mapping.get(key) is not None
 
 
+def _weight(value: Any, field: str) -> float:
+    """A loss weight: a finite number from 0 to :data:`MAX_WEIGHT` (0: not trained)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError(field, f"must be a number from 0 to {MAX_WEIGHT:g}, got {json_type(value)}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+        raise RowError(field, f"must be a number from 0 to {MAX_WEIGHT:g} (1 is the default; 0 leaves the tokens "
+                              f"untrained), got {shown(value)}; rescale weights written on another scale")
+    return float(value)
+
+
+def _turn_weights(messages: list[dict[str, Any]], names: list[str], first_trained: int) -> list[float] | None:
+    """The per-message weights of a parsed conversation (1 where none is given), taken out of the messages so
+    that the chat template never sees them; None when no message has one. Only a trained turn (an assistant
+    message from ``first_trained`` on) can weigh anything: context messages accept 0 alone, as axolotl writes
+    weights on every turn."""
+    weights = [message.pop(WEIGHT_KEY, None) for message in messages]
+    if all(w is None for w in weights):
+        return None
+    for k, (message, w) in enumerate(zip(messages, weights)):
+        trained = message["role"] == "assistant" and k >= first_trained
+        if w and not trained:
+            what = "an assistant message of the prompt" if message["role"] == "assistant" else \
+                f"a {message['role']} message"
+            raise RowError(f"{names[k]}.{WEIGHT_KEY}", f"{shown(w)} on {what}, which is context and never trained "
+                                                       "(only 0 is accepted there); weigh the assistant turns")
+    return [1.0 if w is None else w for w in weights]
+
+
 def _check_keys(obj: Mapping[str, Any], allowed: tuple[str, ...], name: str, shape: str) -> None:
     for key in obj:
         if key not in allowed and obj[key] is not None:
@@ -353,7 +394,7 @@ def _message(message: Any, name: str) -> dict[str, Any]:
         MESSAGE_KEYS,
         name,
         "a message has 'role' and 'content', plus 'tool_calls' and 'reasoning_content' (assistant), "
-        "'tool_call_id' (tool) and 'name'",
+        "'tool_call_id' (tool), 'name' and 'weight'",
     )
     if "role" not in message:
         raise RowError(f"{name}.role", "missing (every message needs 'role' and 'content')")
@@ -394,6 +435,8 @@ def _message(message: Any, name: str) -> dict[str, Any]:
     reasoning = _reasoning(message, role, name)
     if reasoning is not None:
         out["reasoning_content"] = out["thinking"] = reasoning
+    if _is_set(message, WEIGHT_KEY):  # taken out again by _turn_weights, before any template sees the message
+        out[WEIGHT_KEY] = _weight(message[WEIGHT_KEY], f"{name}.{WEIGHT_KEY}")
     return out
 
 
@@ -446,7 +489,8 @@ def _sharegpt_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
 
 def _sharegpt_turn(turn: Any, name: str) -> dict[str, Any]:
     """One ShareGPT turn ``{"from": ..., "value": ...}`` as a validated message; errors name ``from``/``value``."""
-    _check_keys(turn, (*_SHAREGPT_TURN_KEYS, "weight"), name, "a ShareGPT turn has 'from' and 'value'")
+    _check_keys(turn, (*_SHAREGPT_TURN_KEYS, WEIGHT_KEY), name, "a ShareGPT turn has 'from' and 'value' (and an "
+                                                                 "optional 'weight')")
     if not _is_set(turn, "from"):
         raise RowError(f"{name}.from", "missing (a ShareGPT turn has 'from' and 'value')")
     speaker = turn["from"]
@@ -463,19 +507,12 @@ def _sharegpt_turn(turn: Any, name: str) -> dict[str, Any]:
         )
     if "value" not in turn:
         raise RowError(f"{name}.value", "missing (a ShareGPT turn has 'from' and 'value')")
-    # axolotl's per-turn loss switch. Every assistant turn is trained and every other turn is context, so only a
-    # weight that says otherwise would be silently ignored.
-    trained = _SHAREGPT_ROLES[speaker] == "assistant"
-    if _is_set(turn, "weight") and turn["weight"] != int(trained):
-        raise RowError(
-            f"{name}.weight",
-            f"{shown(turn['weight'])} is not supported: every assistant turn is trained (weight 1) and no other "
-            "(weight 0); to keep earlier assistant turns as context use prompt/completion",
-        )
     message: dict[str, Any] = {"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]}
     if speaker == "function_call":
         calls = _sharegpt_tool_calls(turn["value"], f"{name}.value")
         message = {"role": "assistant", "content": None, "tool_calls": calls}
+    if _is_set(turn, WEIGHT_KEY):  # axolotl's per-turn switch (0 or 1), here any loss weight
+        message[WEIGHT_KEY] = turn[WEIGHT_KEY]
     try:
         return _message(message, name)
     except RowError as exc:
@@ -561,7 +598,8 @@ def _refuse_tools(tools: list[dict[str, Any]] | None) -> None:
 class ParsedRow:
     """A validated row, ready to tokenize: a conversation (``messages``, whose turns from ``first_trained`` on
     are trained when they are the assistant's), a plain ``prompt``/``completion`` pair, or a language-modelling
-    ``text``. ``names`` are the fields that the messages came from, for error messages."""
+    ``text``. ``names`` are the fields that the messages came from, for error messages. ``weight`` is the row's
+    loss weight, ``turn_weights`` one per message (None: all 1)."""
 
     format: str
     messages: list[dict[str, Any]] | None = None
@@ -571,12 +609,23 @@ class ParsedRow:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    weight: float = 1.0
+    turn_weights: list[float] | None = None
 
 
 def parse_row(row: Mapping[str, Any]) -> ParsedRow:
     """Detect the row's format and validate its fields; raises :class:`RowError`."""
-    # 'tools' goes with any conversation format, so the format is told by the other keys.
-    fmt = _detect_format({key: value for key, value in row.items() if key != "tools"})
+    parsed = _parse_fields(row)
+    if _is_set(row, WEIGHT_KEY):
+        parsed.weight = _weight(row[WEIGHT_KEY], WEIGHT_KEY)
+    if parsed.messages is not None:
+        parsed.turn_weights = _turn_weights(parsed.messages, parsed.names, parsed.first_trained)
+    return parsed
+
+
+def _parse_fields(row: Mapping[str, Any]) -> ParsedRow:
+    # 'tools' and 'weight' go with any format, so the format is told by the other keys.
+    fmt = _detect_format({key: value for key, value in row.items() if key not in PASSTHROUGH_KEYS})
     tools = _tools(_sharegpt_tools(row.get("tools")) if fmt == "sharegpt" else row.get("tools"))
     if fmt == TEXT_KEY:
         _refuse_tools(tools)

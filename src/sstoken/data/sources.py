@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sstoken.batch import TOKEN_WEIGHTS
 from sstoken.data.encoding import (
     check_max_seq_length,
     check_tokenizer,
@@ -53,6 +54,7 @@ _MESSAGE_LIST_KEYS = ("messages", "prompt", "completion", "conversations")
 
 
 _ENCODED_COLUMNS = ("input_ids", "labels")
+_WEIGHTED_COLUMNS = (*_ENCODED_COLUMNS, TOKEN_WEIGHTS)  # data with weight fields
 
 
 @dataclass
@@ -365,8 +367,10 @@ def encoding_cache_dir() -> Path:
 def _encoded_features():
     import datasets
 
-    return datasets.Features({**token_features(), "format": datasets.Value("string"),
-                              "truncated": datasets.Value("bool"), "trained": datasets.Value("int64")})
+    # token_weights: [] for a row whose tokens all weigh 1, so that unweighted data stores nothing more
+    return datasets.Features({**token_features(weighted=True), "format": datasets.Value("string"),
+                              "truncated": datasets.Value("bool"), "trained": datasets.Value("int64"),
+                              "weighted": datasets.Value("bool")})
 
 
 def _without_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -430,9 +434,11 @@ class _RowEncoder:
         encoded = encode_row(_apply_columns(row, self.columns, where), self.tokenizer, self.max_seq_length,
                              where=where)
         if encoded is None:
-            return {"input_ids": [], "labels": [], "format": "", "truncated": False, "trained": 0}
-        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "format": encoded.format,
-                "truncated": encoded.truncated, "trained": encoded.num_trained}
+            return {"input_ids": [], "labels": [], TOKEN_WEIGHTS: [], "format": "", "truncated": False, "trained": 0,
+                    "weighted": False}
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, TOKEN_WEIGHTS: encoded.weights or [],
+                "format": encoded.format, "truncated": encoded.truncated, "trained": encoded.num_trained,
+                "weighted": encoded.weights is not None}
 
 
 def _encode_part(part: _Part, columns, tokenizer, max_seq_length: int, encoding: str, num_proc: int | None):
@@ -464,20 +470,22 @@ def _encode(sources: list[list[_Part]], specs_columns: list, tokenizer, max_seq_
     encoded = [_encode_part(part, columns, tokenizer, max_seq_length, encoding, num_proc)
                for parts, columns in zip(sources, specs_columns) for part in parts]
     everything = encoded[0] if len(encoded) == 1 else datasets.concatenate_datasets(encoded)
-    summary = everything.select_columns(["format", "truncated", "trained"]).to_dict()
+    summary = everything.select_columns(["format", "truncated", "trained", "weighted"]).to_dict()
     used = [i for i, trained in enumerate(summary["trained"]) if trained > 0]
     stats = LoadStats(rows_read=len(everything), used=len(used))
     stats.skipped_no_trainable_token = stats.rows_read - stats.used
     stats.truncated = sum(1 for i in used if summary["truncated"][i])
+    stats.weighted = sum(1 for i in used if summary["weighted"][i])
     stats.trained_tokens = sum(summary["trained"][i] for i in used)
     for i in used:
         stats.formats[summary["format"][i]] = stats.formats.get(summary["format"][i], 0) + 1
     stats.ignored_columns = sorted({c for parts in sources for p in parts for c in p.ignored})
     if not used:
         raise DataError(f"{label}: no usable rows: all {stats.rows_read} rows were skipped because no trained token "
-                        f"remains after truncation to max_seq_length={max_seq_length}")
+                        f"remains (weight 0, or nothing left after truncation to max_seq_length={max_seq_length})")
     rows = everything.select(used, keep_in_memory=True) if len(used) < len(everything) else everything
-    rows = rows.select_columns(list(_ENCODED_COLUMNS))
+    # Unweighted data keeps exactly the columns it always had: nothing downstream changes for it.
+    rows = rows.select_columns(list(_WEIGHTED_COLUMNS if stats.weighted else _ENCODED_COLUMNS))
     stats.tokens = sum(len(ids) for ids in rows.with_format("arrow")["input_ids"].to_pylist())
     return rows, stats
 
@@ -547,7 +555,8 @@ def _encode_iterable(dataset: Any, tokenizer: Any, max_seq_length: int, label: s
     encoded = dataset.map(encoder, with_indices=True, remove_columns=names, features=_encoded_features())
     if text_refusal:
         encoded = encoded.map(_StreamTextRefusal(label, text_refusal), with_indices=True)
-    return encoded.filter(_has_trained_token).select_columns(list(_ENCODED_COLUMNS))
+    # Whether a stream has weights is known only once it is read: it keeps the column ([] for unweighted rows).
+    return encoded.filter(_has_trained_token).select_columns(list(_WEIGHTED_COLUMNS))
 
 
 class _StreamTextRefusal:
@@ -570,15 +579,18 @@ def _has_trained_token(row: Mapping[str, Any]) -> bool:
 class LoadStats:
     """Counts from :func:`load_training_rows` / :func:`sstoken.data.sources.load_data`.
 
-    ``rows_read`` = ``used`` + ``skipped_no_trainable_token``; ``truncated`` counts used rows that were cut
-    to ``max_seq_length`` (rows both truncated and skipped count only as skipped). ``ignored_columns`` are the
-    columns (top-level keys) that no format reads, dropped from the encoded rows.
+    ``rows_read`` = ``used`` + ``skipped_no_trainable_token`` (weight 0, or nothing trained left after
+    truncation); ``truncated`` counts used rows that were cut to ``max_seq_length`` (rows both truncated and
+    skipped count only as skipped); ``weighted``, used rows with a token weight other than 1 (their ``weight``
+    fields). ``ignored_columns`` are the columns (top-level keys) that no format reads, dropped from the encoded
+    rows.
     """
 
     rows_read: int = 0
     used: int = 0
     skipped_no_trainable_token: int = 0
     truncated: int = 0
+    weighted: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
@@ -613,8 +625,8 @@ def load_rows(spec, tokenizer, max_seq_length: int, *, what: str = "data", seed:
     """The one loader of every command (train, cache, compare, inspect, eval --held-out): the encoded rows of a
     data spec and their LoadStats, logged."""
     rows, stats = load_data(spec, tokenizer, max_seq_length, what=what, seed=seed, num_proc=num_proc)
-    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token after truncation), %d truncated; "
-                "formats: %s", what, escaped(spec) if isinstance(spec, str) else shown(spec), stats.rows_read,
-                stats.used, stats.skipped_no_trainable_token, stats.truncated,
+    logger.info("%s %s: %d rows read, %d used, %d skipped (no trainable token: weight 0 or truncated away), "
+                "%d truncated, %d weighted; formats: %s", what, escaped(spec) if isinstance(spec, str) else shown(spec),
+                stats.rows_read, stats.used, stats.skipped_no_trainable_token, stats.truncated, stats.weighted,
                 ", ".join(f"{fmt} {count}" for fmt, count in sorted(stats.formats.items())))
     return rows, stats

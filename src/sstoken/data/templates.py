@@ -201,8 +201,9 @@ def _prefix_spans(
     full: str,
     window_end: int,
     max_tokens: int,
-) -> list[tuple[int, int]]:
-    """Character spans in ``full`` of the assistant turns with index >= ``train_from``, found by prefixes.
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Character spans in ``full`` of the assistant turns with index >= ``train_from``, found by prefixes, and the
+    index of the turn each span is.
 
     Turn k starts where its prompt ends: ``prompt = render(messages[:k], add_generation_prompt=True)`` must
     be a prefix of ``full`` (so the context before the turn is what the model sees at inference). The turn as
@@ -215,6 +216,7 @@ def _prefix_spans(
     stays bounded by the turns inside the window, not by the length of the conversation.
     """
     spans: list[tuple[int, int]] = []
+    turns: list[int] = []
     located = 0
     checked_generation_prompt = False
     for k, message in enumerate(messages):
@@ -260,7 +262,8 @@ def _prefix_spans(
             raise RowError(names[k], "the chat template renders assistant turns out of order")
         _check_tool_calls_rendered(message, full[start:end], names[k])
         spans.append((start, end))
-    return spans
+        turns.append(k)
+    return spans, turns
 
 
 _PROBE_CONTENT = "sstoken probe answer"
@@ -354,14 +357,17 @@ def _trim_span(full: str, start: int, end: int) -> tuple[int, int]:
 
 
 def _label_tokens(
-    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
-    """``input_ids`` where a token's characters overlap a span, else ``IGNORE_INDEX``."""
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+    span_weights: list[float] | None = None,
+) -> tuple[list[int], list[float] | None]:
+    """``input_ids`` where a token's characters overlap a span, else ``IGNORE_INDEX``; and each token's weight,
+    its span's (1 on context), or None when every span weighs 1."""
     starts = [start for start, _ in spans]
     ends = [end for _, end in spans]
+    weighted = span_weights is not None and any(w != 1.0 for w in span_weights)
     # The spans are ordered and disjoint, so the only span a token can overlap is the last one starting before
     # the token ends: a binary search instead of a scan.
-    labels = []
+    labels, weights = [], []
     for token_id, (s, e) in zip(input_ids, offsets):
         if s == e:  # an empty token is trained when its position lies inside a span
             i = bisect.bisect_right(starts, s) - 1
@@ -369,7 +375,30 @@ def _label_tokens(
             i = bisect.bisect_left(starts, e) - 1
         trained = i >= 0 and s < ends[i]
         labels.append(token_id if trained else IGNORE_INDEX)
-    return labels
+        if weighted:
+            weights.append(span_weights[i] if trained else 1.0)
+    return labels, weights if weighted else None
+
+
+def _generation_span_turns(
+    spans: list[tuple[int, int]], messages: list[dict[str, Any]], names: list[str], trained: list[int],
+    render: _Render, full: str,
+) -> list[int]:
+    """The trained turn each ``{% generation %}`` span belongs to: the last one whose prompt (the conversation
+    before it, rendered with ``add_generation_prompt=True``) ends at or before the span. Needed only when the
+    turns weigh differently; one render per trained turn."""
+    starts = []
+    for k in trained:
+        prompt = render(messages[:k], True)
+        if not full.startswith(prompt):
+            raise RowError(
+                f"{names[k]}.weight",
+                "turns of different weights need the conversation before each turn, rendered with "
+                "add_generation_prompt=True, to be a prefix of the full rendering, and this chat template is not "
+                "prefix-stable; give the row's assistant turns one weight (or a row 'weight')",
+            )
+        starts.append(len(prompt))
+    return [trained[max(0, bisect.bisect_right(starts, start) - 1)] for start, _ in spans]
 
 
 def encode_conversation(
@@ -379,11 +408,14 @@ def encode_conversation(
     tokenizer: Any,
     max_tokens: int,
     tools: list[dict[str, Any]] | None = None,
-) -> tuple[list[int], list[int]]:
+    turn_weights: list[float] | None = None,
+) -> tuple[list[int], list[int], list[float] | None]:
     """Tokenize one rendering of the whole conversation; train the assistant turns with index >= ``train_from``.
 
     The spans come from the template's ``{% generation %}`` blocks where it has them, else from prefix
-    renderings (:func:`_prefix_spans`).
+    renderings (:func:`_prefix_spans`). ``turn_weights`` (one per message, None: all 1) weigh each trained
+    turn's tokens; a turn of weight 0 is not trained (context). Returns the ids, the labels and the per-token
+    weights (None when every trained token weighs 1).
     """
 
     def render(part: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -395,11 +427,21 @@ def encode_conversation(
     encoding = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(encoding["input_ids"])
     offsets = list(encoding["offset_mapping"])
+    trained = [k for k, m in enumerate(messages) if k >= train_from and m["role"] == "assistant"]
+    turn_weights = turn_weights or [1.0] * len(messages)
+    one_weight = len({turn_weights[k] for k in trained}) <= 1
     if _has_generation_blocks(tokenizer, tools):
         spans = _generation_spans(tokenizer, messages, names, train_from, tools, render, full)
+        if one_weight:
+            turns = [trained[0] if trained else 0] * len(spans)
+        else:
+            turns = _generation_span_turns(spans, messages, names, trained, render, full)
     else:
         # Characters after this offset belong only to tokens that truncation removes.
         window_end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(full)
-        spans = _prefix_spans(messages, names, train_from, render, full, window_end, max_tokens)
-    spans = [span for span in (_trim_span(full, start, end) for start, end in spans) if span[1] > span[0]]
-    return input_ids, _label_tokens(input_ids, offsets, spans)
+        spans, turns = _prefix_spans(messages, names, train_from, render, full, window_end, max_tokens)
+    weighted = [(span, turn_weights[k]) for span, k in
+                zip((_trim_span(full, start, end) for start, end in spans), turns)]
+    weighted = [(span, weight) for span, weight in weighted if span[1] > span[0] and weight > 0]
+    labels, weights = _label_tokens(input_ids, offsets, [span for span, _ in weighted], [w for _, w in weighted])
+    return input_ids, labels, weights

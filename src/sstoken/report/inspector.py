@@ -5,7 +5,7 @@ the page of :mod:`sstoken.report.page` and its JSON.
 
 from __future__ import annotations
 
-from sstoken.batch import pad_rows
+from sstoken.batch import TOKEN_WEIGHTS, pad_rows, padded_weights, row_weights
 from sstoken.errors import ConfigError
 
 INSPECT_METHODS = ("sstoken", "rel", "attn", "random", "full")
@@ -53,6 +53,7 @@ def sample_summary(tokens: list[dict]) -> dict:
         "mean_attention_share": mean_or_none([t["attention_share"] for t in response]),
         "mean_score": mean_or_none([t["score"] for t in response]),
         "mean_nll": mean_or_none([t["nll"] for t in response]),
+        "mean_weight": mean_or_none([t["weight"] for t in response]),
     }
 
 
@@ -74,13 +75,15 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_history_model: bool, pad_id: int,
-                sstoken_head: bool):
-    """Signals and keep mask of a batch of encoded rows, through the trainer's pipeline; tensors are B×T.
+                sstoken_head: bool, dft: bool = False):
+    """Signals, keep mask and token weights of a batch of encoded rows, through the trainer's pipeline; tensors
+    are B×T.
 
     :func:`sstoken.selection.signals.select_tokens`, as in training: one forward pass of the current model captures the
     attention share; with ``has_history_model`` (a PEFT adapter) the base weights give the history NLL,
     otherwise history == current and REL is 0. ``sstoken_head``: the model runs sstoken's head
-    (:func:`sstoken.selection.lm_head.use_sstoken_head`), else the full logits.
+    (:func:`sstoken.selection.lm_head.use_sstoken_head`), else the full logits. A token's weight is its loss
+    weight in training: the rows' ``token_weights`` (the data's ``weight`` fields), times DFT's with ``dft``.
     """
     import torch
 
@@ -94,16 +97,20 @@ def score_batch(model, rows: list[dict], selector, gamma: float, probe, has_hist
 
     ids, labels, attention = pad_rows(rows, pad_id)
     inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    if any(row.get(TOKEN_WEIGHTS) for row in rows):
+        inputs[TOKEN_WEIGHTS] = padded_weights([row_weights(row) for row in rows], tuple(ids.shape))
     sources = SignalSources(history=BaseModelHistory() if has_history_model else CurrentModelHistory(),
                             probe=probe, sstoken_head=sstoken_head)
     with torch.no_grad():
-        selection = select_tokens(model, inputs, selector, sources, progress=1.0)
+        selection = select_tokens(model, inputs, selector, sources, progress=1.0, dft=dft)
     signals, response = selection.signals, selection.layout.response
     nll, history, share = signals.current_nll, signals.history_nll, signals.context_share
     rel = scoring.retrospective_excess_loss(history, nll)
+    weights = selection.weights if selection.weights is not None else torch.ones_like(nll)
     return {"ids": ids, "valid": selection.layout.valid, "response": response, "nll": nll, "history": history,
             "rel": rel, "rel_norm": scoring.minmax_normalize(rel, response), "share": share,
-            "score": scoring.sstoken_scores(history, nll, share, response, gamma), "keep": selection.keep}
+            "score": scoring.sstoken_scores(history, nll, share, response, gamma), "keep": selection.keep,
+            "weight": weights}
 
 
 def sample_records(batch: dict, row: int, pieces: list[str], special: set[int]) -> list[dict]:
@@ -129,6 +136,7 @@ def sample_records(batch: dict, row: int, pieces: list[str], special: set[int]) 
             "rel_norm": value("rel_norm"),
             "attention_share": value("share"),
             "score": value("score"),
+            "weight": value("weight"),
             "kept": bool(batch["keep"][row, pos].item()),
         })
     return tokens
@@ -136,8 +144,9 @@ def sample_records(batch: dict, row: int, pieces: list[str], special: set[int]) 
 
 def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoken", rho: float = 0.6,
                     gamma: float = 0.5, layer: int = -1, has_history_model: bool = False, batch_size: int = 4,
-                    seed: int = 0, settings: dict | None = None) -> dict:
-    """Score ``rows`` (encoded ``input_ids`` / ``labels``) and return the page/JSON data."""
+                    seed: int = 0, loss_type: str = "nll", settings: dict | None = None) -> dict:
+    """Score ``rows`` (encoded ``input_ids`` / ``labels``, and ``token_weights`` where the data has weights) and
+    return the page/JSON data. ``loss_type`` ``"dft"`` shows DFT's weights in each token's loss weight."""
     from sstoken.selection.attention import ContextShareProbe
     from sstoken.selection.lm_head import use_sstoken_head
     from sstoken.selection.selectors import make_selector
@@ -146,6 +155,8 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
         raise ConfigError(f"unknown inspect method {method!r}; choose one of {', '.join(INSPECT_METHODS)}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if loss_type not in ("nll", "dft"):
+        raise ConfigError(f"loss type must be nll or dft, got {loss_type!r}")
     selector = make_selector(method, rho=rho, gamma=gamma, seed=seed)
     effective_gamma = score_gamma(method, gamma)
     model.eval()
@@ -160,7 +171,8 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id, sstoken_head)
+        batch = score_batch(model, chunk, selector, effective_gamma, probe, has_history_model, pad_id, sstoken_head,
+                            dft=loss_type == "dft")
         for row, encoded in enumerate(chunk):
             tokens = sample_records(batch, row, token_pieces(list(encoded["input_ids"]), decode), special)
             samples.append({"index": start + row, "tokens": tokens, "summary": sample_summary(tokens)})
@@ -176,7 +188,7 @@ def inspect_samples(model, tokenizer, rows: list[dict], *, method: str = "sstoke
     if method in ("random", "full"):
         notes.append(f"The '{method}' selector does not rank by score; the shading shows the ssToken score "
                      f"with γ={gamma} for comparison.")
-    merged = {"method": method, "rho": 1.0 if method == "full" else rho, "gamma": gamma,
+    merged = {"method": method, "loss_type": loss_type, "rho": 1.0 if method == "full" else rho, "gamma": gamma,
               "score_gamma": effective_gamma, "layer": probe.layer_index, "samples": len(samples),
               "history": "base model (adapter disabled)" if has_history_model else "none (current model = base)",
               "default_mode": {"rel": "rel", "attn": "attn"}.get(method, "score")}

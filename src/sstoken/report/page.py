@@ -86,6 +86,7 @@ def token_html(token: dict) -> str:
         "reln": _num(token["rel_norm"]),
         "attn": _num(token["attention_share"]),
         "score": _num(token["score"]),
+        "weight": _num(token.get("weight", 1.0)),
         "kept": "1" if token["kept"] else "0",
     }
     attributes = " ".join(f'data-{key}="{html.escape(str(value), quote=True)}"' for key, value in data.items())
@@ -95,7 +96,8 @@ def token_html(token: dict) -> str:
 
 def _settings_rows(settings: dict) -> str:
     labels = [
-        ("model", "model"), ("adapter", "adapter"), ("data", "data"), ("method", "method"), ("rho", "ρ"),
+        ("model", "model"), ("adapter", "adapter"), ("data", "data"), ("method", "method"),
+        ("loss_type", "loss type"), ("rho", "ρ"),
         ("gamma", "γ"), ("score_gamma", "γ used for the score"), ("layer", "attention layer"),
         ("max_seq_length", "max sequence length"), ("samples", "samples"), ("history", "history"),
     ]
@@ -114,7 +116,8 @@ def _summary_rows(samples: list[dict]) -> str:
             f'<tr><td><a href="#sample-{sample["index"]}">{sample["index"]}</a></td>'
             f'<td>{s["n_tokens"]}</td><td>{s["n_response"]}</td><td>{s["n_kept"]}</td>'
             f'<td>{_num(s["mean_rel"])}</td><td>{_num(s["mean_attention_share"])}</td>'
-            f'<td>{_num(s["mean_score"])}</td><td>{_num(s["mean_nll"])}</td></tr>'
+            f'<td>{_num(s["mean_score"])}</td><td>{_num(s["mean_nll"])}</td>'
+            f'<td>{_num(s.get("mean_weight", 1.0))}</td></tr>'
         )
     return "\n".join(rows)
 
@@ -208,7 +211,8 @@ _SCRIPT = """
       "REL       " + d.rel + "   (history NLL " + d.hnll + " - NLL " + d.nll + ")",
       "norm REL  " + d.reln,
       "attn      " + d.attn,
-      "score     " + d.score
+      "score     " + d.score,
+      "weight    " + d.weight + "   (its loss is weight x NLL, when kept)"
     ].join("\\n");
   }
   function show(el) {
@@ -262,7 +266,7 @@ def render_page(result: dict) -> str:
 </dl>
 <table class="summary">
 <thead><tr><th>sample</th><th>tokens</th><th>response</th><th>kept</th><th>mean REL</th><th>mean attn</th>
-<th>mean score</th><th>mean NLL</th></tr></thead>
+<th>mean score</th><th>mean NLL</th><th>mean weight</th></tr></thead>
 <tbody>
 {_summary_rows(result["samples"])}
 </tbody>

@@ -6,9 +6,11 @@ the identity). sstoken needs two things from it, and neither needs the full logi
 1. the current NLL of the *response* tokens, without gradient, to select tokens: their rows of H are projected
    a chunk at a time (at most :func:`rows_per_chunk` rows, at most 128 MiB of logits on a CPU), keeping the row's
    log-sum-exp and its label's logit;
-2. the loss, the NLL of the *kept* tokens with gradient. Its value is already known from (1); its gradient
-   (softmax − one-hot, through the softcap, times W) needs the kept rows' logits again, which the backward of
-   :class:`_KeptRowsNLL` recomputes chunk by chunk from the log-sum-exp of (1).
+2. the loss, the NLL of the *kept* tokens with gradient, each times its token weight (1 unless the data, the
+   selector or DFT weighs it; the weights are constants, DFT's computed from the NLL of (1)). Its value is
+   already known from (1); its gradient (softmax − one-hot, through the softcap, times W, times the weight)
+   needs the kept rows' logits again, which the backward of :class:`_KeptRowsNLL` recomputes chunk by chunk
+   from the log-sum-exp of (1).
 
 So the head costs one projection of the response rows forward and two of the kept rows backward (three with a
 trainable W), against one of all B×T rows forward and one or two backward for the full logits: with the prompt
@@ -181,13 +183,14 @@ class HeadRequest:
     """What ``model(..., sstoken_head=...)`` computes. B×T tensors aligned to the predicted token.
 
     ``score_mask``: tokens whose NLL is computed (the response; column 0 is never scored). ``select``: given the
-    B×T no-grad NLL, the keep mask (a subset of ``score_mask``) whose summed NLL, with gradient, is the loss;
-    None computes the NLL only (history passes, ``sstoken cache``).
+    B×T no-grad NLL, the keep mask (a subset of ``score_mask``) and the B×T token weights (None: all 1); the
+    weighted sum of the kept tokens' NLL, with gradient, is the loss. The weights are constants of the backward
+    (the gradient of token i is scaled by wᵢ). None computes the NLL only (history passes, ``sstoken cache``).
     """
 
     labels: torch.Tensor
     score_mask: torch.Tensor
-    select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     stats: bool = False  # also the entropy / argmax-accuracy sums over score_mask (TRL's logged metrics)
 
 
@@ -195,7 +198,7 @@ class HeadRequest:
 class HeadOutput(ModelOutput):
     token_nll: torch.Tensor | None = None  # B×T float32, no gradient; 0 outside score_mask
     keep: torch.Tensor | None = None
-    kept_nll_sum: torch.Tensor | None = None  # with gradient
+    kept_nll_sum: torch.Tensor | None = None  # Σ wᵢ·NLLᵢ over the kept tokens, with gradient
     entropy_sum: torch.Tensor | None = None  # over score_mask, when HeadRequest.stats
     top1_count: torch.Tensor | None = None  # tokens of score_mask that are the argmax, when HeadRequest.stats
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, as the model's own forward returns it
@@ -227,13 +230,17 @@ def head_outputs(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | N
         stats = dict(entropy_sum=row_stats[0].entropy.sum(), top1_count=row_stats[0].is_top1.sum())
     if request.select is None:
         return HeadOutput(token_nll=token_nll, **stats)
-    keep = request.select(token_nll).to(device)
+    keep, token_weights = request.select(token_nll)
+    keep = keep.to(device)
     if (keep & ~score_mask).any():
         raise ValueError("the keep mask selects tokens whose NLL was not computed (outside score_mask)")
     kept = keep[batch_rows, positions]
-    kept_nll = kept_rows_nll(hidden[batch_rows[kept], positions[kept] - 1], targets[kept], nll[kept], lse[kept],
+    kept_rows, kept_positions = batch_rows[kept], positions[kept]
+    kept_nll = kept_rows_nll(hidden[kept_rows, kept_positions - 1], targets[kept], nll[kept], lse[kept],
                              weight, bias, softcap, chunk_rows)
-    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=kept_nll.sum(), **stats)
+    kept_weights = None if token_weights is None else token_weights.to(device)[kept_rows, kept_positions].detach()
+    return HeadOutput(token_nll=token_nll, keep=keep, kept_nll_sum=scoring.weighted_sum(kept_nll, kept_weights),
+                      **stats)
 
 
 def _softcap(base: torch.nn.Module) -> float | None:

@@ -226,6 +226,47 @@ def global_threshold(scores: torch.Tensor, rho: float) -> float:
     return float(torch.topk(flat, k).values[-1].item())
 
 
+# ----------------------------------------------------------------------------------------------- token weights
+# The loss of an optimizer step is  Σ_{kept i} wᵢ·NLLᵢ / N,  N = the kept tokens of the whole step (every
+# accumulated micro-batch, every rank): the count, not Σ wᵢ. N is known before the forward (the selector's
+# expected_kept), so accumulation and ranks stay exact whatever the weights, and it is TRL's DFT denominator.
+
+
+def dft_weights(token_nll: torch.Tensor) -> torch.Tensor:
+    """Dynamic Fine-Tuning's per-token weight, the model's probability of the label: p = exp(−NLL).
+
+    ``token_nll`` is the no-grad NLL the head already computed, so the weight is a constant of the backward
+    (TRL detaches it the same way)."""
+    return torch.exp(-token_nll.detach().float())
+
+
+def combined_weights(*factors: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the weight factors that are given (None: a factor of 1); None when none is given."""
+    given = [f.float() for f in factors if f is not None]
+    if not given:
+        return None
+    product = given[0]
+    for factor in given[1:]:
+        product = product * factor.to(product.device)
+    return product
+
+
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ wᵢ·valuesᵢ; with no weights the plain sum (the same operation as before weights existed)."""
+    if weights is None:
+        return values.sum()
+    return (values * weights.to(device=values.device, dtype=values.dtype)).sum()
+
+
+def step_mean(loss_sum: torch.Tensor, step_kept: int | torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's share of the step's loss: ``loss_sum`` / the kept tokens of the whole step.
+
+    ``step_kept`` is that count (the trainer's ``num_items_in_batch``); None means this micro-batch is the whole
+    step, and its own kept count ``keep.sum()`` is used. A step that keeps nothing divides by 1 (a loss of 0)."""
+    count = keep.sum() if step_kept is None else torch.as_tensor(step_kept, device=loss_sum.device)
+    return loss_sum / count.to(loss_sum.device).clamp(min=1)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of ``values`` over ``mask`` as a Python float (0.0 for an empty mask); for logging."""
     count = int(mask.sum().item())

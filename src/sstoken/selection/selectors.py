@@ -34,6 +34,7 @@ class Signals:
     context_share: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
     draw_key: int | None = None  # identifies the micro-batch (step, micro-batch, rank) for random draws
+    data_weights: torch.Tensor | None = None  # the rows' token weights (the data's ``weight`` fields); None: all 1
 
 
 def _is_number(value) -> bool:
@@ -96,6 +97,13 @@ class Selector:
 
     def select(self, signals: Signals, progress: float = 0.0) -> torch.Tensor:
         raise NotImplementedError
+
+    def weights(self, signals: Signals, progress: float = 0.0) -> torch.Tensor | None:
+        """Per-token loss weights (B×T, used on the kept tokens) besides the keep mask; None: every kept token
+        weighs 1. They multiply the data's weights and DFT's. The loss still divides by the kept count (see
+        :func:`sstoken.selection.scoring.step_mean`): a weight scales a kept token's gradient, and only
+        :meth:`select` decides which tokens count."""
+        return None
 
 
 class FullSelector(Selector):

@@ -9,10 +9,13 @@ batch it runs:
    adapter disabled or the EMA weights swapped in (:class:`HistorySource`);
 2. the current model's forward, once, with the attention share of one layer captured inside it;
 3. selection *inside* that forward: sstoken's head (:mod:`sstoken.selection.lm_head`) calls back with the current NLL of
-   the response tokens, the selector picks the kept tokens, and the head computes the loss of those alone. A
-   model whose logits that head cannot reproduce runs with full logits, and selection runs after the forward.
+   the response tokens, the selector picks the kept tokens and the token weights are set (the data's ``weight``
+   fields × the selector's own × DFT's p = exp(−NLL) of that same no-grad NLL), and the head computes the
+   weighted loss of the kept tokens alone. A model whose logits that head cannot reproduce runs with full
+   logits, and selection runs after the forward.
 
-The caller gets the model's outputs (the kept-token loss sum, or the logits) with the signals and the keep mask.
+The caller gets the model's outputs (the kept tokens' weighted loss sum, or the logits) with the signals, the keep
+mask and the weights.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from sstoken.batch import unwrap_model
+from sstoken.batch import TOKEN_WEIGHTS, unwrap_model
 from sstoken.selection import lm_head, scoring
 from sstoken.selection.selectors import Signals
 
@@ -61,7 +64,7 @@ class BatchLayout:
 
 def model_inputs_of(inputs: dict) -> dict:
     """The batch as the model's forward takes it (no labels: sstoken computes the loss itself)."""
-    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")}
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths", TOKEN_WEIGHTS)}
     model_inputs["use_cache"] = False
     return model_inputs
 
@@ -141,15 +144,19 @@ class Selection:
     current_nll: torch.Tensor
     keep: torch.Tensor  # B×T bool
     signals: Signals | None  # None when not selecting (evaluation keeps every response token)
+    weights: torch.Tensor | None = None  # B×T loss weight of each response token (used where kept); None: all 1
 
 
 def select_tokens(model, inputs: dict, selector, sources: SignalSources, *, progress: float = 0.0,
-                  draw_key: int | None = None, selecting: bool = True,
+                  draw_key: int | None = None, selecting: bool = True, dft: bool = False,
                   timer: PartTimer | None = None) -> Selection:
-    """One forward of ``model`` over ``inputs`` (with ``labels``), selecting the tokens that carry the loss.
+    """One forward of ``model`` over ``inputs`` (with ``labels``, and ``token_weights`` when the data has weights),
+    selecting the tokens that carry the loss and their weights.
 
-    With ``selecting=False`` (evaluation) no history, attention or selection is computed and every response
-    token is kept. Gradients flow as the caller's context allows (the trainer: with; inspect: under no_grad)."""
+    ``dft``: each token is also weighted by its probability under the current model (Dynamic Fine-Tuning).
+    With ``selecting=False`` (evaluation) no history, attention, selection or weighting is computed: every
+    response token is kept with weight 1. Gradients flow as the caller's context allows (the trainer: with;
+    inspect: under no_grad)."""
 
     def timed(name: str):
         return contextlib.nullcontext() if timer is None else timer(name)
@@ -168,9 +175,9 @@ def select_tokens(model, inputs: dict, selector, sources: SignalSources, *, prog
     captured = None
     chosen: dict = {}
 
-    def select(current_nll: torch.Tensor) -> torch.Tensor:
+    def select(current_nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Called inside the forward by sstoken's head, once the current NLL (and the attention share) exist.
-        signals = None
+        signals, weights = None, None
         keep = layout.response
         if selecting:
             signals = Signals(
@@ -182,11 +189,16 @@ def select_tokens(model, inputs: dict, selector, sources: SignalSources, *, prog
                 context_share=None if captured is None else captured.required_share(),
                 segment_ids=layout.segment_ids,
                 draw_key=draw_key,
+                data_weights=inputs.get(TOKEN_WEIGHTS),
             )
             with timed("select"):
                 keep = selector.select(signals, progress)
-        chosen.update(signals=signals, current_nll=current_nll, keep=keep)
-        return keep
+                weights = scoring.combined_weights(signals.data_weights, selector.weights(signals, progress),
+                                                   scoring.dft_weights(current_nll) if dft else None)
+            if weights is not None:
+                weights = torch.where(layout.response, weights.to(current_nll.device), 0.0)
+        chosen.update(signals=signals, current_nll=current_nll, keep=keep, weights=weights)
+        return keep, weights
 
     if sources.sstoken_head:
         model_inputs["sstoken_head"] = lm_head.HeadRequest(labels=labels, score_mask=layout.response, select=select,
@@ -199,4 +211,4 @@ def select_tokens(model, inputs: dict, selector, sources: SignalSources, *, prog
     if not sources.sstoken_head:
         select(scoring.token_nll(outputs.logits.detach(), labels, sources.nll_chunk_size))
     return Selection(outputs=outputs, layout=layout, current_nll=chosen["current_nll"], keep=chosen["keep"],
-                     signals=chosen["signals"])
+                     signals=chosen["signals"], weights=chosen["weights"])

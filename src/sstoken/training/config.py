@@ -21,6 +21,10 @@ HISTORY_MODES = ("base", "ema")
 
 NO_TRUNCATION = 2**62  # the max_length that truncates nothing
 
+LOSS_TYPES = ("nll", "dft", "chunked_nll")
+"""TRL's ``loss_type`` values: the NLL, Dynamic Fine-Tuning (each kept token weighted by its detached probability),
+and TRL's deprecated alias of nll."""
+
 
 @dataclass
 class SSTokenConfig(SFTConfig):
@@ -84,9 +88,13 @@ class SSTokenConfig(SFTConfig):
 # Values of TRL fields that ask for something sstoken's loss or encoding does not do (see SFT_FIELD_POLICY).
 def check_sft_fields(args) -> None:
     """Refuse TRL settings that sstoken would otherwise silently ignore; one-line ConfigError each."""
-    # TRL's loss variants act inside TRL's loss, which sstoken replaces.
-    if args.loss_type not in ("nll", "chunked_nll"):
-        raise ConfigError(f"sstoken computes its own loss; loss_type must be 'nll', got {shown(args.loss_type)}")
+    if args.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"loss_type must be 'nll' or 'dft', got {shown(args.loss_type)}"
+                          f"{did_you_mean(str(args.loss_type), LOSS_TYPES)}")
+    if args.loss_type == "dft" and args.label_smoothing_factor:
+        raise ConfigError("loss_type 'dft' weighs each token's NLL of its label by the label's probability; label "
+                          "smoothing spreads the loss over other tokens, which DFT does not weigh (TRL ignores it "
+                          "under dft): set one of them")
     if args.completion_only_loss is False:
         raise ConfigError("sstoken always trains on the completion (response) tokens only; completion_only_loss "
                           "false is not supported (remove it)")
@@ -215,6 +223,31 @@ def check_training_engine(args) -> None:
     if engine in SHARDED_ENGINES and args.history == "ema" and selector_of(args).needs_history:
         raise ConfigError("history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or "
                           "ZeRO-2, or history 'base' (online with LoRA, or history_cache)")
+
+
+DFT_METHOD = "dft"
+"""The method name of plain SFT with DFT's loss (selection_method full, loss_type dft); ``<selector>+dft`` is that
+selector with DFT's weights on its kept tokens."""
+
+
+def method_names() -> list[str]:
+    """The method names ``sstoken compare`` and the benchmarks take: every selector, then ``dft``."""
+    return [*SELECTORS, DFT_METHOD]
+
+
+def method_settings(method: str) -> dict[str, str]:
+    """The config settings of a method name: ``{"selection_method": ...}``, plus ``{"loss_type": "dft"}`` for
+    ``dft`` (full SFT with DFT's loss) and ``<selector>+dft`` (e.g. ``sstoken+dft``)."""
+    selector, dft = method, False
+    if method == DFT_METHOD:
+        selector, dft = "full", True
+    elif isinstance(method, str) and method.endswith(f"+{DFT_METHOD}"):
+        selector, dft = method[: -len(DFT_METHOD) - 1], True
+    if selector not in SELECTORS:
+        candidates = [*method_names(), *(f"{name}+{DFT_METHOD}" for name in SELECTORS)]
+        raise ConfigError(f"unknown method {shown(method)}{did_you_mean(str(method), candidates)}; choose from "
+                          f"{', '.join(method_names())}, or <selection method>+dft (e.g. sstoken+dft)")
+    return {"selection_method": selector, **({"loss_type": DFT_METHOD} if dft else {})}
 
 
 def selector_of(args) -> Selector:

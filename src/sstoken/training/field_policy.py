@@ -109,8 +109,10 @@ SFT_FIELD_POLICY.update({
                                                  "agree, false is refused"),
     "assistant_only_loss": FieldPolicy(REFUSED, "sstoken always trains on assistant turns only: unset (None, "
                                                 "sstoken's default) and true agree, false is refused"),
-    "loss_type": FieldPolicy(REFUSED, "sstoken computes its own loss: 'nll' (or its alias 'chunked_nll'); 'dft' "
-                                      "is refused"),
+    "loss_type": FieldPolicy(SSTOKEN, "'nll' (or its alias 'chunked_nll'), or 'dft': each kept token's NLL "
+                                      "weighted by its detached probability, divided by the kept count, as TRL "
+                                      "does, with any selection_method; evaluation stays the plain response NLL; "
+                                      "with label_smoothing_factor refused"),
     "activation_offloading": FieldPolicy(TRL, "as in TRL (its training_step context); not yet tested with sstoken "
                                               "on a GPU"),
     "pad_token": FieldPolicy(TRL, "as in TRL (deprecated there); the collator's pad token"),

@@ -14,10 +14,13 @@ no B×T×V logits, the prompt never projected, and the backward projecting only 
 or a model whose logits that head cannot reproduce, falls back to the full logits (logged once).
 
 Loss normalisation (the rule, also under gradient accumulation and several ranks): the loss of an optimizer
-step is the sum of kept-token NLLs divided by the number of kept tokens in the whole step, summed over the
-accumulated micro-batches and, with ``average_tokens_across_devices`` (the default), over all ranks. Since
-ρ fixes how many tokens each sample keeps (ceil(ρ·n)), that count is known before the forward pass, so
-accumulating 2 micro-batches of b samples gives the same gradient as one batch of 2b samples.
+step is the sum of kept-token NLLs, each times its token weight, divided by the number of kept tokens in the
+whole step (not the sum of their weights), summed over the accumulated micro-batches and, with
+``average_tokens_across_devices`` (the default), over all ranks. Since ρ fixes how many tokens each sample keeps
+(ceil(ρ·n)), that count is known before the forward pass, so accumulating 2 micro-batches of b samples gives the
+same gradient as one batch of 2b samples, weighted or not. Token weights are 1 unless the data has ``weight``
+fields, the selector weighs tokens, or ``loss_type`` is ``"dft"`` (Dynamic Fine-Tuning: each kept token weighted
+by its probability under the current model, from the same no-grad NLL that selection reads, as TRL computes it).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sstoken.batch import unwrap_model
+from sstoken.batch import TOKEN_WEIGHTS, unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path
 from sstoken.models import quiet_peft_wrapping
@@ -61,6 +65,7 @@ from sstoken.training.config import (
     check_history_source,
     selector_of,
 )
+from sstoken.training.collation import TokenWeightsCollator, pack_with_weights
 from sstoken.training.guards import DroppedGradients, FiniteWeightsGuard, drop_gradients
 from sstoken.training.snapshots import SelectionSnapshots
 
@@ -80,6 +85,7 @@ class SelectionEvent:
     keep: torch.Tensor  # B×T bool, the tokens that carry the loss
     progress: float  # fraction of training done, as the selector saw it
     step: int  # the optimizer step this micro-batch belongs to (1-based, as in log_history)
+    weights: torch.Tensor | None = None  # B×T loss weight of each response token (data × selector × DFT); None: 1
 
 
 SelectionListener = Callable[[SelectionEvent], None]
@@ -180,6 +186,11 @@ class SSTokenTrainer(SFTTrainer):
             kwargs["eval_dataset"], _ = _encode_dataset(eval_dataset, processing_class, sst_args, "eval_dataset")
         with quiet_peft_wrapping(), _trl_sees_no_assistant_only_loss(sst_args):
             super().__init__(*args, **kwargs)
+        # The data's loss weights (weight fields) ride in a token_weights column that TRL's collator would drop.
+        self.weighted_data = _has_token_weights(self.train_dataset)
+        if (self.weighted_data or _has_token_weights(self.eval_dataset)) and \
+                isinstance(self.data_collator, DataCollatorForLanguageModeling):
+            self.data_collator = TokenWeightsCollator(self.data_collator)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             # e.g. `accelerate launch` on a CPU-only machine without use_cpu: N independent runs would
@@ -283,6 +294,22 @@ class SSTokenTrainer(SFTTrainer):
                              probe=self._attention_probe() if self.selector.needs_attention else None,
                              sstoken_head=self.full_logits_reason is None, nll_chunk_size=self.args.nll_chunk_size)
 
+    # ---------------------------------------------------------------------------------------------- data
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if TOKEN_WEIGHTS not in self._signature_columns:  # remove_unused_columns must keep the data's weights
+            self._signature_columns = [*self._signature_columns, TOKEN_WEIGHTS]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # TRL packs input_ids and labels only; weighted data packs its weights with them. (Without max_length
+        # TRL's own preparation refuses packing.)
+        if not (packing and args.max_length is not None and TOKEN_WEIGHTS in _columns_of(dataset)):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        from trl.trainer.utils import global_then_local_main_first
+
+        with global_then_local_main_first():
+            return pack_with_weights(dataset, args, dataset_name)
+
     # ---------------------------------------------------------------------------------------------- loss
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Kept tokens of the whole accumulated step (all ranks): the denominator of the loss."""
@@ -317,6 +344,10 @@ class SSTokenTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         training = mode == "train"
         labels = inputs["labels"]
+        if training and self.weighted_data and TOKEN_WEIGHTS not in inputs:
+            raise ConfigError(f"the training data has token weights (weight fields) but the data_collator "
+                              f"{type(self.data_collator).__name__} drops them; leave data_collator unset (TRL's) or "
+                              f"return '{TOKEN_WEIGHTS}' from it")
         # Evaluation reports the plain NLL of every response token: no history, attention or selection. A caller
         # that wants the logits back (Trainer.prediction_step, for compute_metrics) gets the model's own forward,
         # which builds them, rather than sstoken's head followed by a second forward.
@@ -329,21 +360,18 @@ class SSTokenTrainer(SFTTrainer):
         progress = self._progress()
         selection = select_tokens(model, inputs, self.selector, sources, progress=progress,
                                   draw_key=self._draw_key() if training else None, selecting=training,
-                                  timer=self.timed_part)
-        outputs, signals, keep = selection.outputs, selection.signals, selection.keep
+                                  dft=self.args.loss_type == "dft", timer=self.timed_part)
+        outputs, signals, keep, weights = selection.outputs, selection.signals, selection.keep, selection.weights
         response, current_nll = selection.layout.response, selection.current_nll
         if sources.sstoken_head:
             loss_sum = outputs.kept_nll_sum
         else:
             rows, cols = keep.nonzero(as_tuple=True)
-            loss_sum = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="sum",
-                                       label_smoothing=self.args.label_smoothing_factor)
+            token_loss = F.cross_entropy(outputs.logits[rows, cols - 1].float(), labels[rows, cols], reduction="none",
+                                         label_smoothing=self.args.label_smoothing_factor)
+            loss_sum = scoring.weighted_sum(token_loss, None if weights is None else weights[rows, cols])
 
-        if num_items_in_batch is None:
-            denominator = keep.sum().clamp(min=1)
-        else:
-            denominator = torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
-        loss = loss_sum / denominator
+        loss = scoring.step_mean(loss_sum, num_items_in_batch, keep)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         if self.aux_loss_enabled:
@@ -365,7 +393,7 @@ class SSTokenTrainer(SFTTrainer):
                 self._count_tokens(inputs)
         if signals is not None:
             event = SelectionEvent(trainer=self, inputs=inputs, signals=signals, keep=keep, progress=progress,
-                                   step=self.state.global_step + 1)
+                                   step=self.state.global_step + 1, weights=weights)
             for listener in self.selection_listeners:
                 listener(event)
         return (loss, outputs) if return_outputs else loss
@@ -568,6 +596,12 @@ def _columns_of(dataset) -> list[str]:
     return list(columns or [])
 
 
+def _has_token_weights(dataset) -> bool:
+    """Whether the dataset (or any of a dict of datasets) carries the data's token weights."""
+    parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+    return any(TOKEN_WEIGHTS in _columns_of(part) for part in parts if part is not None)
+
+
 def _only_text(columns: list[str]) -> bool:
     return "text" in columns and not any(c in columns for c in _CONVERSATION_COLUMNS)
 
@@ -614,6 +648,6 @@ def _encode_dataset(dataset, tokenizer, args: SSTokenConfig, label: str, text_re
     encoded, stats = encode_dataset(dataset, tokenizer, max_length, label=label, num_proc=args.dataset_num_proc,
                                     stream_text_refusal=text_refusal)
     if stats.skipped_no_trainable_token:
-        logger.warning("%s: skipped %d rows with no trainable token after truncation", label,
+        logger.warning("%s: skipped %d rows with no trainable token (weight 0, or truncated away)", label,
                        stats.skipped_no_trainable_token)
     return encoded, stats
