@@ -339,3 +339,91 @@ def test_mixed_precision_gradient_is_the_autocast_full_logits_gradient(softcap):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(got, expected, atol=3e-3, rtol=2e-2)
     assert got.abs().max() > 0.05  # not a vanishing gradient passing the tolerance trivially
+
+
+def _fused_head_gradients(kernel, hidden, weight, targets, row_weights, autocast):
+    """(hidden gradient, weight gradient or None) of Σ row_weight · NLL through ``kernel`` ("trl" or "sstoken")."""
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_(weight.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if kernel == "trl":
+            nll = -_ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                 1.0, ("log_probs",))[0]
+        else:
+            nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight.detach(), None, None, chunk_rows=16)
+            nll = lm_head.kept_rows_nll(hidden, targets, nll, lse, weight, None, None, chunk_rows=16)
+    (nll * row_weights).sum().backward()  # outside autocast, as a trainer calls it
+    return hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("case", ["frozen fp32 head, bf16 autocast", "trained bf16 head, bf16 weights"])
+def test_half_precision_gradient_is_as_close_to_float64_as_trls_fused_head(case):
+    # TRL's fused head sums its gradient products in float32 (bf16 operands, float32 output). sstoken's head must be
+    # at least as accurate on the same inputs: once, it multiplied the logits' gradient into the hidden and weight
+    # gradients in bf16 (rounding each row chunk's product to 8 mantissa bits), 20-30% further from float64.
+    gen = torch.Generator().manual_seed(0)
+    autocast = case.startswith("frozen")
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden = torch.randn(64, 256, generator=gen).to(dtype)
+    weight = (torch.randn(8192, 256, generator=gen) * 0.05).to(dtype).requires_grad_(not autocast)
+    targets = torch.randint(0, 8192, (64,), generator=gen)
+    row_weights = torch.rand(64, generator=gen) + 0.5  # any upstream gradient
+
+    exact_hidden = hidden.double().requires_grad_()
+    exact_weight = weight.detach().double().requires_grad_(weight.requires_grad)
+    exact_nll = F.cross_entropy(exact_hidden @ exact_weight.t(), targets, reduction="none")
+    (exact_nll * row_weights.double()).sum().backward()
+
+    def error(got, exact):
+        return float((got.double() - exact).norm() / exact.norm())
+
+    ours = _fused_head_gradients("sstoken", hidden, weight, targets, row_weights, autocast)
+    trls = _fused_head_gradients("trl", hidden, weight, targets, row_weights, autocast)
+    assert error(ours[0], exact_hidden.grad) <= error(trls[0], exact_hidden.grad)
+    assert error(ours[0], exact_hidden.grad) < 1e-2, "a gradient, not noise"
+    if weight.requires_grad:
+        assert error(ours[1], exact_weight.grad) <= error(trls[1], exact_weight.grad)
+
+
+def test_the_backward_softmax_sums_to_one_whatever_the_forward_log_sum_exp():
+    # The backward reuses the forward's log-sum-exp, computed over other row chunks; a half-precision GEMM may round
+    # a recomputed logit differently. The softmax is normalised by its own sum, so the gradient stays the
+    # cross-entropy gradient of the logits it recomputed: here with a log-sum-exp off by 0.05 for every row.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([0, 10, 3, 3, 1, 7])
+    expected = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)[0]
+    nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight, None, None, chunk_rows=4)
+    out = lm_head.kept_rows_nll(hidden, targets, nll, lse + 0.05, weight, None, None, chunk_rows=4)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), hidden)[0], expected, atol=1e-6, rtol=1e-5)
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the dtype conversions of tensors shaped like ``shape`` (the head weight) while active."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_frozen_fp32_head_is_cast_to_bf16_once_per_pass_under_autocast():
+    # Autocast caches its casts only of weights that require grad: a frozen (LoRA) head was cast to bf16 again for
+    # every chunk of rows, a full V×d copy each time.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 16, generator=gen)
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    with _WeightCasts(weight.shape) as forward_casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight, None, None, chunk_rows=4)
+        loss = lm_head.kept_rows_nll(hidden, targets, nll, lse, weight, None, None, chunk_rows=4).sum()
+    with _WeightCasts(weight.shape) as backward_casts:
+        loss.backward()
+    assert forward_casts.count == 1 and backward_casts.count == 1, "ten chunks of rows, one cast each way"
+    assert hidden.grad.abs().max() > 0
