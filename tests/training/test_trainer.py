@@ -452,3 +452,52 @@ def test_evaluation_that_returns_logits_runs_the_model_once_with_the_same_loss(t
     assert torch.allclose(loss, loss_only, atol=1e-5)
     assert outputs.logits.shape[:2] == batch["input_ids"].shape
     assert outputs.logits.shape[-1] == model.config.vocab_size
+
+
+def test_flash_attention_2_trains_with_the_sdpa_selection(tmp_path, flash_attention_2_standin):
+    """The attention probe under FlashAttention-2 (a stand-in kernel computed by SDPA, transformers' flash path
+    around it): the same loss, attention share and kept tokens as the same model under SDPA."""
+    rows = make_rows(4)
+    results = {}
+    for name in ("sdpa", flash_attention_2_standin):
+        trainer = make_trainer(tmp_path / name, rows=rows, model=tiny_model("llama", attn_implementation=name),
+                               selection_method="sstoken", rho=0.5)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert batch["attention_mask"].eq(0).any(), "padded rows: transformers unpads them for the flash kernel"
+        results[name] = select_once(trainer, batch)
+        assert trainer.model.get_base_model().config._attn_implementation == name
+    (loss, signals, keep), (flash_loss, flash_signals, flash_keep) = results.values()
+    response = signals.response_mask
+    torch.testing.assert_close(flash_signals.context_share[response], signals.context_share[response],
+                               atol=1e-5, rtol=0)
+    assert torch.equal(flash_keep, keep)
+    assert flash_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_attention_share_under_activation_checkpointing_is_computed_once_per_step_and_fresh(tmp_path, monkeypatch):
+    """Checkpointing recomputes every layer's forward in the backward pass: the share must still be computed once a
+    step (the recomputation passes straight through), and be that step's share (its batch, its weights)."""
+    import sstoken.selection.attention as attention
+    from sstoken.selection.signals import BatchLayout
+
+    calls = []
+    real = attention.context_share_from_qk
+    monkeypatch.setattr(attention, "context_share_from_qk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = make_rows(8)
+    trainer = make_trainer(tmp_path, rows=rows, activation_checkpointing=True, max_steps=2, rho=0.5)
+    checked = []
+
+    def check(event):
+        # What a fresh no-grad forward of this model, now, gives for this batch (one more share computed).
+        layout = BatchLayout.of(event.inputs)
+        expected = attention.context_share(trainer.model, event.inputs["input_ids"], event.inputs["attention_mask"],
+                                           layout.context)
+        torch.testing.assert_close(event.signals.context_share[layout.valid], expected[layout.valid], atol=1e-5,
+                                   rtol=0)
+        checked.append(event.signals.context_share.clone())
+
+    trainer.add_selection_listener(check)
+    trainer.train()
+    assert trainer.model.is_activation_checkpointing
+    assert len(checked) == 2 and not torch.equal(checked[0], checked[1])
+    assert len(calls) == 2 + 2, "one share per training step, plus the check's own forward each step"
