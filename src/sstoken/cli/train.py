@@ -37,7 +37,7 @@ def _train_or_list_keys(ns, overrides: list[str]) -> int:
 
 def cmd_train(ns, overrides: list[str]) -> int:
     from sstoken.models import load_model, load_tokenizer, revision_of
-    from sstoken.training.config import apply_tokenizer_settings, check_history_source
+    from sstoken.training.config import apply_tokenizer_settings, check_history_source, check_one_device_per_process
     from sstoken.training.trainer import SSTokenTrainer, check_text_rows
 
     run, config = prepare_run(ns.config, overrides)
@@ -47,6 +47,7 @@ def cmd_train(ns, overrides: list[str]) -> int:
                               f"`sstoken cache --config {ns.config or '<recipe>'}`")
     check_output_folder(config.output_dir, "output_dir", RUN_MARKERS)
     check_history_source(config, trains_an_adapter=bool(run["lora"]))
+    check_one_device_per_process(config)
     if run["quantization"]:
         from sstoken.models import check_quantization_possible
 
