@@ -308,9 +308,6 @@ class ContextShareProbe:
                 "the context-share probe cannot hook this model"
             )
         self._module = modules[0]  # the self-attention comes first in decoder layers
-        self._install()
-
-    def _install(self) -> None:
         _install_interface(self._module)
 
     @contextlib.contextmanager
