@@ -163,7 +163,7 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
         seed=spec["seed"],
         activation_checkpointing=spec["activation_checkpointing"],
         # Both trainers in the same precision (SFTConfig alone would ask for bf16 even where there is none).
-        bf16=spec["device"] == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=spec.get("bf16", False) or (spec["device"] == "cuda" and torch.cuda.is_bf16_supported()),
     )
     if variant == BASELINE:
         config, cls = SFTConfig(**common_args), SFTTrainer
@@ -195,6 +195,10 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
             enable(activation_checkpointing_kwargs=kwargs or None)
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    if config.bf16:
+        # Trainer.train() has accelerate wrap the forward in autocast (accelerator.prepare); the loop here does not
+        # call train(), so the model is prepared the same way (in place: one process, no wrapper).
+        assert trainer.accelerator.prepare_model(trainer.model) is trainer.model
     trainer.create_optimizer()
     # Trainer.train() sets this before each step (SSTokenTrainer's loss ignores it); the loop here does not.
     trainer.current_gradient_accumulation_steps = 1
@@ -379,6 +383,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             "activation_checkpointing": opts.activation_checkpointing,
             "random_init": opts.random_init,
             "log_every_step": opts.log_every_step,
+            "bf16": opts.bf16,
             "cache_dir": str(workdir / f"cache-{seq_len}"),
         }
         if "sstoken-cached" in opts.variants:
@@ -585,6 +590,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every-step", action="store_true",
                         help="sstoken variants compute TRL's entropy / token accuracy on every timed step, as stock "
                              "TRL does (by default they are computed only on logging steps)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every variant in bf16 mixed precision (autocast, the weights staying float32), on a CPU "
+                             "too (on a GPU with bf16 support it is on anyway)")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="train without activation checkpointing (SSTokenConfig's default is on)")
     parser.add_argument("--parts", nargs="+", choices=("steps", "attention", "cache"),
@@ -710,6 +718,7 @@ def run(opts) -> dict:
             "threads_per_worker": opts.threads,
             "parts": opts.parts,
             "log_every_step": opts.log_every_step,
+            "bf16": opts.bf16,
         },
     }
     # Keep the schema keys first in the file for readers.

@@ -20,11 +20,16 @@ from sstoken.cli import main
 from sstoken.errors import ConfigError
 from sstoken.selection.attention import ContextShareProbe
 from sstoken.testing import (
+    random_rows,
     save_tiny_model,
+    tiny_model,
     tiny_tokenizer,
+    tiny_trainer,
+    tiny_training_args,
     write_tiny_jsonl,
     write_tiny_recipe,
 )
+from sstoken.training.config import check_one_device_per_process
 from sstoken.training.trainer import SSTokenTrainer
 
 BAD = Path(__file__).resolve().parents[1] / "data" / "bad"
@@ -384,6 +389,27 @@ def test_incomplete_checkpoint_named_explicitly_is_refused(tmp_path, tiny_model_
                           resume_from_checkpoint=True)
     assert "no complete checkpoint" in run_cli(capsys, "train", "--config", str(recipe))
     assert guard.models_loaded == 0
+
+
+def test_several_gpus_in_one_process_are_refused_before_the_model_loads(tmp_path, tiny_model_dir, good_data, guard,
+                                                                        capsys, monkeypatch):
+    """With several GPUs and no launcher, transformers' Trainer wraps the model in nn.DataParallel, whose replicas
+    would share the attention probe's capture and the head's request. Faked here: two GPUs seen by the process."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", model=tiny_model_dir, data=good_data, output_dir=str(out))
+    line = run_cli(capsys, "train", "--config", str(recipe))
+    assert "2 GPUs are visible to one process" in line and "accelerate launch" in line and "torchrun" in line
+    assert guard.models_loaded == 0 and not out.exists()
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="nn.DataParallel"):  # the library: before TRL and the Trainer wrap it
+        tiny_trainer(tmp_path / "lib", random_rows([4], [4]), model=model)
+    # A model placed by a device map is one model-parallel model to the Trainer, not DataParallel replicas.
+    model.hf_device_map = {"model": 0, "lm_head": 1}
+    check_one_device_per_process(tiny_training_args(tmp_path / "lib"), model)
+    check_one_device_per_process(tiny_training_args(tmp_path / "lib", model_init_kwargs={"device_map": "auto"}))
 
 
 def test_attention_kernel_that_is_not_installed(tmp_path, tiny_model_dir, good_data, guard, capsys):

@@ -132,7 +132,7 @@ def test_matches_eager_attentions(arch, pad_side, layer):
     ref = eager_reference(arch, ids, attn, ctx, layer)
     model = tiny_model(arch)  # sdpa
     share = context_share(model, ids, attn, ctx, layer=layer)
-    assert model.config._attn_implementation == "sstoken_sdpa"
+    assert model.config._attn_implementation == "sdpa"
     assert_close_on_valid(share, ref, attn)
 
 
@@ -160,7 +160,7 @@ def test_eager_base_implementation_is_wrapped_too():
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=attn).logits
     share = context_share(model, ids, attn, ctx)
-    assert model.config._attn_implementation == "sstoken_eager"
+    assert model.config._attn_implementation == "eager"
     with torch.no_grad():
         after = model(input_ids=ids, attention_mask=attn).logits
     assert torch.equal(before, after)
@@ -197,7 +197,7 @@ def test_probe_keeps_sdpa_logits_and_never_uses_eager(monkeypatch):
     monkeypatch.setattr(llama_mod, "eager_attention_forward", no_eager)
     probe = ContextShareProbe(model)
     assert probe.layer_index == 1
-    assert model.config._attn_implementation == "sstoken_sdpa"
+    assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         with probe.capture(ctx, attn) as cap:
             during = model(input_ids=ids, attention_mask=attn).logits
@@ -212,7 +212,7 @@ def test_installation_is_idempotent_and_capture_scoped():
     model = tiny_model("qwen2")
     p1 = ContextShareProbe(model, layer=0)
     p2 = ContextShareProbe(model, layer=-1)
-    assert model.config._attn_implementation == "sstoken_sdpa"
+    assert model.config._attn_implementation == "sdpa"
     with torch.no_grad(), p1.capture(ctx, attn) as c1, p2.capture(ctx, attn) as c2:
         model(input_ids=ids, attention_mask=attn)
     assert c1.share is not None and c2.share is not None
@@ -252,7 +252,7 @@ def test_works_with_peft_lora():
     ref = eager_reference("llama", ids, attn, ctx, -1)
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     share = context_share(model, ids, attn, ctx)  # LoRA B starts at zero: same outputs as the base model
-    assert model.get_base_model().config._attn_implementation == "sstoken_sdpa"
+    assert model.get_base_model().config._attn_implementation == "sdpa"
     assert_close_on_valid(share, ref, attn)
 
 
@@ -288,3 +288,62 @@ def test_chunked_attention_layers_are_refused_with_the_usable_ones():
     with pytest.raises(ConfigError, match=r"layer 0 .* 'chunked_attention'.*" + usable):
         ContextShareProbe(model, layer=0)
     assert ContextShareProbe(model, layer=1).layer_index == 1
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+# transformers dispatches on the implementation's name: its flash path loads the kernel that
+# ``config._attn_implementation`` names (flash_attention_2/3/4, or a Hub kernel repo), so the probe must leave the
+# name alone. The stand-ins (tests/conftest.py) are flash-attn's API computed with SDPA; transformers' own flash
+# path (unpadding, varlen calls, mask handling) runs around them.
+
+def _packed_batch():
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    ctx = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    return ids, None, ctx, position_ids
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+@pytest.mark.parametrize("implementation", ["flash_attention_2_standin", "hub_kernel_standin"])
+def test_flash_implementations_keep_their_name_logits_and_give_the_sdpa_share(implementation, layout, request):
+    name = request.getfixturevalue(implementation)
+    ids, attn, ctx, position_ids = _packed_batch() if layout == "packed" else (*make_batch(layout), None)
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids)
+    expected = context_share(tiny_model("llama"), ids, attn, ctx, position_ids=position_ids)  # same weights, SDPA
+
+    model = tiny_model("llama", attn_implementation=name)
+    assert model.config._attn_implementation == name
+    with torch.no_grad():
+        before = model(**inputs).logits
+    probe = ContextShareProbe(model)
+    with torch.no_grad(), probe.capture(ctx, attn, position_ids) as cap:
+        during = model(**inputs).logits
+    assert model.config._attn_implementation == name, "the name transformers dispatches on is unchanged"
+    valid = torch.ones_like(ctx) if attn is None else attn.bool()
+    torch.testing.assert_close(during[valid], before[valid], atol=0, rtol=0)
+    assert_close_on_valid(cap.share, expected, valid.long())
+
+
+def test_the_share_follows_an_implementation_switched_after_the_probe(flash_attention_2_standin):
+    ids, attn, ctx = make_batch("right")
+    expected = context_share(tiny_model("llama"), ids, attn, ctx)
+    model = tiny_model("llama")
+    probe = ContextShareProbe(model)
+    for name in ("eager", flash_attention_2_standin, "sdpa"):
+        model.set_attn_implementation(name)
+        with torch.no_grad(), probe.capture(ctx, attn) as cap:
+            model(input_ids=ids, attention_mask=attn)
+        assert model.config._attn_implementation == name
+        assert_close_on_valid(cap.share, expected, attn)
+
+
+def test_other_models_of_the_same_architecture_are_untouched():
+    ids, attn, ctx = make_batch("right")
+    hooked, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    with torch.no_grad():
+        before = other(input_ids=ids, attention_mask=attn).logits
+    probe = ContextShareProbe(hooked)
+    with torch.no_grad(), probe.capture(ctx, attn) as cap:
+        during = other(input_ids=ids, attention_mask=attn).logits  # the capture is the hooked model's
+    assert cap.share is None
+    assert torch.equal(during, before)

@@ -132,21 +132,23 @@ def make_rows(n=4, seed=0, prompt_len=6, response_len=8):
 GEMMA3 = dict(head_dim=8, tie_word_embeddings=True, final_logit_softcapping=1.0)  # tied head, softcapped logits
 
 
-def make_trainer(tmp_path, rows, model=None, **overrides):
+def make_trainer(tmp_path, rows, model=None, lora=True, **overrides):
     settings = dict(max_steps=1, per_device_train_batch_size=len(rows), activation_checkpointing=False,
                     selection_method="sstoken", rho=0.5)
     settings.update(overrides)
-    return tiny_trainer(tmp_path / "out", rows, model=model, **settings)
+    return tiny_trainer(tmp_path / "out", rows, model=model, lora=lora, **settings)
 
 
-def loss_grads_signals(trainer, batch):
-    """One training-mode compute_loss + backward; (loss, LoRA grads, signals, keep)."""
+def loss_grads_signals(trainer, batch, autocast: torch.dtype | None = None):
+    """One training-mode compute_loss + backward; (loss, LoRA grads, signals, keep). ``autocast``: the loss under
+    CPU autocast in that dtype (as accelerate runs the forward with mixed precision), the backward outside it."""
     events = []
     trainer.add_selection_listener(events.append)
     try:
         trainer.model.train()
         trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, dict(batch))
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
     finally:
         trainer.selection_listeners.remove(events.append)
@@ -180,6 +182,85 @@ def test_sstoken_head_gives_the_full_logits_loss_grads_and_keep_mask(tmp_path, a
     assert not torch.equal(full[2].history_nll[response], full[2].current_nll[response])
     assert torch.equal(ours[3], full[3])
     assert 0 < ours[3].sum() < response.sum(), "a real selection: some response tokens dropped"
+
+
+# Mixed precision: (weights dtype, autocast dtype, LoRA). "bf16 full" trains every weight, the head included.
+PRECISIONS = {
+    "bf16 autocast": (torch.float32, torch.bfloat16, True),
+    "fp16 autocast": (torch.float32, torch.float16, True),
+    "bf16 weights": (torch.bfloat16, None, True),
+    "bf16 full": (torch.bfloat16, None, False),
+}
+
+
+def _precision_trainer(tmp_path, precision, rows):
+    """The tiny llama (vocabulary 4096, so that the head's sums are long) in ``precision``, with a non-zero adapter
+    under LoRA (online base history), or fully fine-tuned with attention-only selection (no history needed)."""
+    dtype, _, lora = PRECISIONS[precision]
+    model = tiny_model("llama", vocab_size=4096).to(dtype)
+    settings = dict(history="base") if lora else dict(selection_method="attn")
+    trainer = make_trainer(tmp_path / precision.replace(" ", "-"), rows, model=model, lora=lora, **settings)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return trainer
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_mixed_precision_head_gives_the_full_logits_numbers_of_the_same_precision(tmp_path, precision):
+    # The NLL, the keep mask and the loss come from the same half-precision logits as the model's own, so they agree
+    # to float32 rounding. The gradients agree to bf16 rounding: sstoken's head sums its gradient products in float32
+    # where the full-logits backward sums them in the half-precision GEMM (measured here: at most 1.0% apart).
+    rows = make_rows(n=4, prompt_len=6, response_len=24)
+    trainer = _precision_trainer(tmp_path, precision, rows)
+    autocast = PRECISIONS[precision][1]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    ours = loss_grads_signals(trainer, batch, autocast)
+    trainer.full_logits_reason = "forced by the test"
+    full = loss_grads_signals(trainer, batch, autocast)
+
+    assert ours[0] == pytest.approx(full[0], rel=1e-5)
+    response = full[2].response_mask
+    torch.testing.assert_close(ours[2].current_nll[response], full[2].current_nll[response], atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours[3], full[3])
+    trained = [name for name in full[1] if full[1][name].abs().sum() > 0]
+    assert any(name.endswith("lm_head.weight") for name in trained) == (precision == "bf16 full")
+    for name in trained:
+        assert _relative_error(ours[1][name], full[1][name]) < 0.02, name
+
+
+def test_mixed_precision_keeps_the_fp32_tokens_but_for_near_ties(tmp_path):
+    # Half precision moves the NLLs by its rounding, so a token whose score lies within that distance of its sample's
+    # cut-off may change sides; any other token keeps its fp32 decision. Bound (scores are in [0, 1]): 0.05. Measured
+    # on this batch: autocast keeps exactly the fp32 set; bf16 weights (a rounded model) swap one of 52 kept tokens,
+    # two tokens whose fp32 scores were 0.0004 from the cut-off.
+    rows = make_rows(n=4, prompt_len=6, response_len=24)
+    fp32 = make_trainer(tmp_path / "fp32", rows, model=tiny_model("llama", vocab_size=4096), history="base")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for name, param in fp32.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    batch = fp32.data_collator([fp32.train_dataset[i] for i in range(len(rows))])
+    _, _, signals, keep = loss_grads_signals(fp32, batch)
+    scores = scoring.sstoken_scores(signals.history_nll, signals.current_nll, signals.context_share,
+                                    signals.response_mask, gamma=fp32.args.gamma)
+    kept_min = torch.where(keep, scores, torch.inf).amin(-1, keepdim=True)
+    dropped_max = torch.where(signals.response_mask & ~keep, scores, -torch.inf).amax(-1, keepdim=True)
+    cut_off = (kept_min + dropped_max) / 2
+    for precision in ("bf16 autocast", "fp16 autocast", "bf16 weights"):
+        trainer = _precision_trainer(tmp_path, precision, rows)
+        half_keep = loss_grads_signals(trainer, batch, PRECISIONS[precision][1])[3]
+        assert torch.equal(half_keep.sum(-1), keep.sum(-1)), "ceil(rho*n) per sample, in any precision"
+        changed = half_keep ^ keep
+        assert changed.sum() <= 0.1 * keep.sum(), precision
+        assert ((scores - cut_off).abs()[changed] <= 0.05).all(), precision
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -347,3 +428,91 @@ def test_mixed_precision_gradient_is_the_autocast_full_logits_gradient(softcap):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(got, expected, atol=3e-3, rtol=2e-2)
     assert got.abs().max() > 0.05  # not a vanishing gradient passing the tolerance trivially
+
+
+def _fused_head_gradients(kernel, hidden, weight, targets, row_weights, autocast):
+    """(hidden gradient, weight gradient or None) of Σ row_weight · NLL through ``kernel`` ("trl" or "sstoken")."""
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_(weight.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if kernel == "trl":
+            nll = -_ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                 1.0, ("log_probs",))[0]
+        else:
+            nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight.detach(), None, None, chunk_rows=16)
+            nll = lm_head.kept_rows_nll(hidden, targets, nll, lse, weight, None, None, chunk_rows=16)
+    (nll * row_weights).sum().backward()  # outside autocast, as a trainer calls it
+    return hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("case", ["frozen fp32 head, bf16 autocast", "trained bf16 head, bf16 weights"])
+def test_half_precision_gradient_is_as_close_to_float64_as_trls_fused_head(case):
+    # TRL's fused head sums its gradient products in float32 (bf16 operands, float32 output). sstoken's head must be
+    # at least as accurate on the same inputs: once, it multiplied the logits' gradient into the hidden and weight
+    # gradients in bf16 (rounding each row chunk's product to 8 mantissa bits), 20-30% further from float64.
+    gen = torch.Generator().manual_seed(0)
+    autocast = case.startswith("frozen")
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden = torch.randn(64, 256, generator=gen).to(dtype)
+    weight = (torch.randn(8192, 256, generator=gen) * 0.05).to(dtype).requires_grad_(not autocast)
+    targets = torch.randint(0, 8192, (64,), generator=gen)
+    row_weights = torch.rand(64, generator=gen) + 0.5  # any upstream gradient
+
+    exact_hidden = hidden.double().requires_grad_()
+    exact_weight = weight.detach().double().requires_grad_(weight.requires_grad)
+    exact_nll = F.cross_entropy(exact_hidden @ exact_weight.t(), targets, reduction="none")
+    (exact_nll * row_weights.double()).sum().backward()
+
+    def error(got, exact):
+        return float((got.double() - exact).norm() / exact.norm())
+
+    ours = _fused_head_gradients("sstoken", hidden, weight, targets, row_weights, autocast)
+    trls = _fused_head_gradients("trl", hidden, weight, targets, row_weights, autocast)
+    assert error(ours[0], exact_hidden.grad) <= error(trls[0], exact_hidden.grad)
+    assert error(ours[0], exact_hidden.grad) < 1e-2, "a gradient, not noise"
+    if weight.requires_grad:
+        assert error(ours[1], exact_weight.grad) <= error(trls[1], exact_weight.grad)
+
+
+def test_the_backward_softmax_sums_to_one_whatever_the_forward_log_sum_exp():
+    # The backward reuses the forward's log-sum-exp, computed over other row chunks; a half-precision GEMM may round
+    # a recomputed logit differently. The softmax is normalised by its own sum, so the gradient stays the
+    # cross-entropy gradient of the logits it recomputed: here with a log-sum-exp off by 0.05 for every row.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([0, 10, 3, 3, 1, 7])
+    expected = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)[0]
+    nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight, None, None, chunk_rows=4)
+    out = lm_head.kept_rows_nll(hidden, targets, nll, lse + 0.05, weight, None, None, chunk_rows=4)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), hidden)[0], expected, atol=1e-6, rtol=1e-5)
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the dtype conversions of tensors shaped like ``shape`` (the head weight) while active."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_frozen_fp32_head_is_cast_to_bf16_once_per_pass_under_autocast():
+    # Autocast caches its casts only of weights that require grad: a frozen (LoRA) head was cast to bf16 again for
+    # every chunk of rows, a full V×d copy each time.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 16, generator=gen)
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    with _WeightCasts(weight.shape) as forward_casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        nll, lse = lm_head.label_nll_and_lse(hidden.detach(), targets, weight, None, None, chunk_rows=4)
+        loss = lm_head.kept_rows_nll(hidden, targets, nll, lse, weight, None, None, chunk_rows=4).sum()
+    with _WeightCasts(weight.shape) as backward_casts:
+        loss.backward()
+    assert forward_casts.count == 1 and backward_casts.count == 1, "ten chunks of rows, one cast each way"
+    assert hidden.grad.abs().max() > 0

@@ -392,11 +392,14 @@ def test_sstoken_train_stops_on_non_finite_weights_without_saving_them(tmp_path,
     assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
 
 
-def test_attention_hook_that_never_fires_stops_the_step(tmp_path):
-    """Attention switched to a plain implementation after the trainer was built bypasses the hook.
+def test_attention_hook_that_never_fires_stops_the_step(tmp_path, monkeypatch):
+    """An attention layer that gets its function without the modeling file's AttentionInterface bypasses the hook.
     Selecting with an attention share of zeros would silently train on REL alone; the step must fail instead."""
+    import transformers.modeling_utils
+    import transformers.models.llama.modeling_llama as modeling_llama
+
     trainer = make_trainer(tmp_path, make_rows(8), max_steps=1)
-    trainer.model.get_base_model().set_attn_implementation("sdpa")
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS)
     before = trainable(trainer)
     with pytest.raises(ConfigError, match="attention share was not captured"):
         trainer.train()

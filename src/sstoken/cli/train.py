@@ -40,7 +40,7 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
     (rows, LoadStats) from :func:`~sstoken.cli.common.load_run_rows` with this run's tokenizer (``sstoken
     compare`` trains every run on the rows it read once); else the recipe's ``data`` is read."""
     from sstoken.models import load_model, load_tokenizer, revision_of
-    from sstoken.training.config import apply_tokenizer_settings, check_history_source
+    from sstoken.training.config import apply_tokenizer_settings, check_history_source, check_one_device_per_process
     from sstoken.training.trainer import SSTokenTrainer, check_text_rows
 
     run, config = prepare_run(ns.config, overrides)
@@ -50,6 +50,7 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
                               f"`sstoken cache --config {ns.config or '<recipe>'}`")
     check_output_folder(config.output_dir, "output_dir", RUN_MARKERS)
     check_history_source(config, trains_an_adapter=bool(run["lora"]))
+    check_one_device_per_process(config)
     if run["quantization"]:
         from sstoken.models import check_quantization_possible
 

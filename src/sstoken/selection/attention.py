@@ -3,14 +3,24 @@
 For one decoder layer we want, for every query token i, the fraction of its attention probability (mean over
 query heads) that lands on *context* keys (prompt / user turns): ``share = sum_{j in ctx} p_ij``. Asking the model
 for ``output_attentions`` would force eager attention and materialise B x H x T x T maps for every layer, so
-instead we wrap the model's attention function through transformers' ``AttentionInterface``: the wrapper sees the
-post-RoPE query/key of the target layer, computes the share chunk by chunk from log-sum-exps, and then calls the
-original implementation (SDPA, flash, eager, ...) unchanged, so the training forward pass is untouched.
+instead we wrap the attention function the layer gets from transformers' ``AttentionInterface``: the wrapper sees
+the post-RoPE query/key of the target layer, computes the share chunk by chunk from log-sum-exps, and then calls
+that function unchanged, so the training forward pass is untouched.
+
+The model keeps its attention implementation's name. transformers dispatches on that name well beyond picking the
+function: its flash path loads the kernel named by ``config._attn_implementation`` (``flash_attention_2``/``3``/``4``,
+or a Hub kernel repo such as ``kernels-community/flash-attn3``), masks are built for that name, and models branch on
+it. So nothing is renamed or re-registered: each modeling file looks its attention function up in a module-level
+``ALL_ATTENTION_FUNCTIONS`` (``get_interface(config._attn_implementation, eager_attention_forward)``), and the probe
+gives the file of the hooked layer an ``AttentionInterface`` that answers every lookup as before, with the answer
+wrapped (transformers' own mechanism for a file that overrides attention functions locally). Every implementation
+that lookup returns is served: sdpa, eager, flash_attention_2/3/4, flex_attention and Hub kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +31,8 @@ import torch
 from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError
 
-_PREFIX = "sstoken_"
 _CAPTURE_ATTR = "_sstoken_capture"  # set on the target attention module only while a capture is active
+_INTERFACE = "ALL_ATTENTION_FUNCTIONS"  # the name every modeling file looks its attention functions up in
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,85 +144,109 @@ class ShareCapture:
     def required_share(self) -> torch.Tensor:
         """``share``, or an error when the forward pass never went through the hooked attention function.
 
-        That happens when the layer does not call transformers' AttentionInterface, or when the model's attention
-        implementation was switched after the probe was installed; selecting with zeros instead would silently
-        train on REL alone.
+        That happens when the layer gets its attention function some other way than through its modeling file's
+        AttentionInterface; selecting with zeros instead would silently train on REL alone.
         """
         if self.share is None:
             raise ConfigError(
                 "the attention share was not captured: the forward pass did not go through sstoken's attention "
-                "hook (the layer bypasses transformers' AttentionInterface, or attn_implementation was changed "
-                "after the trainer was built)"
+                "hook (the attention layer does not look its function up in transformers' AttentionInterface)"
             )
         return self.share
 
 
-def _eager_function_of(module):
-    """The model file's own ``eager_attention_forward``: eager has no entry in ALL_ATTENTION_FUNCTIONS, each
-    modeling file passes its own function as the default of ``get_interface``."""
-    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+def _capture_share(cap: ShareCapture, module, query, key, kwargs) -> None:
+    """Fill ``cap.share`` from the query and key that the attention layer ``module`` is called with."""
+    seq_len = cap.context_mask.shape[-1]
+    if query.shape[2] != seq_len or key.shape[2] != seq_len:
+        raise ValueError(
+            f"context-share capture expects {seq_len} queries and keys (no KV cache), got "
+            f"{query.shape[2]} queries and {key.shape[2]} keys"
+        )
+    # Models with per-layer windows pass it as a kwarg (None = full attention on this layer).
+    sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    timed = contextlib.nullcontext() if cap.timer is None else cap.timer("attention_share")
+    with timed:
+        cap.share = context_share_from_qk(
+            query,
+            key,
+            scaling,
+            cap.context_mask,
+            cap.key_valid,
+            segment_ids=cap.segment_ids,
+            sliding_window=sliding_window,
+            chunk_size=cap.chunk_size,
+            softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
+        )
 
 
-def _base_function(base: str, module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base == "eager":
-        return _eager_function_of(module)
-    return ALL_ATTENTION_FUNCTIONS[base]
+_WRAPPED: dict[Callable, Callable] = {}  # attention function -> its capturing wrapper (one per function)
 
 
-def _make_wrapper(base: str):
-    def sstoken_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        cap = getattr(module, _CAPTURE_ATTR, None)
-        # Only the first call of a capture computes: an activation-checkpoint recompute inside the same capture
-        # would produce the identical share again.
-        if cap is not None and cap.share is None:
-            seq_len = cap.context_mask.shape[-1]
-            if query.shape[2] != seq_len or key.shape[2] != seq_len:
-                raise ValueError(
-                    f"context-share capture expects {seq_len} queries and keys (no KV cache), got "
-                    f"{query.shape[2]} queries and {key.shape[2]} keys"
-                )
-            # Models with per-layer windows pass it as a kwarg (None = full attention on this layer).
-            sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = query.shape[-1] ** -0.5
-            timed = contextlib.nullcontext() if cap.timer is None else cap.timer("attention_share")
-            with timed:
-                cap.share = context_share_from_qk(
-                    query,
-                    key,
-                    scaling,
-                    cap.context_mask,
-                    cap.key_valid,
-                    segment_ids=cap.segment_ids,
-                    sliding_window=sliding_window,
-                    chunk_size=cap.chunk_size,
-                    softcap=kwargs.get("softcap"),
-                    sinks=kwargs.get("s_aux"),
-                )
-        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+def _capturing(function: Callable) -> Callable:
+    """``function`` (an attention implementation), computing the share first when its module is being captured."""
+    wrapper = _WRAPPED.get(function)
+    if wrapper is None:
 
-    sstoken_attention.__name__ = f"{_PREFIX}{base}"
-    return sstoken_attention
+        @functools.wraps(function)
+        def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+            cap = getattr(module, _CAPTURE_ATTR, None)
+            # Only the first call of a capture computes: an activation-checkpoint recompute inside the same capture
+            # would produce the identical share again.
+            if cap is not None and cap.share is None:
+                _capture_share(cap, module, query, key, kwargs)
+            return function(module, query, key, value, attention_mask, *args, **kwargs)
+
+        _WRAPPED[function] = wrapper
+    return wrapper
 
 
-def _register(base: str) -> str:
-    """Register ``sstoken_<base>`` (attention + mask function); re-registering is harmless."""
+def _capturing_interface(interface):
+    """An AttentionInterface that answers like ``interface`` with every function wrapped by :func:`_capturing`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        AttentionMaskInterface,
-    )
 
-    name = _PREFIX + base
-    AttentionInterface.register(name, _make_wrapper(base))
-    # masking_utils builds no mask at all for names it does not know, so reuse the base implementation's mask
-    # builder (when it has one: custom kernels without a mask builder get none, exactly like their base).
-    if base in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
+    class CapturingAttentionInterface(AttentionInterface):
+        sstoken_capturing = True
+
+        def __init__(self):
+            super().__init__()
+            self._local_mapping = interface._local_mapping  # the file's own overrides, shared, not copied
+
+        def get_interface(self, attn_implementation, default):
+            return _capturing(interface.get_interface(attn_implementation, default))
+
+        def __getitem__(self, key):
+            return _capturing(interface[key])
+
+    return CapturingAttentionInterface()
+
+
+def _modeling_module_of(attention_module):
+    """The Python module whose globals the attention layer's ``forward`` reads (where its class or the class it
+    inherits ``forward`` from is defined: decorators do not change that)."""
+    owner = next((klass for klass in type(attention_module).__mro__ if "forward" in vars(klass)), None)
+    return None if owner is None else sys.modules.get(owner.__module__)
+
+
+def _install_interface(attention_module) -> None:
+    """Make the attention layer's modeling file answer its attention lookups through :func:`_capturing`. Once per
+    file: other layers, and other models of that file, pass straight through (they carry no capture)."""
+    from transformers import AttentionInterface
+
+    module = _modeling_module_of(attention_module)
+    interface = getattr(module, _INTERFACE, None)
+    if not isinstance(interface, AttentionInterface):
+        raise ConfigError(
+            f"{type(attention_module).__name__} does not use transformers' AttentionInterface (its modeling file has "
+            f"no {_INTERFACE}); the context-share probe cannot hook it"
+        )
+    if getattr(interface, "sstoken_capturing", False):
+        return
+    setattr(module, _INTERFACE, _capturing_interface(interface))
 
 
 def _unwrap(model):
@@ -241,7 +275,8 @@ def _layers_of_type(layer_types: list) -> str:
 
 
 class ContextShareProbe:
-    """Installs the wrapper on ``model`` (idempotent) and captures the context share of one layer on demand."""
+    """Hooks ``model``'s attention (idempotent; its implementation is left as it is) and captures the context share
+    of one layer on demand."""
 
     def __init__(self, model, layer: int = -1, chunk_size: int = 256):
         if chunk_size < 1:
@@ -273,31 +308,7 @@ class ContextShareProbe:
                 "the context-share probe cannot hook this model"
             )
         self._module = modules[0]  # the self-attention comes first in decoder layers
-        self._install()
-
-    def _install(self) -> None:
-        current = self.model.config._attn_implementation or "sdpa"
-        base = current.removeprefix(_PREFIX)
-        can_set = getattr(type(self.model), "_can_set_attn_implementation", None)
-        if can_set is None or not can_set():
-            raise ConfigError(
-                f"{type(self.model).__name__} does not use transformers' AttentionInterface; "
-                "the context-share probe cannot hook it"
-            )
-        if base == "eager":
-            if _eager_function_of(self._module) is None:
-                raise ConfigError(f"cannot find eager_attention_forward for {type(self._module).__name__}")
-        else:
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-            if base not in ALL_ATTENTION_FUNCTIONS:
-                raise ConfigError(f"attention implementation {base!r} is not registered in AttentionInterface")
-        name = _register(base)
-        if current != name:
-            self.model.set_attn_implementation(name)
-        if self.model.config._attn_implementation != name:
-            raise ConfigError(f"could not switch {type(self.model).__name__} to attention implementation {name!r}")
-        self.base_implementation = base
+        _install_interface(self._module)
 
     @contextlib.contextmanager
     def capture(self, context_mask, attention_mask=None, position_ids=None, timer=None):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from transformers.utils import ModelOutput
 
 from sstoken import distributed
@@ -51,6 +52,8 @@ LOGITS_CHUNK_BYTES = {"cpu": 128 * 2**20}
 DEFAULT_LOGITS_CHUNK_BYTES = 512 * 2**20
 # Tokens of the one-off forward that checks this head reproduces the model's own logits.
 PROBE_TOKENS = 4
+# torch.mm(..., out_dtype=torch.float32) on half-precision operands: CUDA only, torch 2.8 and later.
+_MM_HAS_OUT_DTYPE = Version(torch.__version__.split("+")[0]) >= Version("2.8")
 
 
 # ----------------------------------------------------------------------------------------------- pure maths
@@ -71,6 +74,21 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.float()
+
+
+def compute_dtype_of(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the model's LM head multiplies in here: autocast's inside an autocast region, else the weight's."""
+    device = weight.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def head_in(weight: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in ``dtype``, cast once for all chunks: autocast caches its casts only of weights
+    that require grad, so a frozen head would be cast again for every chunk (a full V×d copy each time)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def logit_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +120,7 @@ def label_nll_and_lse(hidden: torch.Tensor, targets: torch.Tensor, weight: torch
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     row_stats = RowStats(entropy=torch.empty(n, dtype=torch.float32, device=hidden.device),
                          is_top1=torch.empty(n, dtype=torch.bool, device=hidden.device)) if stats else None
+    weight, bias = head_in(weight, bias, compute_dtype_of(weight))
     for start in range(0, n, chunk_rows):
         stop = start + chunk_rows
         logits = project(hidden[start:stop], weight, bias, softcap)
@@ -116,23 +135,23 @@ def label_nll_and_lse(hidden: torch.Tensor, targets: torch.Tensor, weight: torch
 class _KeptRowsNLL(torch.autograd.Function):
     """NLL of ``targets`` per row of ``hidden``, with gradient, from the values ``label_nll_and_lse`` returned.
 
-    The forward computes nothing (the NLL is known); the backward recomputes one chunk of logits at a time.
+    The forward computes nothing (the NLL is known); the backward recomputes one chunk of logits at a time, in the
+    precision the forward's log-sum-exp came from (bf16 under mixed precision), and multiplies the logits' gradient
+    into the hidden-state and weight gradients in float32 (:func:`fp32_product`), as TRL's fused head does.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, nll, lse, softcap, chunk_rows):
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
-        # The backward must recompute the logits in the precision ``lse`` came from (bf16 under mixed precision),
-        # and autograd runs it outside the forward's autocast.
-        device_type = hidden.device.type
-        ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
-                            enabled=torch.is_autocast_enabled(device_type))
+        # Autograd runs the backward outside the forward's autocast: the precision is recorded here.
+        ctx.compute_dtype = compute_dtype_of(weight)
         return nll.clone()
 
     @staticmethod
     def backward(ctx, grad_nll):
-        with torch.autocast(**ctx.autocast):
+        # Every dtype below is chosen, not autocast's (a backward called inside an autocast region included).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             return _KeptRowsNLL._backward(ctx, grad_nll)
 
     @staticmethod
@@ -140,34 +159,69 @@ class _KeptRowsNLL(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         softcap, chunk_rows = ctx.softcap, ctx.chunk_rows
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        head_weight, head_bias = head_in(weight, bias, ctx.compute_dtype)
+        operand = product_operand(weight, head_weight) if need_hidden else None
+        accumulate = accumulation_dtype(weight)
+        grad_nll = grad_nll.to(torch.float32)
+        grad_hidden = torch.empty(hidden.shape, dtype=accumulate, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], chunk_rows):
             stop = start + chunk_rows
-            h = hidden[start:stop].to(weight.dtype)
+            h = hidden[start:stop]
             # In place on the one chunk-sized buffer: at a 262k vocabulary the passes over it cost as much as
             # the matmuls.
-            grad_logits = project(h, weight, bias, softcap)
+            grad_logits = project(h, head_weight, head_bias, softcap)
             # d(c·tanh(x/c))/dx = 1 − tanh²(x/c), and the capped logit is c·tanh(x/c)
             softcap_slope = None if softcap is None else 1.0 - (grad_logits / softcap) ** 2
-            # d NLL / d logit = softmax − one-hot(target)
+            # d NLL / d logit = softmax − one-hot(target). The softmax is normalised by its own sum, so that it
+            # sums to one even where this recomputation rounds a logit differently than the forward pass whose
+            # log-sum-exp it reuses (a half-precision GEMM over other rows may pick another kernel).
             grad_logits.sub_(lse[start:stop, None]).exp_()
-            grad_logits[torch.arange(h.shape[0], device=h.device), targets[start:stop]] -= 1.0
-            grad_logits.mul_(grad_nll[start:stop, None])
+            rows_grad = grad_nll[start:stop]
+            grad_logits.mul_((rows_grad / grad_logits.sum(-1))[:, None])
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[start:stop]] -= rows_grad
             if softcap_slope is not None:
                 grad_logits.mul_(softcap_slope)
-            grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
-                grad_hidden[start:stop] = (grad_logits @ weight).to(hidden.dtype)
+                grad_hidden[start:stop] = fp32_product(grad_logits, operand, accumulate)
             if need_weight:
-                grad_weight += (grad_logits.t() @ h).float()
+                grad_weight += fp32_product(grad_logits.t(), product_operand(h, h), accumulate)
             if need_bias:
-                grad_bias += grad_logits.float().sum(0)
-        return (grad_hidden,
+                grad_bias += grad_logits.sum(0)
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype),
                 None, None, None, None, None)
+
+
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 tensors: the gradient products are never summed in half precision."""
+    return torch.promote_types(torch.float32, tensor.dtype)
+
+
+def _half_precision_product(tensor: torch.Tensor) -> bool:
+    """Whether products with ``tensor`` go to the GEMM in half precision with a float32 output (CUDA only)."""
+    return _MM_HAS_OUT_DTYPE and tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def product_operand(tensor: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+    """The right operand of :func:`fp32_product` for ``tensor`` (``compute``: the same values in the head's compute
+    dtype). On CUDA, half precision with a float32 output; elsewhere a float32 copy, made once per backward."""
+    if _half_precision_product(compute):
+        return compute
+    return tensor.to(accumulation_dtype(tensor))
+
+
+def fp32_product(left: torch.Tensor, right: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """``left @ right`` summed in (at least) float32 and returned in ``accumulate``.
+
+    The logits' gradient is float32; multiplying it in bf16 would round it, and the sum of the row chunks' weight
+    gradients, to 8 mantissa bits (TRL's fused head measured a bias from that: entropy drifting lower within a few
+    dozen steps), and on CPUs without bf16 GEMMs it is many times slower than float32."""
+    if _half_precision_product(right):
+        return torch.mm(left.to(right.dtype), right, out_dtype=torch.float32).to(accumulate)
+    return left.to(accumulate) @ right
 
 
 def kept_rows_nll(hidden: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, lse: torch.Tensor,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError, did_you_mean, shown
 from sstoken.selection.history import check_ema_decay, check_ema_interval
 from sstoken.selection.selectors import SELECTORS, Selector, make_selector
@@ -248,6 +249,24 @@ def method_settings(method: str) -> dict[str, str]:
         raise ConfigError(f"unknown method {shown(method)}{did_you_mean(str(method), candidates)}; choose from "
                           f"{', '.join(method_names())}, or <selection method>+dft (e.g. sstoken+dft)")
     return {"selection_method": selector, **({"loss_type": DFT_METHOD} if dft else {})}
+
+
+def check_one_device_per_process(args, model=None) -> None:
+    """Refuse several GPUs driven by one process: transformers' Trainer wraps the model in ``nn.DataParallel``
+    there, whose replicas would share one attention-share capture and one head request while each sees a slice of
+    the batch. ``model``: the model the trainer gets (a path or None: sstoken loads it with
+    ``model_init_kwargs``). A model placed by a device map is left alone: the Trainer drives one that spans several
+    GPUs as a single model-parallel model (and TRL refuses the rest once the Trainer is built)."""
+    if args.n_gpu <= 1:
+        return
+    if model is None or isinstance(model, str):
+        device_map = (args.model_init_kwargs or {}).get("device_map")
+    else:
+        device_map = getattr(unwrap_base_model(model), "hf_device_map", None)
+    if device_map is None:
+        raise ConfigError(f"{args.n_gpu} GPUs are visible to one process, which transformers would drive with "
+                          f"nn.DataParallel; sstoken trains one process per GPU: launch with `accelerate launch` or "
+                          f"`torchrun --nproc_per_node {args.n_gpu}` (or make one GPU visible, CUDA_VISIBLE_DEVICES=0)")
 
 
 def selector_of(args) -> Selector:

@@ -63,6 +63,7 @@ from sstoken.training.config import (
     SSTokenConfig,
     apply_tokenizer_settings,
     check_history_source,
+    check_one_device_per_process,
     selector_of,
 )
 from sstoken.training.collation import TokenWeightsCollator, pack_with_weights
@@ -156,6 +157,7 @@ class SSTokenTrainer(SFTTrainer):
         if not isinstance(sst_args, SSTokenConfig):
             raise ConfigError("SSTokenTrainer needs args=SSTokenConfig(...)")
         model = kwargs.get("model", args[0] if args else None)
+        check_one_device_per_process(sst_args, model)
         if sst_args.model_init_kwargs is not None and model is not None and not isinstance(model, str):
             raise ConfigError("model_init_kwargs only applies when model is a path; the model passed is already "
                               "built (pass its path, or load it with those arguments yourself)")
