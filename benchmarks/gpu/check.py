@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="the CPU at test sizes: checks the script runs")
     parser.add_argument("--parts", nargs="+", choices=("numerics", "steps", "qlora"),
                         default=["numerics", "steps", "qlora"])
-    parser.add_argument("--budget-s", type=float, default=420,
-                        help="a part that would start after this many seconds is skipped (default 420)")
+    parser.add_argument("--budget-s", type=float, default=330,
+                        help="a part that would start after this many seconds is skipped (default 330)")
     opts = parser.parse_args(argv)
     started = time.time()
     import torch

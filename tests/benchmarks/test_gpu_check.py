@@ -104,8 +104,8 @@ def test_a_failed_case_is_reported_not_hidden():
                            "versions": {}, "wall_s": 60},
               "numerics": [{"shape": "qwen2.5-0.5b", "attn_implementation": "flash_attention_2",
                             "error": "Traceback ...\nValueError: could not find sstoken_flash_attention_2\n"}],
-              "steps": {"skipped": "time budget (500 s > 420 s)", "records": []}}
+              "steps": {"skipped": "time budget (500 s > 330 s)", "records": []}}
     markdown = check.markdown(result)
     assert markdown.startswith("### GPU check: NVIDIA H100 80GB HBM3")
     assert "| flash_attention_2 | – | failed: ValueError: could not find sstoken_flash_attention_2 |" in markdown
-    assert "**(b) Step time and peak memory**: skipped (time budget (500 s > 420 s))" in markdown
+    assert "**(b) Step time and peak memory**: skipped (time budget (500 s > 330 s))" in markdown
