@@ -83,7 +83,7 @@ def _head_loss(method: str, hidden, head, labels, response, keep):
     from sstoken.selection import lm_head, scoring
 
     if method == "head":
-        request = lm_head.HeadRequest(labels=labels, score_mask=response, select=lambda nll: keep)
+        request = lm_head.HeadRequest(labels=labels, score_mask=response, select=lambda nll: (keep, None))
         return lm_head.head_outputs(hidden, head, None, request).kept_nll_sum
     logits = head(hidden)
     scoring.token_nll(logits.detach(), labels)

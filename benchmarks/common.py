@@ -310,38 +310,83 @@ GEMMA3_TINY_SHAPES = {
     "sliding_window": 32,
     "max_position_embeddings": 512,
 }
+# Qwen2.5-0.5B's and Qwen2.5-1.5B's shapes (tied embeddings, 152k vocabulary): the 0.5B and 1.5B classes.
+QWEN25_05B_SHAPES = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                     "max_position_embeddings": 32768}
+QWEN25_15B_SHAPES = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                     "max_position_embeddings": 32768}
+QWEN2_TINY_SHAPES = {"vocab_size": 4096, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                     "max_position_embeddings": 512}
+# name -> (model_type, architecture, real shapes, test-size shapes)
+MODEL_SHAPES = {
+    "gemma-3-270m": ("gemma3_text", "Gemma3ForCausalLM", GEMMA3_270M_SHAPES, GEMMA3_TINY_SHAPES),
+    "qwen2.5-0.5b": ("qwen2", "Qwen2ForCausalLM", QWEN25_05B_SHAPES, QWEN2_TINY_SHAPES),
+    "qwen2.5-1.5b": ("qwen2", "Qwen2ForCausalLM", QWEN25_15B_SHAPES, QWEN2_TINY_SHAPES),
+}
 
 
-def large_vocab_checkpoint(tokenizer_dir: str, workdir: Path, quick: bool) -> str:
-    """A directory with a Gemma3 text config of gemma-3-270m's shapes (no weights: load it with
-    ``random_init``) and the tokenizer of ``tokenizer_dir``, whose ids all fall inside the larger vocabulary."""
-    from transformers import AutoTokenizer, Gemma3TextConfig
+def shape_config(shape: str, quick: bool, **special_tokens):
+    """The transformers config of ``shape`` (a :data:`MODEL_SHAPES` name; ``quick``: at test size) with the given
+    special token ids (``pad_token_id``, ``eos_token_id``, ``bos_token_id``)."""
+    from transformers import AutoConfig
+
+    model_type, architecture, shapes, tiny = MODEL_SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **(tiny if quick else shapes), **special_tokens)
+    config.architectures = [architecture]
+    return config
+
+
+def shaped_checkpoint(shape: str, tokenizer_dir: str, workdir: Path, quick: bool) -> str:
+    """A directory with the config of ``shape`` (no weights: load it with ``random_init``) and the tokenizer of
+    ``tokenizer_dir``, whose ids all fall inside the shape's vocabulary."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    target = workdir / "large-vocab-model"
-    config = Gemma3TextConfig(**(GEMMA3_TINY_SHAPES if quick else GEMMA3_270M_SHAPES),
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    config.architectures = ["Gemma3ForCausalLM"]
-    config.save_pretrained(target)
+    target = workdir / f"{shape}-model"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shape_config(shape, quick, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                 bos_token_id=tokenizer.bos_token_id).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return str(target)
 
 
-def load_bench_model(model_dir: str, random_init: bool = False, attn_implementation: str = "sdpa"):
+def random_weights_checkpoint(model_dir: str, workdir: Path, dtype: str | None) -> str:
+    """``model_dir``'s architecture with the random weights of :func:`load_bench_model` saved as a checkpoint, for
+    loaders that need weight files (4-bit quantization quantizes them as they load)."""
+    target = workdir / (Path(model_dir).name + "-random-weights")
+    if not (target / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        load_bench_model(model_dir, random_init=True, dtype=dtype).save_pretrained(target)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return str(target)
+
+
+def load_bench_model(model_dir: str, random_init: bool = False, attn_implementation: str = "sdpa",
+                     dtype: str | None = None, quantization: dict | None = None, device: str = "cpu"):
     """The benchmark's model: the checkpoint in ``model_dir``, or (``random_init``) its architecture with random
     weights. Step time and memory depend on the architecture, not on the weight values, so a machine that cannot
-    receive the weights (the GPU machines take at most 64 MiB of files) still measures the same costs."""
+    receive the weights (the GPU machines take at most 64 MiB of files) still measures the same costs.
+    ``dtype``: the weights' dtype (default: the checkpoint's, float32 for random weights); ``quantization``:
+    sstoken's QLoRA settings (weights quantized while loading onto ``device``, which needs a checkpoint)."""
+    import torch
+
+    if quantization and random_init:
+        raise ValueError("quantization needs weight files: save the random weights first (random_weights_checkpoint)")
     if not random_init:
         from sstoken.models import load_model
 
-        return load_model(model_dir, attn_implementation=attn_implementation)
-    import torch
+        return load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+                          quantization=quantization, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(model_dir)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(torch, dtype)}
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- results

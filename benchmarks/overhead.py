@@ -9,8 +9,11 @@ the model with a LoRA adapter:
 
 * ``trl``: stock ``trl.SFTTrainer`` with its defaults (its fused LM head, which also computes the entropy and
   top-1 accuracy it logs), what a user would run instead; every ratio is taken against it;
+* ``trl-liger`` (GPU only, not run by default): stock TRL with ``use_liger_kernel`` (Liger's layer kernels);
 * ``plain``: sstoken's own loss path with every response token kept (``SSTokenTrainer``, selection ``full``);
 * ``sstoken-cached``: ssToken, base-model NLL read from an ``sstoken cache`` store;
+* ``sstoken-cached-liger`` (GPU only, not run by default): the same with ``use_liger_kernel``, compared with
+  ``trl-liger`` as well;
 * ``sstoken-online``: ssToken, base-model NLL from a no-grad pass with the adapter disabled, in the same step;
 * ``sstoken-ema``: ssToken, history NLL from a no-grad pass with the EMA adapter;
 * ``reference-style``: the official release's approach, rebuilt for comparison only: eager attention with
@@ -43,8 +46,11 @@ import common
 
 from sstoken.demo import DEMO_DATA
 
-VARIANTS = ("trl", "plain", "sstoken-cached", "sstoken-online", "sstoken-ema", "reference-style")
+VARIANTS = ("trl", "trl-liger", "plain", "sstoken-cached", "sstoken-cached-liger", "sstoken-online", "sstoken-ema",
+            "reference-style")
 BASELINE = "trl"
+LIGER = "-liger"  # variants with Liger's kernels (they need a GPU); also compared with TRL + Liger
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.endswith(LIGER))
 DEFAULT_SEQ_LENS = (512, 1024, 2048)
 QUICK_SEQ_LENS = (64,)
 # The demo recipe's adapter (src/sstoken/demo/demo.yaml).
@@ -148,11 +154,15 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
     from sstoken.training.trainer import SSTokenTrainer
 
     variant = spec["variant"]
+    liger = variant.endswith(LIGER)
+    variant = variant.removesuffix(LIGER)
     tokenizer = load_tokenizer(spec["model_dir"])
     model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False),
-                                    attn_implementation="eager" if variant == "reference-style" else "sdpa")
+                                    attn_implementation="eager" if variant == "reference-style" else "sdpa",
+                                    dtype=spec.get("dtype"), quantization=spec.get("quantization"),
+                                    device=spec["device"])
     common_args = dict(
-        output_dir=str(Path(spec["workdir"]) / f"out-{variant}"),
+        output_dir=str(Path(spec["workdir"]) / f"out-{spec['variant']}"),
         use_cpu=spec["device"] == "cpu",
         report_to=[],
         save_strategy="no",
@@ -164,6 +174,7 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
         activation_checkpointing=spec["activation_checkpointing"],
         # Both trainers in the same precision (SFTConfig alone would ask for bf16 even where there is none).
         bf16=spec.get("bf16", False) or (spec["device"] == "cuda" and torch.cuda.is_bf16_supported()),
+        use_liger_kernel=liger,
     )
     if variant == BASELINE:
         config, cls = SFTConfig(**common_args), SFTTrainer
@@ -184,6 +195,10 @@ def _build_trainer(spec: dict, rows: list[dict], part_timer=None):
     trainer = cls(model=model, args=config, train_dataset=to_hf_dataset(rows), processing_class=tokenizer,
                   peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                          target_modules=lora["target_modules"], task_type="CAUSAL_LM"), **extra)
+    if liger:  # what Trainer.train() does at its start (the loop here calls training_step directly)
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)
     if config.activation_checkpointing:
         # Trainer.train() switches checkpointing on at its start; this loop calls training_step directly.
         kwargs = dict(config.activation_checkpointing_kwargs or {})
@@ -238,14 +253,14 @@ class _PartTimer:
         return parts
 
 
-def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one optimizer step."""
+def _one_step(trainer, batch: dict, device: str) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, loss) of one optimizer step."""
     import torch
 
     if device == "cuda":
         torch.cuda.synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
-    trainer.training_step(trainer.model, dict(batch))
+    loss = trainer.training_step(trainer.model, dict(batch))
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.state.global_step += 1
@@ -255,7 +270,7 @@ def _one_step(trainer, batch: dict, device: str) -> tuple[float, float]:
             ema.update(trainer.state.global_step)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, time.process_time() - start_cpu
+    return time.perf_counter() - start, time.process_time() - start_cpu, float(loss)
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -281,8 +296,8 @@ def _worker_main(conn, spec: dict) -> None:
             command = conn.recv()
             if command == "step":
                 timer.take()
-                wall, cpu = _one_step(trainer, batch, spec["device"])
-                conn.send(("step", (wall, cpu, timer.take())))
+                wall, cpu, loss = _one_step(trainer, batch, spec["device"])
+                conn.send(("step", (wall, cpu, loss, timer.take())))
             elif command == "memory":
                 # The first step of the worker, untimed: it doubles as the warm-up (lazy initialisation, optimizer
                 # state) and runs with malloc in its memory-measuring mode (see common.malloc_follows_live_memory).
@@ -309,8 +324,11 @@ def _cache_builder_main(conn, spec: dict) -> None:
 
         tokenizer = load_tokenizer(spec["model_dir"])
         rows = bench_rows(tokenizer, spec["data"], spec["seq_len"], spec["batch_size"])
-        model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False))
-        model = model.to("cuda" if spec["device"] == "cuda" else "cpu")
+        # The trained model's weights, dtype and quantization: the cache's model fingerprint must match them.
+        model = common.load_bench_model(spec["model_dir"], spec.get("random_init", False), dtype=spec.get("dtype"),
+                                        quantization=spec.get("quantization"), device=spec["device"])
+        if not spec.get("quantization"):  # a quantized model is already on its device
+            model = model.to("cuda" if spec["device"] == "cuda" else "cpu")
         build_nll_cache(model, tokenizer, rows, spec["cache_dir"], spec["seq_len"], batch_size=spec["batch_size"],
                         progress=False)
         conn.send(("done", None))
@@ -385,6 +403,8 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             "log_every_step": opts.log_every_step,
             "bf16": opts.bf16,
             "cache_dir": str(workdir / f"cache-{seq_len}"),
+            "dtype": opts.dtype,
+            "quantization": _quantization(opts),
         }
         if "sstoken-cached" in opts.variants:
             builder = _Worker(_cache_builder_main, dict(spec))
@@ -406,12 +426,14 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             times: dict[str, list[float]] = {v: [] for v in opts.variants}
             cpu_times: dict[str, list[float]] = {v: [] for v in opts.variants}
             parts: dict[str, list[dict]] = {v: [] for v in opts.variants}
+            losses: dict[str, list[float]] = {v: [] for v in opts.variants}  # every step after the first
             n = len(opts.variants)
             for round_index in range(opts.warmup + opts.repeats):
                 shift = (round_index + 1) % n  # the memory step ran in the unshifted order
                 order = opts.variants[shift:] + opts.variants[:shift]
                 for variant in order:
-                    wall, cpu, step_parts = workers[variant].step()
+                    wall, cpu, loss, step_parts = workers[variant].step()
+                    losses[variant].append(loss)
                     if round_index >= opts.warmup:
                         times[variant].append(wall)
                         cpu_times[variant].append(cpu)
@@ -432,6 +454,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
                 "step_s_all": [round(t, 4) for t in times[variant]],
                 "step_cpu_s": statistics.median(cpu_times[variant]),
                 "step_cpu_s_all": [round(t, 4) for t in cpu_times[variant]],
+                "losses": [round(x, 6) for x in losses[variant]],
                 **_selection_share(cpu_times[variant], parts[variant]),
                 "peak_mem_bytes": memory[variant]["peak_mem_bytes"],
                 "baseline_mem_bytes": memory[variant]["baseline_mem_bytes"],
@@ -479,6 +502,21 @@ def _add_ratios(records: list[dict], time_metric: str) -> None:
         record["mem_ratio"] = round(record["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
         # Beyond stock TRL's peak, in bytes: the ratio alone hides how much of the peak is the model itself.
         record["extra_mem_bytes"] = record["peak_mem_bytes"] - base["peak_mem_bytes"]
+    liger_baseline = {r["seq_len"]: r for r in records if r["variant"] == BASELINE + LIGER}
+    for record in records:  # Liger variants against stock TRL with Liger, too
+        base = liger_baseline.get(record["seq_len"])
+        if base is not None and record["variant"].endswith(LIGER):
+            record["liger_time_ratio"] = round(record[key] / base[key], 4)
+            record["liger_mem_ratio"] = round(record["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
+
+
+def _quantization(opts) -> dict | None:
+    """sstoken's QLoRA settings for --load-in-4bit (nf4, bfloat16 compute: TRL ModelConfig's defaults)."""
+    if not opts.load_in_4bit:
+        return None
+    from sstoken.models import QUANTIZATION_DEFAULTS
+
+    return {**QUANTIZATION_DEFAULTS, "load_in_4bit": True}
 
 
 def _log(message: str) -> None:
@@ -572,17 +610,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed steps per variant after the first one (default 0: the first step of every "
                              "worker is already untimed; it measures the peak memory and warms up)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help=f"variants to run; '{BASELINE}' (stock TRL) is needed for the ratios")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                        help=f"variants to run (default: all but the Liger ones, which need a GPU); '{BASELINE}' "
+                             f"(stock TRL) is needed for the ratios")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights in the model's architecture (same step cost; for machines the "
                              "weights cannot be copied to)")
-    parser.add_argument("--large-vocab", action="store_true",
-                        help="random-init Gemma3 text model with gemma-3-270m's shapes (vocab 262144, hidden 640, 18 "
-                             "layers) and the --model's tokenizer: a vocabulary where the LM head dominates memory "
+    parser.add_argument("--shape", choices=sorted(common.MODEL_SHAPES),
+                        help="random-init model of that architecture and shapes (e.g. gemma-3-270m: vocab 262144, "
+                             "hidden 640, 18 layers, where the LM head dominates memory) with the --model's tokenizer "
                              "(with --quick: the same architecture at test size)")
+    parser.add_argument("--large-vocab", action="store_true",
+                        help="the same as --shape gemma-3-270m (the name in earlier recorded commands)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the model's weights (default: the checkpoint's; float32 for random weights)")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: the model quantized to 4 bits (nf4) as it loads, through sstoken's loader "
+                             "(random weights are saved to a checkpoint first); needs bitsandbytes")
     parser.add_argument("--data", default=None, help="JSONL data the rows are built from (default: the demo data)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default 1 on CPU: on a shared machine several threads "
@@ -635,15 +681,25 @@ def command_of(opts) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _shape_of(opts) -> str | None:
+    return opts.shape or ("gemma-3-270m" if opts.large_vocab else None)
+
+
 def _model_description(opts) -> str:
-    if opts.large_vocab:
-        shapes = common.GEMMA3_TINY_SHAPES if opts.quick else common.GEMMA3_270M_SHAPES
-        return (f"Gemma3 text, {'test-size' if opts.quick else 'gemma-3-270m'} shapes (vocab {shapes['vocab_size']}, "
-                f"hidden {shapes['hidden_size']}, {shapes['num_hidden_layers']} layers), random weights, tokenizer of "
+    details = "".join([f", {opts.dtype} weights" if opts.dtype else "",
+                       ", quantized to 4 bits (nf4)" if opts.load_in_4bit else ""])
+    shape = _shape_of(opts)
+    if shape:
+        model_type, architecture, real, tiny = common.MODEL_SHAPES[shape]
+        shapes = tiny if opts.quick else real
+        return (f"{architecture}, {'test-size ' + model_type if opts.quick else shape} shapes (vocab "
+                f"{shapes['vocab_size']}, hidden {shapes['hidden_size']}, {shapes['num_hidden_layers']} layers), "
+                f"random weights{details}, tokenizer of "
                 + ("the tiny test model" if opts.quick else opts.model or "SmolLM2-135M-Instruct"))
     if opts.quick:
-        return "tiny random llama (sstoken.testing)"
-    return (opts.model or "SmolLM2-135M-Instruct (embedded)") + (", random weights" if opts.random_init else "")
+        return "tiny random llama (sstoken.testing)" + details
+    random = opts.random_init or getattr(opts, "saved_random_weights", False)
+    return (opts.model or "SmolLM2-135M-Instruct (embedded)") + (", random weights" if random else "") + details
 
 
 def run(opts) -> dict:
@@ -667,9 +723,13 @@ def run(opts) -> dict:
     with tempfile.TemporaryDirectory(prefix="sstoken-bench-") as tmp:
         workdir = Path(tmp)
         model_dir = common.hf_checkpoint(opts.model, workdir, opts.quick)
-        if opts.large_vocab:
-            model_dir = common.large_vocab_checkpoint(model_dir, workdir, opts.quick)
+        if _shape_of(opts):
+            model_dir = common.shaped_checkpoint(_shape_of(opts), model_dir, workdir, opts.quick)
             opts.random_init = True
+        if opts.load_in_4bit and opts.random_init:
+            # bitsandbytes quantizes the weights as they load: random weights are saved to a checkpoint first.
+            model_dir = common.random_weights_checkpoint(model_dir, workdir, opts.dtype)
+            opts.random_init, opts.saved_random_weights = False, True
         if not opts.data:
             if opts.quick:  # short rows in the tiny tokenizer's vocabulary, so tiny lengths still hold responses
                 from sstoken.testing import write_tiny_jsonl
@@ -719,6 +779,8 @@ def run(opts) -> dict:
             "parts": opts.parts,
             "log_every_step": opts.log_every_step,
             "bf16": opts.bf16,
+            "dtype": opts.dtype,
+            "load_in_4bit": opts.load_in_4bit,
         },
     }
     # Keep the schema keys first in the file for readers.

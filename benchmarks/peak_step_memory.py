@@ -4,7 +4,7 @@
         python benchmarks/peak_step_memory.py --variant sstoken-online --model-dir <dir> --seq-len 1024
 
 ``--model-dir`` holds a config and a tokenizer; the weights are random (``common.load_bench_model`` with
-``random_init``), e.g. the gemma-3-270m-shaped directory of ``common.large_vocab_checkpoint``. The step is the
+``random_init``), e.g. the gemma-3-270m-shaped directory of ``common.shaped_checkpoint``. The step is the
 overhead benchmark's (``Trainer.training_step`` + optimizer step, LoRA r=16 all-linear, activation checkpointing
 on, batch 1, one thread) on demo rows concatenated to ``--seq-len``. Only APIs present before the change are
 used, so the same file measures the tree before it (e.g. ``git archive f5cfd2d src``) and after.

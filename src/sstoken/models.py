@@ -8,6 +8,7 @@ The embedded default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -88,12 +89,14 @@ def check_model_init_kwargs(model_init_kwargs) -> None:
 
 
 def load_model(name_or_path: str | None, dtype: str | None = None, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, extra_kwargs: dict | None = None, quantization: dict | None = None):
+               trust_remote_code: bool = False, extra_kwargs: dict | None = None, quantization: dict | None = None,
+               device: str | None = None):
     """A causal LM in training-ready form (SDPA attention unless told otherwise).
 
     ``extra_kwargs``: more from_pretrained arguments (a recipe's ``model_init_kwargs``). ``quantization``: the
-    recipe's bitsandbytes settings (QLoRA, see :func:`bnb_config`). As in TRL's SFT path, the quantized model is
-    not passed through PEFT's ``prepare_model_for_kbit_training`` (which would upcast every non-quantized weight,
+    recipe's bitsandbytes settings (QLoRA, see :func:`bnb_config`), loaded onto ``device`` (the run's device type,
+    ``cuda`` or ``cpu``; default: CUDA when there is a GPU). As in TRL's SFT path, the quantized model is not
+    passed through PEFT's ``prepare_model_for_kbit_training`` (which would upcast every non-quantized weight,
     embeddings and LM head included, to float32); SFTTrainer enables input gradients for activation checkpointing
     and keeps QLoRA adapters in bfloat16."""
     import torch
@@ -105,9 +108,10 @@ def load_model(name_or_path: str | None, dtype: str | None = None, attn_implemen
     if dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, dtype)
     if quantization:
-        check_quantization_possible(quantization)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_quantization_possible(quantization, device)
         kwargs["quantization_config"] = bnb_config(quantization, dtype)
-        kwargs["device_map"] = kbit_device_map()
+        kwargs["device_map"] = kbit_device_map(device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -143,23 +147,53 @@ def bnb_config(quantization: dict, dtype: str | None = None):
                               bnb_4bit_quant_storage=quantization["bnb_4bit_quant_storage"])
 
 
-def check_quantization_possible(quantization: dict) -> None:
-    """bitsandbytes installed and a CUDA device present; checked before the weights load. bitsandbytes stays an
-    optional dependency: it is only looked for here, never imported by sstoken."""
-    import torch
+# bitsandbytes' CPU backend: 4- and 8-bit layers with a backward pass (tested here from this version on).
+BNB_CPU_MIN_VERSION = "0.50.0"
+
+
+def check_quantization_possible(quantization: dict, device: str) -> None:
+    """bitsandbytes installed, with kernels for ``device`` (a CUDA GPU, or the CPU from bitsandbytes 0.50 on);
+    checked before the weights load. bitsandbytes stays an optional dependency: it is only looked for here,
+    never imported by sstoken."""
+    from packaging.version import Version
 
     bits = "4-bit" if quantization["load_in_4bit"] else "8-bit"
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{bits} loading (QLoRA) needs bitsandbytes: pip install bitsandbytes")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{bits} loading (QLoRA) needs a CUDA GPU; none is available")
+    if device == "cpu":
+        installed = importlib.metadata.version("bitsandbytes")
+        if Version(installed) < Version(BNB_CPU_MIN_VERSION):
+            raise ConfigError(f"{bits} loading (QLoRA) on a CPU needs bitsandbytes >= {BNB_CPU_MIN_VERSION} "
+                              f"(installed: {installed}): pip install -U bitsandbytes, or train on a CUDA GPU")
+    elif device != "cuda":
+        raise ConfigError(f"{bits} loading (QLoRA) runs on a CUDA GPU or on the CPU, not on {device}")
 
 
-def kbit_device_map() -> dict:
-    """Each process's quantized model on its own GPU (what TRL's get_kbit_device_map returns)."""
+def kbit_device_map(device: str) -> dict:
+    """Each process's quantized model on its own GPU (what TRL's get_kbit_device_map returns), or on the CPU."""
+    if device == "cpu":
+        return {"": "cpu"}
     from accelerate import PartialState
 
     return {"": PartialState().local_process_index}
+
+
+def keep_cpu_4bit_layers_trainable(model) -> None:
+    """Stop bitsandbytes from repacking CPU 4-bit weights for inference, which would silently zero the gradients.
+
+    bitsandbytes (0.50) repacks a 4-bit layer's weight for a faster CPU kernel the first time the layer runs in
+    eval mode without gradient, on CPUs with AVX512-BF16; that kernel has no backward, so from then on no
+    gradient flows through the layer (every LoRA gradient below it is 0) without any error. sstoken's one-off
+    head check is such a forward, and so is every evaluation. A layer that was repacked before training cannot
+    be trained: refused."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ConfigError(f"the 4-bit layer {name} was repacked by bitsandbytes for CPU inference (an eval-mode "
+                              f"forward ran before training), which leaves it without gradients; load the model "
+                              f"again and pass it to the trainer before using it")
+        module.support_avx512bf16_for_cpu = False
 
 
 def forget_gguf_quantization(model) -> None:

@@ -49,8 +49,8 @@ def quick_run(tmp_path_factory):
 def test_quick_run_records_every_variant_with_ratios(quick_run):
     result, _ = quick_run
     records = result["records"]
-    assert [(r["variant"], r["seq_len"]) for r in records] == [(v, 64) for v in overhead.VARIANTS]
-    assert overhead.VARIANTS[0] == overhead.BASELINE == "trl"
+    assert [(r["variant"], r["seq_len"]) for r in records] == [(v, 64) for v in overhead.DEFAULT_VARIANTS]
+    assert overhead.DEFAULT_VARIANTS[0] == overhead.BASELINE == "trl"
     for record in records:
         for key, kind in RECORD_KEYS.items():
             assert isinstance(record[key], kind), (key, record[key])
@@ -107,7 +107,7 @@ def test_large_vocab_model_has_gemma_3_270m_shapes(tmp_path):
     from sstoken.testing import save_tiny_model
 
     tokenizer_dir = save_tiny_model(tmp_path / "tiny")
-    config = AutoConfig.from_pretrained(common.large_vocab_checkpoint(tokenizer_dir, tmp_path, quick=False))
+    config = AutoConfig.from_pretrained(common.shaped_checkpoint("gemma-3-270m", tokenizer_dir, tmp_path, quick=False))
     assert config.model_type == "gemma3_text"
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (262144, 640, 18)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 1, 256)

@@ -3,6 +3,7 @@ and wired into PEFT / transformers as TRL wires them (bitsandbytes and a GPU sim
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import pytest
@@ -151,15 +152,19 @@ class FakeLoad:
     """AutoModelForCausalLM.from_pretrained recorded, a tiny model back; prepare_model_for_kbit_training, which TRL's
     SFT path does not call, recorded if it ever is."""
 
-    def __init__(self, monkeypatch, bitsandbytes=True, cuda=True):
+    def __init__(self, monkeypatch, bitsandbytes="0.50.2", cuda=True):
         from transformers import AutoModelForCausalLM
 
         self.kwargs, self.prepared = None, []
-        real_find_spec = importlib.util.find_spec
+        real_find_spec, real_version = importlib.util.find_spec, importlib.metadata.version
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if bitsandbytes else None)
                             if name == "bitsandbytes" else real_find_spec(name, *a))
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: bitsandbytes if name == "bitsandbytes" else real_version(name))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        monkeypatch.setattr(sstoken.models, "kbit_device_map", lambda: {"": 0})
+        real_device_map = sstoken.models.kbit_device_map
+        monkeypatch.setattr(sstoken.models, "kbit_device_map",
+                            lambda device: {"": 0} if device == "cuda" else real_device_map(device))
 
         def from_pretrained(path, **kwargs):
             self.kwargs = kwargs
@@ -206,14 +211,13 @@ def test_no_quantization_means_no_bitsandbytes(monkeypatch):
     assert "quantization_config" not in fake.kwargs and fake.prepared == []
 
 
-@pytest.mark.parametrize(("bitsandbytes", "cuda", "expected"), [
-    (False, True, "4-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes"),
-    (True, False, "4-bit loading (QLoRA) needs a CUDA GPU"),
+@pytest.mark.parametrize(("bitsandbytes", "expected"), [
+    (None, "4-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes"),
+    ("0.49.2", "4-bit loading (QLoRA) on a CPU needs bitsandbytes >= 0.50.0 (installed: 0.49.2)"),
 ])
-def test_qlora_without_bitsandbytes_or_gpu_fails_before_the_model_loads(tmp_path, monkeypatch, capsys,
-                                                                         tiny_model_dir, bitsandbytes, cuda,
-                                                                         expected):
-    fake = FakeLoad(monkeypatch, bitsandbytes=bitsandbytes, cuda=cuda)
+def test_qlora_without_bitsandbytes_or_its_cpu_backend_fails_before_the_model_loads(
+        tmp_path, monkeypatch, capsys, tiny_model_dir, bitsandbytes, expected):
+    fake = FakeLoad(monkeypatch, bitsandbytes=bitsandbytes, cuda=False)
     recipe = write_tiny_recipe(tmp_path / "r.yaml", model=tiny_model_dir, output_dir=str(tmp_path / "out"),
                                data=write_tiny_jsonl(tmp_path / "d.jsonl", n_rows=4), load_in_4bit=True,
                                bf16=False)
@@ -221,6 +225,12 @@ def test_qlora_without_bitsandbytes_or_gpu_fails_before_the_model_loads(tmp_path
     err = capsys.readouterr().err
     assert f"sstoken: error: {expected}" in err and err.count("\n") == 1
     assert fake.kwargs is None
+
+
+def test_qlora_on_a_cpu_run_loads_onto_the_cpu(monkeypatch):
+    fake = FakeLoad(monkeypatch, cuda=True)  # a GPU is there, but the run is on the CPU (use_cpu)
+    sstoken.models.load_model("some/model", quantization=quantization_of(load_in_4bit=True), device="cpu")
+    assert fake.kwargs["device_map"] == {"": "cpu"}
 
 
 def test_recipe_lora_flags_train_end_to_end(tmp_path, tiny_model_dir):

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "datasets", "accelerate", "peft", "trl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # PEFT imports bitsandbytes whenever it is installed; on a CPU with AVX512-BF16 its import then tries to fetch a
+    # 4-bit kernel from the Hub and warns when it cannot, although its own CPU code serves instead.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
     if ns.command is None:

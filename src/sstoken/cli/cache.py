@@ -46,7 +46,8 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     rows, _ = load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
     rows = rows.to_list()  # the very rows train uses: same spec, tokenizer, max_seq_length and mixture seed
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"],
-                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"])
+                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"],
+                       device=config.device.type)
     if ns.adapter:
         from sstoken.models import load_adapter
 

@@ -54,7 +54,7 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
     if run["quantization"]:
         from sstoken.models import check_quantization_possible
 
-        check_quantization_possible(run["quantization"])
+        check_quantization_possible(run["quantization"], config.device.type)
     if run["attn_implementation"].startswith("flex") and config.device.type == "cpu":
         # PyTorch's FlexAttention has no backward pass on CPU: the first step would fail inside the training loop.
         raise ConfigError(f"attn_implementation {run['attn_implementation']} cannot train on CPU; use sdpa or eager")
@@ -77,7 +77,8 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
         if cache_path:
             _check_cache_covers(cache_path, rows["input_ids"])
     model = load_model(run["model"], run["dtype"], run["attn_implementation"], run["trust_remote_code"],
-                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"])
+                       extra_kwargs=config.model_init_kwargs, quantization=run["quantization"],
+                       device=config.device.type)
     config.model_init_kwargs = None  # used by load_model above; the trainer gets the built model
     try:
         trainer = SSTokenTrainer(model=model, args=config, train_dataset=rows,

@@ -6,6 +6,8 @@ the selection fields are checked against the selector registry (:mod:`sstoken.se
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -112,14 +114,53 @@ def check_sft_fields(args) -> None:
     if args.label_names not in (None, ["labels"]):
         raise ConfigError(f"label_names must be unset or ['labels'] (sstoken reads the labels column), got "
                           f"{shown(args.label_names)}")
-    if args.use_liger_kernel or args.liger_kernel_config:
-        raise ConfigError("use_liger_kernel is not supported: Liger's kernels replace the forward that sstoken's "
-                          "head and attention probe hook (and TRL deprecates it; try model_init_kwargs use_kernels)")
+    check_liger_kernel(args)
     if args.padding_free and not args.packing and args.max_length is not None:
         # TRL refuses this too, but only once the model has loaded.
         raise ConfigError("padding_free without packing does not enforce max_length; set packing: true, or "
                           "padding_free: false")
     check_chat_template_path(args.chat_template_path)
+
+
+# TRL's floor for liger-kernel (trl.import_utils.LIGER_KERNEL_MIN_VERSION); transformers' own is lower.
+LIGER_KERNEL_MIN_VERSION = "0.8.2"
+
+
+def check_liger_kernel(args) -> None:
+    """``use_liger_kernel``: Liger's layer kernels (RMSNorm, RoPE, SwiGLU / GeGLU, ...) under sstoken's own LM head.
+
+    transformers' Trainer patches the model with them when training starts, and TRL's SFTTrainer passes
+    ``fused_linear_cross_entropy=False``, so the model's forward, its LM head and the attention layers the probe
+    hooks stay as they are; only the layers inside the backbone change. Refused here, before the model loads:
+    Liger's fused linear cross-entropy (it replaces the forward and returns a reduced loss, never the per-token
+    NLL that selection ranks), a missing or too old liger-kernel (transformers would fail only when training
+    starts), and a run without a GPU (the kernels are Triton GPU kernels)."""
+    config = args.liger_kernel_config
+    if not args.use_liger_kernel:
+        if config:
+            raise ConfigError("liger_kernel_config only applies with use_liger_kernel: true")
+        return
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"liger_kernel_config must be a mapping of Liger options, got {type(config).__name__}")
+    if (config or {}).get("fused_linear_cross_entropy"):
+        raise ConfigError("liger_kernel_config fused_linear_cross_entropy: true is not supported: Liger's fused loss "
+                          "replaces the model's forward and returns only the mean loss, while sstoken selects tokens "
+                          "by the per-token NLL of its own LM head (Liger's other kernels do apply)")
+    if args.use_cpu or not _has_gpu():
+        raise ConfigError("use_liger_kernel needs a GPU: Liger's kernels are Triton GPU kernels")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("use_liger_kernel needs liger-kernel: pip install liger-kernel")
+    from packaging.version import Version
+
+    installed = importlib.metadata.version("liger-kernel")
+    if Version(installed) < Version(LIGER_KERNEL_MIN_VERSION):
+        raise ConfigError(f"use_liger_kernel needs liger-kernel >= {LIGER_KERNEL_MIN_VERSION} (installed: "
+                          f"{installed}): pip install -U liger-kernel")
+
+
+def _has_gpu() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def check_chat_template_path(path: str | None) -> None:

@@ -76,9 +76,13 @@ SFT_FIELD_POLICY.update({
     "label_smoothing_factor": FieldPolicy(SSTOKEN, "applied to the kept tokens' cross-entropy, computed from the "
                                                    "full logits (sstoken's head is bypassed; slower)"),
     "label_names": FieldPolicy(REFUSED, "sstoken reads the `labels` column; any other value is refused"),
-    "use_liger_kernel": FieldPolicy(REFUSED, "true is refused: deprecated in TRL, and Liger's kernels would change "
-                                             "the forward that sstoken's head and attention probe hook"),
-    "liger_kernel_config": FieldPolicy(REFUSED, "only used with use_liger_kernel, which is refused; must stay unset"),
+    "use_liger_kernel": FieldPolicy(REFUSED, "as in TRL: Liger's layer kernels (RMSNorm, RoPE, SwiGLU, ...) are "
+                                             "applied when training starts, under sstoken's own LM head (TRL "
+                                             "deprecates it for model_init_kwargs use_kernels); true is refused "
+                                             "without a GPU or without liger-kernel >= 0.8.2"),
+    "liger_kernel_config": FieldPolicy(REFUSED, "Liger's options, as in TRL; fused_linear_cross_entropy true is "
+                                                "refused (it hides the per-token NLL that selection ranks), and so "
+                                                "is any value without use_liger_kernel"),
     # ---- SFTConfig's own fields
     "model_init_kwargs": FieldPolicy(SSTOKEN, "used for from_pretrained when the model is a path (API: by TRL; "
                                               "CLI: by sstoken's loader); refused with an already-built model"),

@@ -44,7 +44,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sstoken.batch import TOKEN_WEIGHTS, unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.io import atomic_path
-from sstoken.models import quiet_peft_wrapping
+from sstoken.models import keep_cpu_4bit_layers_trainable, quiet_peft_wrapping
 from sstoken.selection import lm_head, scoring
 from sstoken.selection.history import EMAHistory
 from sstoken.selection.nll_cache import CacheFingerprints, NLLCache
@@ -220,6 +220,7 @@ class SSTokenTrainer(SFTTrainer):
         self.skipped_nonfinite_steps = 0
         self._dropped_gradients: DroppedGradients | None = None
         self._full_logits_reason: str | None | object = _UNDECIDED
+        keep_cpu_4bit_layers_trainable(self.model)  # before the head check runs the model in eval mode
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
 
