@@ -43,6 +43,11 @@ from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
 # Other losses, run on request (sstoken.training.config.method_settings: dft = full SFT with DFT's loss)
 LOSS_METHODS = ("dft", "sstoken+dft")
+# What this benchmark recommends, written into summary.json with its reason (None: no selector beat full SFT).
+RECOMMENDED: str | None = None
+RECOMMENDED_REASON = ("at the CPU size no selector's held-out NLL or lm-eval average differs from full SFT's beyond "
+                      "the 95% interval, except REL only, which is worse; see BENCHMARKS.md, 'Quality on a real "
+                      "model and real data'")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
 NEEDS_HISTORY = {"rel", "sstoken", "sstoken+dft", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
@@ -266,7 +271,8 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
     # Paired differences from full over seeds and items: the statistics `sstoken compare` reports too.
     summary = compare_runs(results, "full", tasks, order=METHODS + LOSS_METHODS + RESEARCH_METHODS, seedless=("base",))
     meta = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
-    document = {"size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
+    document = {"recommended": RECOMMENDED, "recommended_reason": RECOMMENDED_REASON,
+                "size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
                 "wall_time_s": sum(r.get("wall_s", 0) for r in results)}
     atomic_write_json(out / "summary.json", document)
     table = markdown_table(summary, tasks)

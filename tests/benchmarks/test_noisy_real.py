@@ -259,6 +259,19 @@ def test_comparison_pairs_with_full_noisy_and_measures_the_gap_recovered(mods):
     assert "| sstoken | 2 | 1.6000" in compare.markdown(agg, ["disclaimer"])
 
 
+def test_comparison_report_says_which_selector_is_recommended(mods, tmp_path):
+    compare, noise = mods["compare"], mods["noise"]
+    (tmp_path / "runs").mkdir()
+    for method, nll in (("full_noisy", [2.0, 2.2]), ("full_clean", [1.0, 1.2])):
+        result = {"method": method, "seed": 0, "held_out_nll": nll, "wall_s": 1.0, "kept": None, "mean_p": None}
+        (tmp_path / "runs" / compare.unit_name(method, 0)).write_text(json.dumps(result))
+    compare.report(tmp_path, noise.load_catalogue(), {"size": "tiny"})
+    document = json.loads((tmp_path / "compare.json").read_text())
+    assert document["recommended"] is None or document["recommended"] in compare.ALL_METHODS
+    assert isinstance(document["recommended_reason"], str) and len(document["recommended_reason"]) > 20
+    assert (tmp_path / "compare.png").stat().st_size > 0 and "| full_clean | 1 |" in (tmp_path / "compare.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ probe
 def test_layer_shares_capture_each_layers_heads_in_one_forward(mods):
     from sstoken.selection.attention import context_share

@@ -77,6 +77,17 @@ def test_markdown_table_of_the_shared_paired_statistics(bench):
     assert "| sstoken | 2 |" in table and "+37.5" in table and "| full | 2 |" in table
 
 
+def test_report_says_which_selector_is_recommended(tmp_path, bench):
+    _, run = bench
+    (tmp_path / "runs").mkdir()
+    for r in (_result("full", 0, {"a": [1, 0]}, [2.0, 2.0]), _result("sstoken", 0, {"a": [1, 1]}, [1.0, 1.0])):
+        (tmp_path / "runs" / f"{r['method']}-seed0.json").write_text(json.dumps(r | {"wall_s": 1}))
+    run.report(tmp_path, "cpu", ["a"])
+    document = json.loads((tmp_path / "summary.json").read_text())
+    assert document["recommended"] is None or document["recommended"] in run.METHODS
+    assert isinstance(document["recommended_reason"], str) and len(document["recommended_reason"]) > 20
+
+
 def test_select_rows_skips_rows_that_would_be_truncated(tmp_path, bench):
     _, run = bench
     from sstoken.testing import tiny_tokenizer
