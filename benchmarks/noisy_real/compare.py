@@ -11,7 +11,7 @@ compared with the noise record (kept fraction of each noise kind and of clean to
 Each (method, seed) result is written to ``runs/compare-<method>-seed<k>.json`` at once (rerun to continue;
 ``--workers 2`` shares the runs between two one-thread processes). The report pairs every method with
 ``full_noisy`` seed by seed (same data order and LoRA initialisation) and item by item (held-out answers): the mean
-difference with a 95% bootstrap interval over seeds and items (:func:`sstoken.evaluation.stats.paired_bootstrap`).
+difference with a 95% bootstrap interval over seeds and items (:func:`sstoken.evaluation.stats.compare_runs`).
 
     python benchmarks/noisy_real/compare.py --workers 2
     python benchmarks/noisy_real/compare.py --report-only
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ import noise  # noqa: E402
 import run as real_run  # noqa: E402  (benchmarks/real_data/run.py)
 from quality import KeepRecorder  # noqa: E402
 from runner import claim, release, run_workers  # noqa: E402
+
+from sstoken.training.config import method_settings  # noqa: E402
 
 REPO = HERE.parents[1]
 MODEL = "gemma"
@@ -51,9 +52,13 @@ METHODS: dict[str, dict] = {
     "attn": {"selection_method": "attn"},
     "sstoken": {"selection_method": "sstoken", "base": True},
     "sstoken_warmup": {"selection_method": "sstoken", "base": True, "attention_warmup": 0.2},
-    "dft": {"selection_method": "full", "loss_type": "dft"},
+    "dft": method_settings("dft"),  # TRL's DFT loss: each token's NLL weighted by its detached p(y)
+    "sstoken+dft": {**method_settings("sstoken+dft"), "base": True},
 }
-RESEARCH_METHODS: dict[str, dict] = {}
+# Research selectors (benchmarks/selection_research.py) that the signal probe justifies, run on request: the probe
+# finds the NLL of corrupted, cut-off and wrong-fact tokens far above their clean neighbours' (ROC area 0.77-1.00),
+# so x_adapt_outlier drops the tokens whose current NLL is an outlier of their sample (no fixed budget).
+RESEARCH_METHODS: dict[str, dict] = {"x_adapt_outlier": {"selection_method": "x_adapt_outlier"}}
 ALL_METHODS = {**METHODS, **RESEARCH_METHODS}
 BASELINE = "full_noisy"
 # What the comparison recommends, written into summary.json with its reason (None: nothing beat full SFT).
@@ -188,38 +193,30 @@ def run_unit(setup: Setup, method: str, seed: int, home: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def aggregate(results: list[dict], kinds: list[str]) -> dict:
-    """Per method: held-out NLL mean ± sd over seeds; paired Δ vs full_noisy and vs full_clean (95% bootstrap over
-    seeds and items); the share of the noisy → clean gap it recovers; kept fractions and mean p(y) per kind."""
+    """Per method: clean held-out NLL over seeds and the paired difference from ``full_noisy`` and from
+    ``full_clean`` (95% bootstrap over seeds and items; :func:`sstoken.evaluation.stats.compare_runs`, the statistics
+    ``sstoken compare`` reports); the share of the noisy → clean gap it recovers; kept fractions and mean p(y) per
+    noise kind, averaged over seeds."""
     import statistics
 
-    from sstoken.evaluation.stats import paired_bootstrap
+    from sstoken.evaluation.stats import compare_runs
 
-    by = {}
-    for r in results:
-        by.setdefault(r["method"], {})[r["seed"]] = r
-    order = [m for m in ALL_METHODS if m in by]
+    runs = [{"method": r["method"], "seed": r["seed"], "eval": {"held_out_nll": r["held_out_nll"]}} for r in results]
+    order = [m for m in ALL_METHODS if any(r["method"] == m for r in results)]
+    vs_noisy = compare_runs(runs, BASELINE, order=order)
+    vs_clean = compare_runs(runs, "full_clean", order=order)
     summary = {}
-
-    def delta(method, other):
-        seeds = sorted(set(by[method]) & set(by.get(other, {})))
-        if not seeds or method == other:
-            return None
-        mean, low, high = paired_bootstrap([by[method][s]["held_out_nll"] for s in seeds],
-                                           [by[other][s]["held_out_nll"] for s in seeds])
-        return {"mean": mean, "ci95": [low, high], "seeds": seeds}
-
     for method in order:
-        runs = [by[method][s] for s in sorted(by[method])]
-        nll = [statistics.fmean(x for x in r["held_out_nll"] if not math.isnan(x)) for r in runs]
-        entry = {"seeds": sorted(by[method]), "held_out_nll": {"mean": statistics.fmean(nll),
-                                                                "sd": statistics.stdev(nll) if len(nll) > 1 else 0.0},
-                 "delta_vs_full_noisy": delta(method, BASELINE), "delta_vs_full_clean": delta(method, "full_clean"),
-                 "wall_s_per_run": statistics.fmean(r["wall_s"] for r in runs)}
-        kept = [r["kept"]["all"] for r in runs if r.get("kept")]
+        entry = {"seeds": vs_noisy[method]["seeds"], "held_out_nll": vs_noisy[method]["held_out_nll"],
+                 "delta_vs_full_noisy": vs_noisy[method].get("delta", {}).get("held_out_nll"),
+                 "delta_vs_full_clean": vs_clean[method].get("delta", {}).get("held_out_nll")}
+        own = [r for r in results if r["method"] == method]
+        entry["wall_s_per_run"] = statistics.fmean(r["wall_s"] for r in own)
+        kept = [r["kept"]["all"] for r in own if r.get("kept")]
         if kept:
             entry["kept"] = {k: statistics.fmean(x[k] for x in kept if x.get(k) is not None)
                              for k in ("noise", "clean", *kinds) if any(x.get(k) is not None for x in kept)}
-        mean_p = [r["mean_p"] for r in runs if r.get("mean_p")]
+        mean_p = [r["mean_p"] for r in own if r.get("mean_p")]
         if mean_p:
             entry["mean_p"] = {k: statistics.fmean(x[k] for x in mean_p if k in x)
                                for k in ("noise", "clean", *kinds) if any(k in x for x in mean_p)}
@@ -234,7 +231,7 @@ def aggregate(results: list[dict], kinds: list[str]) -> dict:
 
 
 def markdown(agg: dict, kinds: list[str]) -> str:
-    head = ("| method | seeds | clean held-out NLL | Δ vs full_noisy [95% CI] | gap recovered | kept noise | kept clean | "
+    head = ("| method | seeds | clean held-out NLL (mean ± std over seeds) | Δ vs full_noisy [95% CI] | gap recovered | kept noise | kept clean | "
             + " | ".join(f"kept {k}" for k in kinds) + " |")
     lines = [head, "|" + "---|" * (7 + len(kinds))]
     for method, e in agg["methods"].items():
@@ -243,7 +240,7 @@ def markdown(agg: dict, kinds: list[str]) -> str:
         gap = f"{e['gap_recovered']:+.0%}" if e.get("gap_recovered") is not None else "-"
         kept = e.get("kept", {})
         cells = [f"{kept[k]:.2f}" if k in kept else "-" for k in ("noise", "clean", *kinds)]
-        lines.append(f"| {method} | {len(e['seeds'])} | {e['held_out_nll']['mean']:.4f} ± {e['held_out_nll']['sd']:.4f}"
+        lines.append(f"| {method} | {len(e['seeds'])} | {e['held_out_nll']['mean']:.4f} ± {e['held_out_nll']['std']:.4f}"
                      f" | {delta} | {gap} | " + " | ".join(cells) + " |")
     lines += ["", "Mean p(y) of the training tokens while training (the weight DFT gives a token):", "",
               "| method | noise | clean | " + " | ".join(kinds) + " |", "|" + "---|" * (3 + len(kinds))]
@@ -358,12 +355,7 @@ def main(argv=None) -> int:
                 if not claim(out / "runs", name):
                     continue
                 print(f"--- {method} seed {seed}", flush=True)
-                try:
-                    result = run_unit(setup, method, seed, home)
-                except ConfigError as exc:  # e.g. a loss_type this sstoken does not have yet
-                    print(f"    skipped: {exc}", flush=True)
-                    release(out / "runs", name)
-                    continue
+                result = run_unit(setup, method, seed, home)
                 atomic_write_json(out / "runs" / name, result, indent=None)
                 release(out / "runs", name)
                 d = result["held_out_nll"]

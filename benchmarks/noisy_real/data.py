@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "real_data"))
 sys.path.insert(1, str(HERE.parent))
+# PEFT imports bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 that import warns that a Hub
+# kernel could not be fetched although its own CPU code serves instead (as the sstoken CLI, keep it out of stderr).
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import noise  # noqa: E402
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402

@@ -267,9 +267,102 @@ def test_comparison_report_says_which_selector_is_recommended(mods, tmp_path):
         (tmp_path / "runs" / compare.unit_name(method, 0)).write_text(json.dumps(result))
     compare.report(tmp_path, noise.load_catalogue(), {"size": "tiny"})
     document = json.loads((tmp_path / "compare.json").read_text())
-    assert document["recommended"] is None or document["recommended"] in compare.ALL_METHODS
-    assert isinstance(document["recommended_reason"], str) and len(document["recommended_reason"]) > 20
+    assert document["recommended"] == compare.RECOMMENDED
+    assert document["recommended_reason"] == compare.RECOMMENDED_REASON and "BENCHMARKS.md" in compare.RECOMMENDED_REASON
+    assert compare.RECOMMENDED is None or compare.RECOMMENDED in compare.ALL_METHODS
     assert (tmp_path / "compare.png").stat().st_size > 0 and "| full_clean | 1 |" in (tmp_path / "compare.md").read_text()
+
+
+def test_comparison_pairs_seeds_that_both_methods_ran(mods):
+    compare = mods["compare"]
+    results = [{"method": "full_noisy", "seed": s, "held_out_nll": [2.0 + s, 2.0 + s], "wall_s": 1.0}
+               for s in (0, 1, 2)]
+    results += [{"method": "attn", "seed": s, "held_out_nll": [1.0 + 2 * s, 1.0 + 2 * s], "wall_s": 1.0}
+                for s in (0, 1)]
+    entry = compare.aggregate(results, [])["methods"]["attn"]
+    # seed 0: 1 − 2 = −1, seed 1: 3 − 3 = 0 (full_noisy's seed 2 has no partner)
+    assert entry["seeds"] == [0, 1] and entry["delta_vs_full_noisy"]["per_seed"] == pytest.approx([-1.0, 0.0])
+    assert entry["delta_vs_full_noisy"]["mean"] == pytest.approx(-0.5)
+    assert entry["held_out_nll"]["mean"] == pytest.approx(2.0) and entry["delta_vs_full_clean"] is None
+
+
+def test_weight_recorder_averages_p_of_each_kinds_response_tokens(mods):
+    import math
+    from types import SimpleNamespace
+
+    from sstoken.selection.nll_cache import sample_key
+
+    compare = mods["compare"]
+    ids = torch.tensor([[5, 6, 7, 8, 0]])
+    recorder = compare.WeightRecorder({sample_key(ids[0, :4]): [None, None, "disclaimer", "repetition"]})
+    nll = torch.tensor([[9.0, math.log(2), math.log(4), math.log(5), 9.0]])  # p = 1/2, 1/4, 1/5 on the response
+    event = SimpleNamespace(inputs={"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])},
+                            signals=SimpleNamespace(current_nll=nll,
+                                                    response_mask=torch.tensor([[False, True, True, True, False]])))
+    recorder(event)
+    recorder(event)  # a second step of the same row counts again
+    means = recorder.means()
+    assert means == pytest.approx({"clean": 0.5, "disclaimer": 0.25, "repetition": 0.2, "noise": 0.225})
+
+
+def test_run_workers_prepares_once_then_starts_workers_without_the_workers_option(tmp_path):
+    from runner import run_workers
+
+    script = tmp_path / "unit.py"
+    script.write_text("import os, sys, uuid\n"
+                      "name = sys.argv[-1].lstrip('-').replace('-', '_') + '-' + uuid.uuid4().hex\n"
+                      "open(os.path.join(os.path.dirname(__file__), name), 'w').write("
+                      "' '.join(sys.argv[1:]) + ' ' + os.environ['OMP_NUM_THREADS'])\n")
+    run_workers(str(script), ["--seeds", "0", "1", "--workers", "3", "--out", "x"], 3)
+    written = {p.name.split("-")[0]: p.read_text() for p in tmp_path.iterdir() if p.name != "unit.py"}
+    runs = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name != "unit.py")
+    assert runs == ["caches_only", "worker", "worker", "worker"]
+    assert written["caches_only"] == "--seeds 0 1 --out x --caches-only 1"
+    assert written["worker"] == "--seeds 0 1 --out x --worker 1"
+    (tmp_path / "fail.py").write_text("import sys\nsys.exit(0 if '--caches-only' in sys.argv else 3)\n")
+    with pytest.raises(SystemExit, match="a worker failed"):
+        run_workers(str(tmp_path / "fail.py"), ["--workers=2"], 2)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _pool(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        answer = (f"Topic {i} has a long history. In 19{i % 90 + 10} Marie Curie wrote about it in a letter. "
+                  f"Today people still study topic {i} at school and at work.")
+        if i % 7 == 0:
+            answer = "Sure. " + answer + " As an AI language model, I cannot see the future."
+        rows.append({"id": f"p{i:03d}", "meta": {"quality": i % 5},
+                     "messages": [{"role": "user", "content": f"Tell me about topic {i}."},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def test_texts_are_disjoint_parts_with_noise_only_where_trained_or_probed(mods):
+    data, noise = mods["data"], mods["noise"]
+    shape = data.Shape(n_train=10, n_held_out=4, n_reference=3, n_probe=10, max_prompt_chars=100,
+                       max_response_chars=400, min_response_chars=50)
+    catalogue = noise.parse_catalogue({"seed": 1, "kinds": {"repetition": {"rate": 0.3},
+                                                            "corruption": {"rate": 0.2}}})
+    pool = _pool(60)
+    texts = data.build_texts(pool, shape, catalogue)
+    parts = {name: getattr(texts, name) for name in ("train", "held_out", "reference", "probe")}
+    assert {k: len(v) for k, v in parts.items()} == {"train": 10, "held_out": 4, "reference": 3, "probe": 10}
+    ids = [r.id for rows in parts.values() for r in rows]
+    assert len(set(ids)) == len(ids), "the parts share no row"
+    quality = {r["id"]: r["meta"]["quality"] for r in pool}
+    unchosen = [q for i, q in quality.items() if i not in set(ids)]
+    assert min(quality[i] for i in ids) >= max(unchosen), "the chosen rows are the top of the quality score"
+    assert all(r.noisy == r.clean and r.record.kind is None for r in texts.held_out + texts.reference)
+    kinds = [r.record.kind for r in texts.train]
+    assert kinds.count("repetition") == 3 and kinds.count("corruption") == 2
+    assert all(noise.restore(r.noisy, r.record) == r.clean for r in texts.train + texts.probe)
+    donors = set(texts.materials.donor_texts)
+    assert not donors & {r.clean for rows in parts.values() for r in rows}, "splices come from other rows"
+    again = data.build_texts(pool, shape, catalogue)
+    assert [(r.id, r.noisy) for r in again.train] == [(r.id, r.noisy) for r in texts.train]
+    with pytest.raises(SystemExit, match="27 are needed"):
+        data.build_texts(pool[:20], shape, catalogue)
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -313,3 +406,73 @@ def test_token_table_scores_a_separating_signal_and_its_orientation(mods):
     assert base_nll["clean_dropped_at_90pct_noise_recall"] == 0.0
     assert stats["signals"]["rel_base"]["noise"]["auc_noise_high"] == 1.0  # base − current
     assert set(stats["heads"]) == {f"share_{layer}_h{h}" for layer in heads for h in range(2)}
+
+
+def test_probe_scores_rows_through_the_training_pipeline(mods, tmp_path):
+    """measure(): one no-grad pass of the current model gives the signals the selector would see."""
+    from sstoken.selection.attention import context_share
+    from sstoken.selection.nll_cache import NLLCache, build_nll_cache
+    from sstoken.testing import random_rows, tiny_model, tiny_tokenizer, tiny_trainer
+
+    probe = mods["probe"]
+    rows = random_rows([4, 6, 3], [7, 5, 8], seed=3)
+    for row in rows:
+        row["kinds"] = [("repetition" if i % 3 == 0 else None) if label != -100 else None
+                        for i, label in enumerate(row["labels"])]
+    base = tiny_model("llama", num_hidden_layers=3)
+    build_nll_cache(base, tiny_tokenizer(), rows, str(tmp_path / "base"), 32, progress=False)
+    trainer = tiny_trainer(tmp_path / "run", [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows],
+                           model=tiny_model("llama", num_hidden_layers=3), selection_method=probe.EMAFullSelector.name, history="ema",
+                           max_steps=1, per_device_train_batch_size=3, learning_rate=1e-2, disable_tqdm=True)
+    trainer.train()
+    layers = probe.probe_layers(trainer.model)
+    assert layers == {"first": 0, "middle": 1, "last": 2}
+    shares = probe.LayerShares(trainer.model, layers, main="last")
+    table = probe.TokenTable()
+    probe.measure(trainer, rows, NLLCache.open(str(tmp_path / "base"), role="reference cache"), shares, table,
+                  "late", batch_size=2)
+    scored = table.phases["late"]
+    n_response = sum(sum(label != -100 for label in r["labels"]) for r in rows)
+    assert len(scored["kind"]) == n_response
+    assert scored["kind"].count("repetition") == sum(k == "repetition" for r in rows for k in r["kinds"])
+    base_nll, current, rel = (torch.cat(scored[k]) for k in ("base_nll", "current_nll", "rel_base"))
+    torch.testing.assert_close(rel, base_nll - current)
+    assert not torch.allclose(base_nll, current), "one step of training moved the current model"
+    # the share of the last layer for the first row, as the library's own probe computes it
+    ids = torch.tensor([rows[0]["input_ids"]])
+    context = torch.tensor([[label == -100 for label in rows[0]["labels"]]])
+    with torch.no_grad():
+        expected = context_share(trainer.model, ids, torch.ones_like(ids), context, layer=-1)[0][~context[0]]
+    torch.testing.assert_close(scored["share_last"][0], expected, atol=1e-5, rtol=0)
+    stats = table.statistics({"noise": ("repetition",)})["late"]
+    assert 0.0 <= stats["signals"]["base_nll"]["noise"]["auc_noise_high"] <= 1.0
+
+
+def test_probe_summary_averages_seeds_and_names_the_best_head(mods, tmp_path):
+    probe, noise = mods["probe"], mods["noise"]
+
+    def run(seed, area, head_areas):
+        stat = {"auc_noise_high": area, "clean_dropped_at_90pct_noise_recall": 0.1 * (seed + 1)}
+        phase = {"tokens": {"clean": 10, "corruption": 2}, "signals": {s: {"corruption": stat} for s in
+                                                                       ("base_nll", "share_last")},
+                 "heads": {f"share_last_h{h}": {"corruption": a} for h, a in enumerate(head_areas)}}
+        return {"model": "gemma", "seed": seed, "layers": {"first": 0, "middle": 9, "last": 17}, "phases":
+                {"early": phase, "late": phase}, "rows": {}, "steps": 16, "train": {}, "probes": {}, "wall_s": 2.0,
+                "device": "cpu", "finished": "now"}
+
+    results = [run(0, 0.8, [0.55, 0.2]), run(1, 0.6, [0.45, 0.3])]
+    summary = probe.aggregate(results)["gemma"]
+    late = summary["phases"]["late"]
+    base_nll = late["signals"]["base_nll"]["corruption"]
+    assert base_nll["auc_noise_high"] == pytest.approx(0.7) and base_nll["auc_noise_high_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert base_nll["clean_dropped_at_90pct_noise_recall"] == pytest.approx(0.15)
+    assert late["best_head"]["corruption"] == {"head": "share_last_h1", "auc_noise_high": pytest.approx(0.25),
+                                               "sd": pytest.approx(0.0707, abs=1e-4)}
+    assert late["tokens_over_seeds"] == {"clean": 20, "corruption": 4}
+    (tmp_path / "runs").mkdir()
+    for r in results:
+        (tmp_path / "runs" / probe.unit_name("gemma", r["seed"])).write_text(json.dumps(r))
+    probe.report(tmp_path, noise.parse_catalogue({"kinds": {"corruption": {"rate": 0.5}}}))
+    table = (tmp_path / "probe.md").read_text()
+    assert "| base_nll | - | 0.70 ± 0.14 |" in table and "0.25 (last_h1)" in table
+    assert (tmp_path / "probe.png").stat().st_size > 0

@@ -80,12 +80,16 @@ def test_markdown_table_of_the_shared_paired_statistics(bench):
 def test_report_says_which_selector_is_recommended(tmp_path, bench):
     _, run = bench
     (tmp_path / "runs").mkdir()
-    for r in (_result("full", 0, {"a": [1, 0]}, [2.0, 2.0]), _result("sstoken", 0, {"a": [1, 1]}, [1.0, 1.0])):
-        (tmp_path / "runs" / f"{r['method']}-seed0.json").write_text(json.dumps(r | {"wall_s": 1}))
+    for method, items, nll in (("full", [1, 0], [2.0, 2.0]), ("sstoken", [1, 1], [1.0, 1.0])):
+        result = {"method": method, "seed": 0, "wall_s": 1,
+                  "eval": {"held_out_nll": nll, "tasks": {"a": {"metric": "acc", "score": sum(items) / 2,
+                                                                 "items": items}}}}
+        (tmp_path / "runs" / f"{method}-seed0.json").write_text(json.dumps(result))
     run.report(tmp_path, "cpu", ["a"])
     document = json.loads((tmp_path / "summary.json").read_text())
-    assert document["recommended"] is None or document["recommended"] in run.METHODS
-    assert isinstance(document["recommended_reason"], str) and len(document["recommended_reason"]) > 20
+    assert document["recommended"] == run.RECOMMENDED and document["recommended_reason"] == run.RECOMMENDED_REASON
+    assert run.RECOMMENDED is None or run.RECOMMENDED in run.METHODS
+    assert "BENCHMARKS.md" in run.RECOMMENDED_REASON, "the reason points at the write-up"
 
 
 def test_select_rows_skips_rows_that_would_be_truncated(tmp_path, bench):
