@@ -46,8 +46,8 @@ LOSS_METHODS = ("dft", "sstoken+dft")
 # What this benchmark recommends, written into summary.json with its reason (None: no selector beat full SFT).
 RECOMMENDED: str | None = None
 RECOMMENDED_REASON = ("at the CPU size no selector's held-out NLL or lm-eval average differs from full SFT's beyond "
-                      "the 95% interval, except REL only, which is worse; see BENCHMARKS.md, 'Quality on a real "
-                      "model and real data'")
+                      "the 95% interval, except REL only and the research variant x_lowrel, whose held-out NLL is "
+                      "worse; see BENCHMARKS.md, 'Quality on a real model and real data'")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
 NEEDS_HISTORY = {"rel", "sstoken", "sstoken+dft", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
