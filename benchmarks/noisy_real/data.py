@@ -174,7 +174,7 @@ class TrainSize:
 
 
 SHAPES = {
-    # 2-core CPU: 64 training rows = 16 LoRA steps of 4, 48 held-out rows, 96 probe rows
+    # 2-core CPU: 64 training rows (60 fit 256 tokens: 15 LoRA steps of 4), 48 held-out rows, 96 probe rows
     "cpu": Shape(n_train=64, n_held_out=48, n_reference=64, n_probe=96, max_prompt_chars=300,
                  max_response_chars=700),
     # tests and smoke runs

@@ -312,8 +312,28 @@ TABLE_SIGNALS = ("base_nll", "current_nll", "rel_base", "rel_ema", "share_first"
                  "sstoken_score", "sstoken_ema_score")
 
 
+# The signals ssToken ranks by (REL as normalised in its sample, the last layer's share, their γ = 0.5 mix) and the
+# plain NLLs: the compact table of the write-up.
+KEY_SIGNALS = ("rel_base_in_sample", "share_last", "sstoken_score", "base_nll", "share_middle")
+
+
+def key_table(summary: dict, targets: list[str]) -> str:
+    """One row per model, phase and key signal: per target, the ROC area P(noise > clean) (mean over seeds) and
+    the clean tokens dropped at 90% noise recall (better orientation)."""
+    lines = ["| model | phase | seeds | signal | " + " | ".join(targets) + " |", "|---" * (4 + len(targets)) + "|"]
+    for model, entry in summary.items():
+        for phase, stats in entry["phases"].items():
+            for signal in KEY_SIGNALS:
+                row = stats["signals"].get(signal, {})
+                cells = [f"{row[t]['auc_noise_high']:.2f} / {row[t]['clean_dropped_at_90pct_noise_recall']:.2f}"
+                         if t in row else "-" for t in targets]
+                lines.append(f"| {model} | {phase} | {len(entry['seeds'])} | {signal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict, targets: list[str]) -> str:
-    lines = []
+    lines = ["ROC area P(noise > clean) / clean tokens dropped at 90% noise recall, mean over seeds:", "",
+             key_table(summary, targets)]
     for model, entry in summary.items():
         for phase, stats in entry["phases"].items():
             lines += ["", f"**{model}, {phase}** (seeds {entry['seeds']}; ROC area P(noise > clean), mean ± sd over "
