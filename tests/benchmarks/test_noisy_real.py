@@ -265,8 +265,11 @@ def test_comparison_report_says_which_selector_is_recommended(mods, tmp_path):
     for method, nll in (("full_noisy", [2.0, 2.2]), ("full_clean", [1.0, 1.2])):
         result = {"method": method, "seed": 0, "held_out_nll": nll, "wall_s": 1.0, "kept": None, "mean_p": None}
         (tmp_path / "runs" / compare.unit_name(method, 0)).write_text(json.dumps(result))
+    (tmp_path / "runs" / "base.json").write_text(json.dumps({"held_out_nll": [2.5, 2.7]}))
     compare.report(tmp_path, noise.load_catalogue(), {"size": "tiny"})
     document = json.loads((tmp_path / "compare.json").read_text())
+    assert document["base_held_out_nll"] == pytest.approx(2.6)
+    assert "base model before fine-tuning: 2.6000" in (tmp_path / "compare.md").read_text()
     assert document["recommended"] == compare.RECOMMENDED
     assert document["recommended_reason"] == compare.RECOMMENDED_REASON and "BENCHMARKS.md" in compare.RECOMMENDED_REASON
     assert compare.RECOMMENDED is None or compare.RECOMMENDED in compare.ALL_METHODS
