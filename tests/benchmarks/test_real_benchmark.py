@@ -77,6 +77,21 @@ def test_markdown_table_of_the_shared_paired_statistics(bench):
     assert "| sstoken | 2 |" in table and "+37.5" in table and "| full | 2 |" in table
 
 
+def test_report_says_which_selector_is_recommended(tmp_path, bench):
+    _, run = bench
+    (tmp_path / "runs").mkdir()
+    for method, items, nll in (("full", [1, 0], [2.0, 2.0]), ("sstoken", [1, 1], [1.0, 1.0])):
+        result = {"method": method, "seed": 0, "wall_s": 1,
+                  "eval": {"held_out_nll": nll, "tasks": {"a": {"metric": "acc", "score": sum(items) / 2,
+                                                                 "items": items}}}}
+        (tmp_path / "runs" / f"{method}-seed0.json").write_text(json.dumps(result))
+    run.report(tmp_path, "cpu", ["a"])
+    document = json.loads((tmp_path / "summary.json").read_text())
+    assert document["recommended"] == run.RECOMMENDED and document["recommended_reason"] == run.RECOMMENDED_REASON
+    assert run.RECOMMENDED is None or run.RECOMMENDED in run.METHODS
+    assert "BENCHMARKS.md" in run.RECOMMENDED_REASON, "the reason points at the write-up"
+
+
 def test_select_rows_skips_rows_that_would_be_truncated(tmp_path, bench):
     _, run = bench
     from sstoken.testing import tiny_tokenizer

@@ -102,6 +102,44 @@ def test_pure_function_low_precision_inputs_and_gqa():
     torch.testing.assert_close(share, ref, atol=1e-6, rtol=0)
 
 
+def test_per_head_shares_are_each_heads_softmax_mass_and_average_to_the_share():
+    # 2 query heads sharing 1 kv head (GQA), 2 tokens, d=1; token 0 is context. Token 1 of head h puts
+    # exp(s0) / (exp(s0) + exp(s1)) on the context, with s_j = q_h * k_j * scaling.
+    q = torch.tensor([[0.0, 1.0], [0.0, -2.0]]).view(1, 2, 2, 1)
+    k = torch.tensor([1.5, 0.5]).view(1, 1, 2, 1)
+    ctx = torch.tensor([[True, False]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+
+    def mass(qh):
+        return math.exp(qh * 1.5) / (math.exp(qh * 1.5) + math.exp(qh * 0.5))
+
+    heads = context_share_from_qk(q, k, 1.0, ctx, valid, per_head=True)
+    assert heads.shape == (1, 2, 2)
+    torch.testing.assert_close(heads, torch.tensor([[[1.0, mass(1.0)], [1.0, mass(-2.0)]]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(heads.mean(1), context_share_from_qk(q, k, 1.0, ctx, valid), atol=1e-7, rtol=0)
+
+
+def test_per_head_capture_matches_eager_heads_and_keeps_the_mean():
+    ids, attn, ctx = make_batch("right")
+    model = tiny_model("llama", attn_implementation="eager")
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=attn, output_attentions=True, use_cache=False).attentions[-1]
+    eager_heads = (probs.float() * ctx[:, None, None, :].float()).sum(-1)  # (B, H, T)
+    model = tiny_model("llama")
+    probe = ContextShareProbe(model, layer=-1)
+    with torch.no_grad(), probe.capture(ctx, attn, per_head=True) as cap:
+        model(input_ids=ids, attention_mask=attn)
+    valid = attn.bool()
+    assert cap.head_shares.shape == (2, 4, 12)
+    torch.testing.assert_close(cap.head_shares.permute(0, 2, 1)[valid], eager_heads.permute(0, 2, 1)[valid],
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(cap.share, cap.head_shares.mean(1))
+    with torch.no_grad(), probe.capture(ctx, attn) as plain:
+        model(input_ids=ids, attention_mask=attn)
+    assert plain.head_shares is None  # kept only when asked for
+    torch.testing.assert_close(plain.share, cap.share)
+
+
 def test_no_context_and_all_padding_rows_give_zero():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(3, 2, 4, 4, generator=g)

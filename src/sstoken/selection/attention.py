@@ -64,8 +64,10 @@ def context_share_from_qk(
     chunk_size: int = 256,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Share of each query's attention on its visible context keys, mean over query heads. Returns B x T float32.
+    """Share of each query's attention on its visible context keys, mean over query heads. Returns B x T float32,
+    or B x Hq x T (one share per query head, the mean's terms) with ``per_head``.
 
     query: (B, Hq, T, d), key: (B, Hkv, T, d) with Hq a multiple of Hkv (GQA). context_mask / key_valid /
     segment_ids: B x T. Key j is visible to query i when j <= i, key_valid[j], same segment, and (if a sliding
@@ -98,7 +100,7 @@ def context_share_from_qk(
         # GQA without copying k: query head h uses kv head h // group, so view q as (B, Hkv, group, T, d).
         q = query.detach().float().reshape(bsz, n_kv_heads, group, seq_len, head_dim)
         k = key.detach().float().unsqueeze(2)  # (B, Hkv, 1, T, d)
-        share = torch.zeros(bsz, seq_len, dtype=torch.float32, device=device)
+        share = torch.zeros(bsz, n_kv_heads, group, seq_len, dtype=torch.float32, device=device)
         for start in range(0, seq_len, chunk_size):
             end = min(start + chunk_size, seq_len)
             rows = positions[start:end]
@@ -119,9 +121,10 @@ def context_share_from_qk(
                 lse_all = torch.logaddexp(lse_all, sink_logits)
             lse_ctx = torch.where(visible_ctx[:, None, None], scores, neg_inf).logsumexp(-1)
             has_ctx = visible_ctx.any(-1)[:, None, None]  # implies a finite lse_all
-            per_head = torch.where(has_ctx, (lse_ctx - lse_all).exp(), zero)
-            share[:, start:end] = per_head.mean(dim=(1, 2))
-    return share
+            share[..., start:end] = torch.where(has_ctx, (lse_ctx - lse_all).exp(), zero)
+    if per_head:
+        return share.reshape(bsz, n_q_heads, seq_len)  # query head h = kv head h // group, member h % group
+    return share.mean(dim=(1, 2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,6 +143,8 @@ class ShareCapture:
     share: torch.Tensor | None = None
     # name -> context manager around the share's computation (SSTokenTrainer.part_timer); None = untimed
     timer: Callable[[str], ContextManager] | None = None
+    per_head: bool = False  # also keep each query head's share in ``head_shares`` (B x Hq x T)
+    head_shares: torch.Tensor | None = None
 
     def required_share(self) -> torch.Tensor:
         """``share``, or an error when the forward pass never went through the hooked attention function.
@@ -156,7 +161,7 @@ class ShareCapture:
 
 
 def _capture_share(cap: ShareCapture, module, query, key, kwargs) -> None:
-    """Fill ``cap.share`` from the query and key that the attention layer ``module`` is called with."""
+    """Fill ``cap.share`` (and ``cap.head_shares`` when asked) from the query and key that the attention layer ``module`` is called with."""
     seq_len = cap.context_mask.shape[-1]
     if query.shape[2] != seq_len or key.shape[2] != seq_len:
         raise ValueError(
@@ -170,7 +175,7 @@ def _capture_share(cap: ShareCapture, module, query, key, kwargs) -> None:
         scaling = query.shape[-1] ** -0.5
     timed = contextlib.nullcontext() if cap.timer is None else cap.timer("attention_share")
     with timed:
-        cap.share = context_share_from_qk(
+        shares = context_share_from_qk(
             query,
             key,
             scaling,
@@ -181,7 +186,11 @@ def _capture_share(cap: ShareCapture, module, query, key, kwargs) -> None:
             chunk_size=cap.chunk_size,
             softcap=kwargs.get("softcap"),
             sinks=kwargs.get("s_aux"),
+            per_head=cap.per_head,
         )
+        if cap.per_head:
+            cap.head_shares, shares = shares, shares.mean(dim=1)
+        cap.share = shares
 
 
 _WRAPPED: dict[Callable, Callable] = {}  # attention function -> its capturing wrapper (one per function)
@@ -311,8 +320,9 @@ class ContextShareProbe:
         _install_interface(self._module)
 
     @contextlib.contextmanager
-    def capture(self, context_mask, attention_mask=None, position_ids=None, timer=None):
-        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32).
+    def capture(self, context_mask, attention_mask=None, position_ids=None, timer=None, per_head: bool = False):
+        """Within the block, the next forward through the target layer sets ``cap.share`` (B x T float32), and with
+        ``per_head`` also ``cap.head_shares`` (B x Hq x T, whose mean over heads is ``share``).
 
         ``timer(name)``, when given, returns a context manager wrapped around the share's computation."""
         context_mask = torch.as_tensor(context_mask).bool()
@@ -323,7 +333,7 @@ class ContextShareProbe:
         segment_ids = None if position_ids is None else segment_ids_from_position_ids(position_ids)
         if segment_ids is not None and segment_ids.shape[0] != context_mask.shape[0]:
             segment_ids = segment_ids.expand(context_mask.shape[0], -1)
-        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size, timer=timer)
+        cap = ShareCapture(context_mask, key_valid, segment_ids, self.chunk_size, timer=timer, per_head=per_head)
 
         previous = getattr(self._module, _CAPTURE_ATTR, None)
         setattr(self._module, _CAPTURE_ATTR, cap)

@@ -113,6 +113,12 @@ def combined_score(rel_normalized: torch.Tensor, context_share: torch.Tensor, ga
     return gamma * rel_normalized + (1.0 - gamma) * context_share.float()
 
 
+def gamma_at(progress: float, gamma: float, warmup_fraction: float = 0.0) -> float:
+    """ssToken's γ at ``progress`` (the fraction of optimizer steps done): 0, attention alone, while
+    ``progress < warmup_fraction`` (the official release scores its first 10k of 50k samples so), then ``gamma``."""
+    return 0.0 if progress < warmup_fraction else gamma
+
+
 def keep_count(n_tokens: int, rho: float) -> int:
     """Tokens kept out of ``n_tokens``: ceil(ρ·n), robust to floating-point error (ρ=0.07, n=100 → 7)."""
     if n_tokens <= 0:

@@ -171,7 +171,7 @@ class SSTokenSelector(Selector):
         return cls(rho, gamma, warmup_fraction)
 
     def gamma_at(self, progress: float) -> float:
-        return 0.0 if progress < self.warmup_fraction else self.gamma
+        return scoring.gamma_at(progress, self.gamma, self.warmup_fraction)
 
     def select(self, signals, progress=0.0):
         gamma = self.gamma_at(progress)
