@@ -39,7 +39,6 @@ from runner import claim, release, run_workers  # noqa: E402
 
 from sstoken.training.config import method_settings  # noqa: E402
 
-REPO = HERE.parents[1]
 MODEL = "gemma"
 # name -> SSTokenConfig selection fields, plus: clean (train on the clean twins), base (history_cache = the base
 # model's NLL), reference (reference_cache = the clean-trained reference's NLL)
@@ -340,32 +339,15 @@ def report(out: Path, catalogue: noise.Catalogue, setup_info: dict | None) -> di
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(data.SHAPES), default="cpu")
     parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS),
                         help="default: all but the research variants")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--catalogue", type=Path, default=noise.DEFAULT_CATALOGUE, help="noise catalogue (JSON)")
-    parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/noisy-real")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--caches-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs, one thread each")
+    data.add_run_arguments(parser)
     ns = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from sstoken.errors import ConfigError
-    from sstoken.evaluation.tasks import default_home
     from sstoken.io import atomic_write_json
 
-    try:
-        catalogue = noise.load_catalogue(ns.catalogue)
-    except ConfigError as exc:
-        print(f"compare: error: {exc}", file=sys.stderr)
-        return 2
-    home = (ns.home or default_home()).expanduser()
-    out = ns.out or REPO / "benchmarks" / "results" / "noisy-real"
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    catalogue, home, out = data.resolve_run(ns, "compare")
     setup_info = None
     if not ns.report_only and ns.workers > 1:
         run_workers(__file__, argv if argv is not None else sys.argv[1:], ns.workers)

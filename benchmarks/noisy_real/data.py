@@ -211,3 +211,38 @@ def load(model: str, home: Path):
     from sstoken.models import load_model, load_tokenizer
 
     return load_model(None, dtype="float32"), load_tokenizer(None)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+RESULTS = HERE.parent / "results" / "noisy-real"
+
+
+def add_run_arguments(parser) -> None:
+    """The options ``probe.py`` and ``compare.py`` share: size, seeds, catalogue, folders, and the resumable runner's."""
+    import argparse
+
+    parser.add_argument("--size", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--catalogue", type=Path, default=noise.DEFAULT_CATALOGUE, help="noise catalogue (JSON)")
+    parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/noisy-real")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--caches-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs, one thread each")
+
+
+def resolve_run(ns, prog: str) -> tuple[noise.Catalogue, Path, Path]:
+    """The catalogue, the assets folder and the results folder (created, with its ``runs/``) of parsed options; a bad
+    catalogue is one line on stderr and exit status 2."""
+    from sstoken.errors import ConfigError
+    from sstoken.evaluation.tasks import default_home
+
+    try:
+        catalogue = noise.load_catalogue(ns.catalogue)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = ns.out or RESULTS
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    return catalogue, (ns.home or default_home()).expanduser(), out

@@ -42,7 +42,6 @@ from runner import claim, release, run_workers  # noqa: E402
 
 from sstoken.selection.selectors import FullSelector  # noqa: E402
 
-REPO = HERE.parents[1]
 EMA_DECAY = 0.9  # a history that lags ~10 steps: in a 16-step run the default 0.99 would stay near the base model
 EARLY = 0.25  # the early probe: after this fraction of the steps (at step 0 REL is 0 everywhere: LoRA's B = 0)
 GAMMA = 0.5
@@ -413,29 +412,12 @@ def report(out: Path, catalogue: noise.Catalogue) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(data.SHAPES), default="cpu")
     parser.add_argument("--models", nargs="+", choices=data.MODELS, default=list(data.MODELS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--catalogue", type=Path, default=noise.DEFAULT_CATALOGUE, help="noise catalogue (JSON)")
-    parser.add_argument("--home", type=Path, default=None, help="prepared assets (default: ~/.cache/sstoken)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/noisy-real")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--caches-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs, one thread each")
+    data.add_run_arguments(parser)
     ns = parser.parse_args(argv)
-    from sstoken.errors import ConfigError
-    from sstoken.evaluation.tasks import default_home
     from sstoken.io import atomic_write_json
 
-    try:
-        catalogue = noise.load_catalogue(ns.catalogue)
-    except ConfigError as exc:
-        print(f"probe: error: {exc}", file=sys.stderr)
-        return 2
-    home = (ns.home or default_home()).expanduser()
-    out = ns.out or REPO / "benchmarks" / "results" / "noisy-real"
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    catalogue, home, out = data.resolve_run(ns, "probe")
     if not ns.report_only and ns.workers > 1:
         run_workers(__file__, argv if argv is not None else sys.argv[1:], ns.workers)
     elif not ns.report_only:

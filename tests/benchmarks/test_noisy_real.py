@@ -479,3 +479,9 @@ def test_probe_summary_averages_seeds_and_names_the_best_head(mods, tmp_path):
     table = (tmp_path / "probe.md").read_text()
     assert "| base_nll | - | 0.70 ± 0.14 |" in table and "0.25 (last_h1)" in table
     assert (tmp_path / "probe.png").stat().st_size > 0
+
+
+def test_results_go_beside_the_other_benchmarks_results(mods):
+    # The committed results the write-up quotes are where both scripts write by default.
+    assert mods["data"].RESULTS == NOISY.parent / "results" / "noisy-real"
+    assert (mods["data"].RESULTS / "compare.json").is_file() and (mods["data"].RESULTS / "probe.json").is_file()
