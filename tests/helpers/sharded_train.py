@@ -190,6 +190,20 @@ def shard_fsdp2(model, head_unit: bool = False):
     return model
 
 
+def sgd_steps(model, optimizer, selector, sources, state: dict) -> list[dict]:
+    """This rank's micro-batch of every step, one SGD update after each: the sharded runs' training loop."""
+    import torch.distributed as dist
+
+    records = []
+    model.train()
+    for step in range(STEPS):
+        records.append(train_step(model, selector, sources, step, dist.get_rank(), lambda loss: loss.backward(),
+                                  1.0, state))
+        optimizer.step()
+        optimizer.zero_grad()
+    return records
+
+
 def run_fsdp(case: str, workdir: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -208,14 +222,7 @@ def run_fsdp(case: str, workdir: str) -> dict:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     result = {"rank": dist.get_rank(), "sharded": sharded, "fingerprint": model_fingerprint(model),
               "head_reason": lm_head.use_sstoken_head(model, "test")}
-    records = []
-    model.train()
-    for step in range(STEPS):
-        records.append(train_step(model, selector, sources, step, dist.get_rank(), lambda loss: loss.backward(),
-                                  1.0, state))
-        optimizer.step()
-        optimizer.zero_grad()
-    result.update(records=records, weights=trainable(model))
+    result.update(records=sgd_steps(model, optimizer, selector, sources, state), weights=trainable(model))
     return result
 
 
@@ -249,15 +256,8 @@ def run_fsdp_meta(workdir: str) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     result["reason_after_loading"] = lm_head.use_sstoken_head(model, "test")
     selector, sources, _ = sources_for(case_settings("fsdp_full"), model, workdir)
-    records = []
-    model.train()
     state = {"skip": False, "poison": False}
-    for step in range(STEPS):
-        records.append(train_step(model, selector, sources, step, dist.get_rank(), lambda loss: loss.backward(),
-                                  1.0, state))
-        optimizer.step()
-        optimizer.zero_grad()
-    result.update(records=records, weights=trainable(model))
+    result.update(records=sgd_steps(model, optimizer, selector, sources, state), weights=trainable(model))
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ HELPERS = REPO / "tests" / "helpers"
 sys.path.insert(0, str(HELPERS))
 
 import ddp_train  # noqa: E402  (the helper launched below; imported for the in-process reference)
+from launching import launch_beside_reference  # noqa: E402
 
 # Scoped to this module's tests (a module-level filter would silence them for the whole session).
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -55,27 +55,11 @@ def runs(tmp_path_factory):
         "--main_process_port", "0",  # a free port: other test runs may share this machine
         str(HELPERS / "ddp_train.py"), "--workdir", str(workdir), "--cases", ",".join(cases + ["cli", "fsdp_ema"]),
     ]
-    log = open(workdir / "launch.log", "w")
-    launch = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # The single-process reference trains meanwhile, on one thread so the two jobs share the CPU well.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            refs = {case: ddp_train.run_case(case, str(workdir), grad_accum=WORLD) for case in cases}
-        finally:
-            torch.set_num_threads(threads)
-        # No timeout: under load the launch can take many times its usual half minute, and a fixed limit
-        # failed the suite for slowness alone. A rank that dies makes torchrun stop the others, and a hung
-        # collective ends at torch.distributed's own process-group timeout, so the wait ends either way.
-        rc = launch.wait()
-    finally:
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait()
-        log.close()
-    output = (workdir / "launch.log").read_text(errors="replace")
-    assert rc == 0, f"accelerate launch failed (rc {rc}):\n{output[-6000:]}"
+    # The single-process reference trains meanwhile.
+    refs = launch_beside_reference(
+        command, workdir, env,
+        lambda: {case: ddp_train.run_case(case, str(workdir), grad_accum=WORLD) for case in cases},
+        "accelerate launch")
     results = {case: {"ref": refs[case], **{r: _load(workdir / f"{case}-rank{r}.pt") for r in range(WORLD)}}
                for case in cases}
     for extra in ("cli", "fsdp_ema"):

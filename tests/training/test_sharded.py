@@ -10,7 +10,6 @@ fingerprint on every rank; a NaN micro-batch on one rank skipped without stoppin
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(HELPERS))
 
 import ddp_train  # noqa: E402
 import sharded_train  # noqa: E402
+from launching import launch_beside_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -62,26 +62,10 @@ def runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # --standalone: a free port
                "--nproc_per_node", str(WORLD), str(HELPERS / "sharded_train.py"), "--workdir", str(workdir)]
-    log = open(workdir / "launch.log", "w")
-    launch = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            refs = {case: sharded_train.run_reference(case, str(workdir))
-                    for case in {reference_case(c) for c in TRAINED + SKIPPED}}
-        finally:
-            torch.set_num_threads(threads)
-        # No timeout: a rank that dies makes torchrun stop the other, and a hung collective ends at the process
-        # group's timeout (set by the helper).
-        rc = launch.wait()
-    finally:
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait()
-        log.close()
-    output = (workdir / "launch.log").read_text(errors="replace")
-    assert rc == 0, f"the 2-process launch failed (rc {rc}):\n{output[-6000:]}"
+    refs = launch_beside_reference(
+        command, workdir, env, lambda: {case: sharded_train.run_reference(case, str(workdir))
+                                        for case in {reference_case(c) for c in TRAINED + SKIPPED}},
+        "the 2-process launch")
     results = {case: {"ref": refs[reference_case(case)],
                       **{r: torch.load(workdir / f"{case}-rank{r}.pt", weights_only=False) for r in range(WORLD)}}
                for case in TRAINED + SKIPPED}

@@ -156,8 +156,11 @@ def test_gradient_accumulation_with_weights_equals_one_big_batch(tmp_path, metho
         torch.testing.assert_close(results["small"][1][name], grad, atol=1e-6, rtol=1e-4)
 
 
-def test_evaluation_with_dft_is_the_plain_response_nll(tmp_path):
-    trainer = make_trainer(tmp_path, loss_type="dft", selection_method="full")
+@pytest.mark.parametrize("weighting", ["dft", "data"])
+def test_evaluation_loss_is_the_plain_response_nll(tmp_path, weighting):
+    """Weights shape training only: with DFT, or with weighted rows, the evaluation loss is the unweighted NLL."""
+    settings = {"loss_type": "dft"} if weighting == "dft" else {"rows": make_rows(weighted=True)}
+    trainer = make_trainer(tmp_path, selection_method="full", **settings)
     batch = first_batch(trainer)
     trainer.model.eval()
     with torch.no_grad():
@@ -260,16 +263,6 @@ def test_a_collator_that_drops_the_weights_is_refused(tmp_path):
     trainer.model.train()
     with pytest.raises(ConfigError, match="drops them"):
         trainer.compute_loss(trainer.model, batch)
-
-
-def test_evaluation_ignores_the_datas_weights(tmp_path):
-    trainer = make_trainer(tmp_path, rows=make_rows(weighted=True), selection_method="full")
-    batch = first_batch(trainer)
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-    _, _, event = loss_grads_event(trainer, batch)
-    assert loss.item() == pytest.approx(scoring.masked_mean(event.signals.current_nll, event.keep), rel=1e-5)
 
 
 def test_a_stream_carries_its_weights(tmp_path):
