@@ -1,13 +1,13 @@
 """``python benchmarks/noisy_real/compare.py``: token selectors against full SFT on noisy real data with a known noise
 record, scored by the NLL of clean held-out answers.
 
-Gemma-3-270M (base) gets the same LoRA fine-tune (r=16 on all linear layers, lr 3e-4 cosine, 15 steps of 4 rows:
-the 60 of 64 rows that fit 256 tokens with their clean twins) with every method, on the noisy ShareGPT mix of
+Gemma-3-270M (base) gets the same LoRA fine-tune (r=16 on all linear layers, lr 3e-4 cosine, 15 steps of 4 rows: the
+60 of 64 rows that fit 256 tokens with their clean twins) with every method, on the noisy ShareGPT mix of
 ``data.py`` (clean top-quality rows, about 60% of them spoilt by the catalogue's noise, 10% per kind rounded, one
-kind each). ``full_clean`` trains on the clean twins of the same rows (the ceiling); Rho-1 and TokenCleaning read a reference model trained
-the same way on other clean rows; REL, ssToken and TokenCleaning read the base model's NLL from a cache built once.
-While each method trains, every keep mask is compared with the noise record (kept fraction of each noise kind and
-of clean tokens; ``quality.KeepRecorder``).
+kind each). ``full_clean`` trains on the clean twins of the same rows (the ceiling); Rho-1 and TokenCleaning read a
+reference model trained the same way on other clean rows; REL, ssToken and TokenCleaning read the base model's NLL
+from a cache built once. While each method trains, every keep mask is compared with the noise record (kept fraction
+of each noise kind and of clean tokens; ``quality.KeepRecorder``).
 
 Each (method, seed) result is written to ``runs/compare-<method>-seed<k>.json`` at once (rerun to continue;
 ``--workers 2`` shares the runs between two one-thread processes). The report pairs every method with
