@@ -524,3 +524,18 @@ def test_torch_compile_trains_as_without_it(tmp_path):
     plain_weights, compiled_weights = trainable(plain_trainer), trainable(compiled_trainer)
     for name, weight in plain_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-fine-tuning"])
+def test_bf16_mixed_precision_autocast_covers_sstokens_head(tmp_path, lora):
+    """With `bf16: true` and float32 weights, accelerate wraps the model's forward in autocast. sstoken's head is
+    patched before that wrapping, so the training forward that runs it is autocast too (full fine-tuning used to
+    run it in float32 outside the autocast), and the head check compares like with like and keeps the head."""
+    trainer = make_trainer(tmp_path, peft=lora, bf16=True, max_steps=1, selection_method="attn")
+    seen = []
+    base = trainer.model.get_base_model() if lora else trainer.model
+    base.model.layers[0].mlp.register_forward_hook(
+        lambda module, args, output: seen.append((module.training, torch.is_autocast_enabled("cpu"))))
+    trainer.train()
+    assert trainer.full_logits_reason is None
+    assert any(training for training, _ in seen) and all(autocast for training, autocast in seen if training)

@@ -311,7 +311,9 @@ def add_sstoken_head(model: torch.nn.Module) -> None:
     (e.g. from ``sstoken cache`` on the same model) stays underneath, as could accelerate's device-map hooks.
     """
     base = unwrap_base_model(model)
-    if vars(base).get("forward") is getattr(base, "_sstoken_forward", None) is not None:
+    ours = getattr(base, "_sstoken_forward", None)
+    # Already outermost, or wrapped since by accelerate's mixed-precision autocast (which then covers our head too).
+    if ours is not None and ours in (vars(base).get("forward"), vars(base).get("_original_forward")):
         return
     original_forward = base.forward
     softcap = _softcap(base)
@@ -446,8 +448,11 @@ def _probe_mismatch(model: torch.nn.Module) -> str | None:
     theirs = torch.logsumexp(logits, -1) - logits.gather(-1, labels[:, 1:, None].to(logits.device)).squeeze(-1)
     ours = ours.to(theirs.device)
     # Half-precision matmuls of 1 row or PROBE_TOKENS rows may round differently; a logit scale does not hide.
-    exact = theirs_logits.dtype == head_weight.dtype == torch.float32 and \
-        not torch.is_autocast_enabled(theirs_logits.device.type)
+    # accelerate's mixed precision autocasts inside the forward and returns float32 logits (``_original_forward``
+    # marks its wrapper).
+    autocast = torch.is_autocast_enabled(theirs_logits.device.type) or \
+        any("_original_forward" in vars(module) for module in (outer, base))
+    exact = theirs_logits.dtype == head_weight.dtype == torch.float32 and not autocast
     tolerance = 1e-4 if exact else 2e-2
     scale = max(1.0, float(logits.abs().max()))
     if not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * scale):

@@ -220,6 +220,9 @@ class SSTokenTrainer(SFTTrainer):
         self.skipped_nonfinite_steps = 0
         self._dropped_gradients: DroppedGradients | None = None
         self._full_logits_reason: str | None | object = _UNDECIDED
+        # Patched now, before accelerate wraps the forward in its mixed-precision autocast, so that the autocast
+        # covers sstoken's head as it covers the model's own; whether the head is used is decided on first use.
+        lm_head.add_sstoken_head(self.model)
         keep_cpu_4bit_layers_trainable(self.model)  # before the head check runs the model in eval mode
         if self.selector.needs_attention:
             self._attention_probe()  # fail before training if the attention cannot be hooked
