@@ -406,7 +406,7 @@ def run_steps(opts, model_dir: str, workdir: Path) -> list[dict]:
             "dtype": opts.dtype,
             "quantization": _quantization(opts),
         }
-        if "sstoken-cached" in opts.variants:
+        if any(v.removesuffix(LIGER) == "sstoken-cached" for v in opts.variants):
             builder = _Worker(_cache_builder_main, dict(spec))
             try:
                 builder.wait_done()

@@ -20,19 +20,34 @@ def claim(folder: Path, name: str) -> bool:
     if (folder / name).exists():
         return False
     claim_file = folder / (name + ".claim")
-    try:
-        holder = int(claim_file.read_text())
-        os.kill(holder, 0)
-        return holder == os.getpid()
-    except (OSError, ValueError):
-        pass  # no claim, or its process is gone
-    claim_file.unlink(missing_ok=True)
-    try:
-        with open(claim_file, "x") as handle:
-            handle.write(str(os.getpid()))
-    except FileExistsError:
-        return False
-    return True
+    for _ in range(2):  # a second try after taking over the claim of a process that has died
+        # The claim appears with its process id already in it (a hard link to a finished file), so another worker
+        # never reads an empty claim and mistakes it for a dead one.
+        draft = folder / f"{name}.claim.{os.getpid()}"
+        draft.write_text(str(os.getpid()))
+        try:
+            os.link(draft, claim_file)
+            return True
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+        try:
+            holder = int(claim_file.read_text())
+        except FileNotFoundError:
+            continue  # released meanwhile
+        except ValueError:
+            return False  # not a claim this runner wrote: leave it alone
+        if holder == os.getpid():
+            return True
+        try:
+            os.kill(holder, 0)
+            return False
+        except ProcessLookupError:
+            claim_file.unlink(missing_ok=True)
+        except PermissionError:
+            return False  # alive, under another user
+    return False
 
 
 def release(folder: Path, name: str) -> None:
@@ -56,5 +71,6 @@ def run_workers(script: str, argv: list[str], workers: int, prepare_flag: str = 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run([sys.executable, script, *args, prepare_flag], env=env, check=True)
     processes = [subprocess.Popen([sys.executable, script, *args, worker_flag], env=env) for _ in range(workers)]
-    if any(p.wait() != 0 for p in processes):
+    codes = [p.wait() for p in processes]  # every worker ends before this returns, a failed one or not
+    if any(codes):
         raise SystemExit("a worker failed; rerun to continue where it stopped")

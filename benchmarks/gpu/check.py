@@ -161,7 +161,7 @@ def head_numerics(shape: str, attn: str, device: str, seq_len: int, batch: int, 
     from transformers import AutoModelForCausalLM
 
     from sstoken.selection import lm_head
-    from sstoken.selection.attention import context_share
+    from sstoken.selection.attention import ContextShareProbe
 
     started = time.time()
     config = common.shape_config(shape, quick, pad_token_id=0)
@@ -208,12 +208,13 @@ def head_numerics(shape: str, attn: str, device: str, seq_len: int, batch: int, 
         record["head_ok"] = (head_verdict(record["head"]["nll"]["mean_abs"], record["full_logits"]["nll"]["mean_abs"])
                              and head_verdict(record["head"]["grad"]["rel_norm"],
                                               record["full_logits"]["grad"]["rel_norm"]))
-    # The attention probe: installed on this model, it must leave the logits alone and give SDPA's share.
+    # The attention probe: the forward that captures the share must give the logits of the forward without it, and
+    # the share must be SDPA's.
     model.eval()
-    with bf16():
-        share = context_share(model, ids, torch.ones_like(ids), ~response, layer=-1)
-        with torch.no_grad():
-            after = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    probe = ContextShareProbe(model, layer=-1)
+    with bf16(), torch.no_grad(), probe.capture(~response, torch.ones_like(ids)) as capture:
+        after = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    share = capture.required_share()
     record["probe"] = {"logits_max_abs_change": float((after.float() - full_logits.float()).abs().max()),
                        "share_mean": float(share[response].mean())}
     if sdpa_share is not None:

@@ -42,10 +42,11 @@ def test_dry_run_checks_the_head_and_the_probe_on_every_shape(dry_run):
             errors = record[path]
             assert all(math.isfinite(v) for v in (errors["nll"]["mean_abs"], errors["grad"]["rel_norm"],
                                                   errors["loss_rel"]))
-            assert 0.0 <= errors["keep_agreement"] <= 1.0
+            assert errors["keep_agreement"] >= 0.9  # the kept set of the float32 reference, but for bf16 near-ties
         assert record["head_ok"] is True
         assert record["probe"]["logits_max_abs_change"] == 0.0  # the probe leaves the forward alone
         assert ("share_vs_sdpa_max_abs" in record["probe"]) == (record["attn_implementation"] != "sdpa")
+        assert record["probe"].get("share_vs_sdpa_max_abs", 0.0) < 0.05  # a few bf16 steps of the [0, 1] share
 
 
 @pytest.mark.slow
@@ -58,7 +59,8 @@ def test_dry_run_measures_steps_and_a_qlora_step_against_stock_trl(dry_run):
     assert "--dtype bfloat16" in steps["command"] and "--shape qwen2.5-0.5b" in steps["command"]
     for record in steps["records"]:
         assert record["losses"] and all(math.isfinite(x) for x in record["losses"])
-        assert record["verdict"] == check.target_verdict(record["variant"], record["time_ratio"], record["mem_ratio"])
+        # a verdict exactly where the issue set a target (values themselves: test_target_verdicts)
+        assert (record["verdict"] in ("met", "missed")) == (record["variant"] in check.TARGETS)
     qlora = result["qlora"]
     if qlora.get("skipped"):
         assert qlora["skipped"] == "bitsandbytes is not installed"

@@ -235,9 +235,37 @@ def test_a_claim_is_held_once_and_taken_over_from_a_dead_process(tmp_path):
     assert claim(tmp_path, "unit.json") and claim(tmp_path, "unit.json")  # this process holds it
     (tmp_path / "unit.json.claim").write_text("999999999")  # no such process
     assert claim(tmp_path, "unit.json")
+    (tmp_path / "other.json.claim").write_text(str(os.getppid()))  # a live process holds it
+    assert not claim(tmp_path, "other.json") and (tmp_path / "other.json.claim").read_text() == str(os.getppid())
+    (tmp_path / "odd.json.claim").write_text("")  # not written by the runner: left alone
+    assert not claim(tmp_path, "odd.json") and (tmp_path / "odd.json.claim").exists()
     release(tmp_path, "unit.json")
     (tmp_path / "unit.json").write_text("{}")
     assert not claim(tmp_path, "unit.json")  # done
+
+
+def _claim_at_once(folder, start, done, won):
+    from runner import claim
+
+    start.wait()
+    won.put(claim(folder, "unit.json"))
+    done.wait()  # every claimant stays alive until all have tried: a live holder's claim must hold
+
+
+def test_workers_that_claim_a_unit_at_the_same_moment_get_it_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    n = 6
+    start, done, won = context.Barrier(n), context.Barrier(n), context.Queue()
+    workers = [context.Process(target=_claim_at_once, args=(tmp_path, start, done, won)) for _ in range(n)]
+    for worker in workers:
+        worker.start()
+    results = [won.get() for _ in range(n)]
+    for worker in workers:
+        worker.join()
+    assert sorted(results) == [False] * (n - 1) + [True]
+    assert list(tmp_path.iterdir()) == [tmp_path / "unit.json.claim"]  # no draft left behind
 
 
 def test_comparison_pairs_with_full_noisy_and_measures_the_gap_recovered(mods):
@@ -448,7 +476,11 @@ def test_probe_scores_rows_through_the_training_pipeline(mods, tmp_path):
         expected = context_share(trainer.model, ids, torch.ones_like(ids), context, layer=-1)[0][~context[0]]
     torch.testing.assert_close(scored["share_last"][0], expected, atol=1e-5, rtol=0)
     stats = table.statistics({"noise": ("repetition",)})["late"]
-    assert 0.0 <= stats["signals"]["base_nll"]["noise"]["auc_noise_high"] <= 1.0
+    # the ROC area over these tokens, counted pair by pair: P(a repetition token's base NLL > a clean token's)
+    noise = base_nll[[k == "repetition" for k in scored["kind"]]]
+    clean = base_nll[[k is None or k == "clean" for k in scored["kind"]]]
+    pairs = (noise[:, None] > clean[None, :]).float() + 0.5 * (noise[:, None] == clean[None, :]).float()
+    assert stats["signals"]["base_nll"]["noise"]["auc_noise_high"] == pytest.approx(float(pairs.mean()), abs=1e-6)
 
 
 def test_probe_summary_averages_seeds_and_names_the_best_head(mods, tmp_path):
