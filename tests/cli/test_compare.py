@@ -73,6 +73,9 @@ def test_compare_seeds_on_the_demo_data_without_held_out_data(tmp_path, tiny_mod
     # The same folder with another recipe would pair runs that are not comparable.
     assert main([*argv, "--learning_rate", "0.01"]) == 2
     assert "holds runs of another comparison (recipe key learning_rate differs)" in capsys.readouterr().err
+    # The recipe's loss type is what every method but the dft ones trains with.
+    assert main([*argv, "--loss_type", "dft"]) == 2
+    assert "holds runs of another comparison (recipe key loss_type differs)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -134,6 +134,10 @@ def test_loaded_data_has_a_weight_column_only_when_weighted(tok, tmp_path, own_c
     # Unweighted rows store no weights (they weigh 1); the weighted row stores one per token.
     assert [len(w) for w in rows[TOKEN_WEIGHTS]] == [0, 0, len(rows[2]["input_ids"])]
     assert set(rows[2][TOKEN_WEIGHTS]) == {3.0}
+    # A selection of the rows (compare's held-out split) counts its own used and weighted rows.
+    unweighted = sources.stats_of_selection(stats, rows.select([0, 1]))
+    assert (unweighted.used, unweighted.weighted, unweighted.rows_read) == (2, 0, 4)
+    assert sources.stats_of_selection(stats, rows.select([1, 2])).weighted == 1
 
 
 def test_a_changed_weight_is_encoded_again(tok, tmp_path, own_cache):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from sstoken.cli.recipe import data_flag
+from sstoken.data.sources import stats_of_selection
 from sstoken.data.spec import check_data_spec
 from sstoken.errors import ConfigError, escaped, shown
 from sstoken.io import atomic_write_json, atomic_write_text
@@ -126,7 +126,7 @@ def cmd_compare(ns, overrides: list[str]) -> int:
         held_out = {"source": _spec_text(held_out_spec), "rows": len(held_out_rows)}
     else:
         rows, held_out_rows, held_out = _split(rows, fraction, run["data"])
-        stats = replace(stats, used=len(rows))
+        stats = stats_of_selection(stats, rows)
     held_out_rows = held_out_rows.to_list()
     from sstoken.evaluation.held_out import rows_fingerprint
 
@@ -204,7 +204,8 @@ def _describe_held_out(held_out: dict, out: Path) -> str:
 
 
 # What differs between the runs of one comparison (set by compare for each run).
-_PER_RUN_KEYS = ("output_dir", "selection_method", "loss_type", "seed", "data_seed", "selection_seed")
+# loss_type is not one of them: dft methods set it per run, but every other method trains with the recipe's.
+_PER_RUN_KEYS = ("output_dir", "selection_method", "seed", "data_seed", "selection_seed")
 
 
 def _recipe_settings(config_path, overrides: list[str]) -> dict:

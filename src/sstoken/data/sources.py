@@ -10,6 +10,7 @@ encoding and any change to one of those encodes again. :func:`load_rows` is the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -595,6 +596,13 @@ class LoadStats:
     trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
+
+
+def stats_of_selection(stats: LoadStats, rows: Any) -> LoadStats:
+    """``stats`` for ``rows``, a selection of the encoded rows it counted (``sstoken compare``'s held-out split): the
+    rows used and weighted are recounted; the other counts still describe everything read."""
+    weights = rows[TOKEN_WEIGHTS] if TOKEN_WEIGHTS in rows.column_names else []
+    return dataclasses.replace(stats, used=len(rows), weighted=sum(1 for w in weights if w))
 
 
 def load_training_rows(

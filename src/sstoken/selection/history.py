@@ -101,7 +101,8 @@ class EMAHistory:
             return False
         self._check_params()
         for name, param in self.params.items():
-            self.shadow[name].mul_(self.decay).add_(param.detach().to(self.shadow[name].dtype), alpha=1.0 - self.decay)
+            # A bf16 parameter is promoted inside add_: no float32 copy of it is made.
+            self.shadow[name].mul_(self.decay).add_(param.detach(), alpha=1.0 - self.decay)
         self.updates += 1
         return True
 
