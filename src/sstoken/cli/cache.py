@@ -10,6 +10,7 @@ from sstoken.cli.common import (
     CACHE_MARKERS,
     check_output_folder,
     load_run_rows,
+    load_run_tokenizer,
     prepare_run,
 )
 from sstoken.errors import ConfigError
@@ -27,7 +28,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_cache(ns, overrides: list[str]) -> int:
-    from sstoken.models import load_model, load_tokenizer, revision_of
+    from sstoken.models import load_model
     from sstoken.selection.nll_cache import build_nll_cache
 
     run, config = prepare_run(ns.config, overrides)
@@ -39,10 +40,7 @@ def cmd_cache(ns, overrides: list[str]) -> int:
     check_output_folder(out, "cache folder", CACHE_MARKERS)
     if ns.adapter and not (Path(ns.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {ns.adapter} is not a PEFT adapter folder (no adapter_config.json there)")
-    from sstoken.training.config import apply_tokenizer_settings
-
-    tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=revision_of(config.model_init_kwargs))
-    apply_tokenizer_settings(tokenizer, config)  # the cache must hold the rows that training will encode
+    tokenizer = load_run_tokenizer(model_name, run, config)  # the cache must hold the rows training will encode
     rows, _ = load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
     rows = rows.to_list()  # the very rows train uses: same spec, tokenizer, max_seq_length and mixture seed
     model = load_model(model_name, run["dtype"], run["attn_implementation"], run["trust_remote_code"],

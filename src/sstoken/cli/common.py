@@ -61,6 +61,17 @@ def is_checkpoint_name(name: str) -> bool:
     return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
+def load_run_tokenizer(model_name: str, run: dict, config):
+    """The tokenizer a run encodes its data with: ``model_name``'s, with the recipe's eos_token and chat template
+    applied (before any row is encoded, so that train, cache and compare encode the same rows)."""
+    from sstoken.models import load_tokenizer, revision_of
+    from sstoken.training.config import apply_tokenizer_settings
+
+    tokenizer = load_tokenizer(model_name, run["trust_remote_code"], revision=revision_of(config.model_init_kwargs))
+    apply_tokenizer_settings(tokenizer, config)
+    return tokenizer
+
+
 def load_run_rows(spec, tokenizer, max_seq_length: int, config, what: str = "data"):
     """The encoded rows of a data spec (a ``datasets.Dataset``) and their LoadStats; a mixture is shuffled with
     the run's data_seed (else seed), so that train and cache see the same rows. Under torchrun the main process

@@ -77,7 +77,7 @@ def _run_overrides(overrides: list[str], method: str, seed: int, output_dir: Pat
 
 
 def cmd_compare(ns, overrides: list[str]) -> int:
-    from sstoken.cli.common import load_run_rows, prepare_run
+    from sstoken.cli.common import load_run_rows, load_run_tokenizer, prepare_run
     from sstoken.cli.train import cmd_train
     from sstoken.training.config import method_settings
 
@@ -119,7 +119,7 @@ def cmd_compare(ns, overrides: list[str]) -> int:
         prepare_eval_tasks(tasks_dir, tasks=tasks)
 
     # The data is read and encoded once, here: every run trains on the same rows (a pipe can be read only once).
-    tokenizer = _run_tokenizer(run, config)
+    tokenizer = load_run_tokenizer(run["model"], run, config)
     rows, stats = load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
     if held_out_spec:
         held_out_rows, _ = load_run_rows(held_out_spec, tokenizer, run["max_seq_length"], config, "eval_data")
@@ -164,16 +164,6 @@ def cmd_compare(ns, overrides: list[str]) -> int:
     print(table)
     print(f"sstoken compare: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
     return 0
-
-
-def _run_tokenizer(run, config):
-    """The tokenizer every run of the recipe loads, with the recipe's eos_token and chat template applied."""
-    from sstoken.models import load_tokenizer, revision_of
-    from sstoken.training.config import apply_tokenizer_settings
-
-    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"], revision=revision_of(config.model_init_kwargs))
-    apply_tokenizer_settings(tokenizer, config)
-    return tokenizer
 
 
 def _split(rows, fraction: float, data_spec):

@@ -15,6 +15,7 @@ from sstoken.cli.common import (
     check_output_folder,
     is_checkpoint_name,
     load_run_rows,
+    load_run_tokenizer,
     lora_config,
     prepare_run,
 )
@@ -39,8 +40,8 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
     """Train the recipe ``ns.config`` with ``overrides``. ``data``: the training rows already encoded, as
     (rows, LoadStats) from :func:`~sstoken.cli.common.load_run_rows` with this run's tokenizer (``sstoken
     compare`` trains every run on the rows it read once); else the recipe's ``data`` is read."""
-    from sstoken.models import load_model, load_tokenizer, revision_of
-    from sstoken.training.config import apply_tokenizer_settings, check_history_source, check_one_device_per_process
+    from sstoken.models import load_model
+    from sstoken.training.config import check_history_source, check_one_device_per_process
     from sstoken.training.trainer import SSTokenTrainer, check_text_rows
 
     run, config = prepare_run(ns.config, overrides)
@@ -65,9 +66,7 @@ def cmd_train(ns, overrides: list[str], data=None) -> int:
     resume = _resolve_resume(config.resume_from_checkpoint, config.output_dir)
     _check_attention_layer(run, config)
     started = time.time()
-    tokenizer = load_tokenizer(run["model"], run["trust_remote_code"],
-                               revision=revision_of(config.model_init_kwargs))
-    apply_tokenizer_settings(tokenizer, config)  # eos_token, chat_template_path: before the data is encoded
+    tokenizer = load_run_tokenizer(run["model"], run, config)
     rows, stats = data if data is not None else load_run_rows(run["data"], tokenizer, run["max_seq_length"], config)
     check_text_rows(stats, config, "data")
     eval_dataset = None
