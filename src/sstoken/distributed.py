@@ -76,35 +76,22 @@ def logical_shape(tensor) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def gathered(tensors) -> Iterator[None]:
-    """Gather the ZeRO-3 partitioned ``tensors`` (None entries and other tensors are left alone) for the block, with
-    DeepSpeed's own ``GatheredParameters``, and partition them again after it. A collective: every rank enters it.
-    Parameters that are gathered already (persistent small ones, or inside their module's forward) are not touched:
-    partitioning them on the way out would pull them from under their module."""
-    waiting = []
-    for tensor in tensors:
-        if tensor is not None and is_zero3_partitioned(tensor):
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-            if tensor.ds_status != ZeroParamStatus.AVAILABLE:
-                waiting.append(tensor)
-    if not waiting:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(waiting, modifier_rank=None):
-        yield
-
-
-@contextlib.contextmanager
 def materialized(tensor) -> Iterator[Any]:
     """``tensor``'s full values as a plain local tensor, gathered the engine's way (a collective for ZeRO-3 and
     DTensor parameters: every rank enters it, for the same parameters in the same order); None for a ``meta``
     tensor, whose values this rank does not have."""
     if is_zero3_partitioned(tensor):
-        with gathered([tensor]):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if tensor.ds_status == ZeroParamStatus.AVAILABLE:
+            # Gathered already (a persistent small parameter, or inside its module's forward): partitioning it on
+            # the way out would pull it from under its module.
             yield tensor.data
+        else:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                yield tensor.data
     elif is_dtensor(tensor):
         yield tensor.full_tensor()
     elif tensor.is_meta:

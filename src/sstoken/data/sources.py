@@ -219,7 +219,7 @@ def _stream_part(path: Path, columns, max_line_bytes: int) -> _Part:
     except OSError as exc:
         raise DataError(f"{path}: cannot open the pipe: {exc.strerror or exc}") from None
     with raw:
-        if suffix == ".json" and raw.peek(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        if suffix == ".json" and _is_array_start(raw.peek(4096)):
             raise ConfigError(f"{path} is a pipe holding one JSON array, which is read by the datasets library "
                               f"from a file only: write it to a file first, or send JSON Lines (one object a line)")
         reader = _HashingReader(raw)
@@ -241,10 +241,14 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _is_array_start(head: bytes) -> bool:
+    """Whether data beginning with ``head`` is one JSON array (after a byte-order mark and whitespace)."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
 def _starts_with_array(path: Path) -> bool:
     with open(path, "rb") as handle:
-        start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return start.startswith(b"[")
+        return _is_array_start(handle.read(4096))
 
 
 def _saved_dataset_part(spec: SourceSpec, what: str) -> _Part:

@@ -6,6 +6,17 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 
+def _paired_arrays(method: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]):
+    """(method, reference) as [seed][item] float arrays; a method without seeds (one row, the untuned base model) is
+    repeated for every seed of the reference."""
+    import numpy as np
+
+    a, b = np.asarray(method, dtype=float), np.asarray(reference, dtype=float)
+    if a.shape[0] == 1 and b.shape[0] > 1:
+        a = np.repeat(a, b.shape[0], axis=0)
+    return a, b
+
+
 def paired_bootstrap(method: Sequence[Sequence[float]], reference: Sequence[Sequence[float]], iters: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean paired difference (method − reference) and its 95% interval, resampling seeds and items.
@@ -15,10 +26,7 @@ def paired_bootstrap(method: Sequence[Sequence[float]], reference: Sequence[Sequ
     """
     import numpy as np
 
-    a = np.asarray(method, dtype=float)
-    b = np.asarray(reference, dtype=float)
-    if a.shape[0] == 1 and b.shape[0] > 1:
-        a = np.repeat(a, b.shape[0], axis=0)
+    a, b = _paired_arrays(method, reference)
     diff = a - b
     rng = np.random.default_rng(seed)
     n_seeds, n_items = diff.shape
@@ -40,13 +48,12 @@ def paired_bootstrap_average(method: Mapping[str, Sequence[Sequence[float]]],
     import numpy as np
 
     tasks = list(reference)
-    a = {t: np.asarray(method[t], dtype=float) for t in tasks}
-    b = {t: np.asarray(reference[t], dtype=float) for t in tasks}
-    n_seeds = b[tasks[0]].shape[0]
+    a, b = {}, {}
     for t in tasks:
-        if a[t].shape[0] == 1 and n_seeds > 1:
-            a[t] = np.repeat(a[t], n_seeds, axis=0)
-    point = float(np.mean([np.mean(a[t] - b[t]) for t in tasks]))
+        a[t], b[t] = _paired_arrays(method[t], reference[t])
+    n_seeds = b[tasks[0]].shape[0]
+    # NaN items (unscored) are left out, as in paired_bootstrap.
+    point = float(np.mean([np.nanmean(a[t] - b[t]) for t in tasks]))
     rng = np.random.default_rng(seed)
     samples = np.empty(iters)
     for i in range(iters):
@@ -55,9 +62,9 @@ def paired_bootstrap_average(method: Mapping[str, Sequence[Sequence[float]]],
         for t in tasks:
             n_items = a[t].shape[1]
             j = rng.integers(0, n_items, n_items)
-            per_task.append(np.mean(a[t][np.ix_(s, j)] - b[t][np.ix_(s, j)]))
+            per_task.append(np.nanmean(a[t][np.ix_(s, j)] - b[t][np.ix_(s, j)]))
         samples[i] = np.mean(per_task)
-    low, high = np.percentile(samples, [2.5, 97.5])
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -118,9 +125,7 @@ def _paired_deltas(runs: Sequence[Mapping], reference: Sequence[Mapping], tasks:
         return [key(r["eval"]) for r in runs], [key(r["eval"]) for r in reference]
 
     def per_seed(method, ref):
-        a, b = np.asarray(method, dtype=float), np.asarray(ref, dtype=float)
-        if a.shape[0] == 1 and b.shape[0] > 1:
-            a = np.repeat(a, b.shape[0], axis=0)
+        a, b = _paired_arrays(method, ref)
         return np.nanmean(a - b, axis=1)
 
     by_task = {t: scores(lambda e, t=t: e["tasks"][t]["items"]) for t in tasks}

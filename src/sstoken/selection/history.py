@@ -7,9 +7,14 @@ import contextlib
 
 import torch
 
+from sstoken import distributed
 from sstoken.batch import unwrap_model
 from sstoken.errors import ConfigError
 from sstoken.selection.lm_head import output_nll
+
+# The EMA follows the trainable parameters by reference; sharding replaces or empties them.
+EMA_SHARDED_MESSAGE = ("history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or ZeRO-2, "
+                       "or history 'base' (online with LoRA, or history_cache)")
 
 
 # ----------------------------------------------------------------------------------------------- online base
@@ -88,11 +93,9 @@ class EMAHistory:
         forward would run on the live weights); DeepSpeed ZeRO-3 empties each parameter's data into partitions.
         """
         for name, param in _named_trainable(self._model):
-            if self.params.get(name) is not param or hasattr(param, "ds_id") or \
-                    type(param.data).__name__ == "DTensor":
-                raise ConfigError(
-                    "history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or "
-                    "ZeRO-2, or history 'base' (online with LoRA, or history_cache)")
+            if self.params.get(name) is not param or distributed.is_zero3_partitioned(param) or \
+                    distributed.is_dtensor(param.data):
+                raise ConfigError(EMA_SHARDED_MESSAGE)
 
     @torch.no_grad()
     def update(self, global_step: int) -> bool:

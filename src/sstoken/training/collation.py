@@ -24,6 +24,8 @@ class TokenWeightsCollator:
         if not examples or TOKEN_WEIGHTS not in examples[0]:
             return self.collator(examples)
         weights = [row_weights(example) for example in examples]
+        # Without the column: TRL's collator reads only the keys it knows today, but a ragged list it did not expect
+        # would break one that pads every key it is given.
         batch = self.collator([{k: v for k, v in example.items() if k != TOKEN_WEIGHTS} for example in examples])
         if self.padding_free:
             weights = [[w for row in weights for w in row]]

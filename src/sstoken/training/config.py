@@ -16,7 +16,7 @@ from trl import SFTConfig
 
 from sstoken.batch import unwrap_base_model
 from sstoken.errors import ConfigError, did_you_mean, shown
-from sstoken.selection.history import check_ema_decay, check_ema_interval
+from sstoken.selection.history import EMA_SHARDED_MESSAGE, check_ema_decay, check_ema_interval
 from sstoken.selection.selectors import SELECTORS, Selector, make_selector
 
 HISTORY_MODES = ("base", "ema")
@@ -263,8 +263,7 @@ def check_training_engine(args) -> None:
                           f"sstoken's LM head needs the whole vocabulary on each rank and its attention share the "
                           f"whole sequence; use data parallelism (DDP, FSDP2 or DeepSpeed ZeRO)")
     if engine in SHARDED_ENGINES and args.history == "ema" and selector_of(args).needs_history:
-        raise ConfigError("history 'ema' does not support sharded parameters (FSDP, DeepSpeed ZeRO-3): use DDP or "
-                          "ZeRO-2, or history 'base' (online with LoRA, or history_cache)")
+        raise ConfigError(EMA_SHARDED_MESSAGE)
 
 
 DFT_METHOD = "dft"
