@@ -259,7 +259,7 @@ class KeepRecorder:
                 for phase in phases:
                     for key in keys:
                         slot = self.counts.setdefault(phase, {}).setdefault(key, [0, 0])
-                        slot[0] += int(kept[t])
+                        slot[0] += kept[t]
                         slot[1] += 1
 
     def __call__(self, event) -> None:
@@ -270,7 +270,12 @@ class KeepRecorder:
         input_ids = inputs["input_ids"]
         valid = inputs.get("attention_mask")
         valid = valid.bool() if valid is not None else input_ids.new_ones(input_ids.shape, dtype=bool)
-        self.add(input_ids.cpu(), valid.cpu(), event.signals.response_mask.cpu(), event.keep.cpu(), event.progress)
+        self.add(input_ids.cpu(), valid.cpu(), event.signals.response_mask.cpu(), self.values(event).cpu(),
+                 event.progress)
+
+    def values(self, event):
+        """What is added up per kind for each response token (its mean is the rate): 1 for a kept token."""
+        return event.keep
 
     def rates(self) -> dict:
         return {phase: {kind: (k / n if n else None) for kind, (k, n) in kinds.items()}

@@ -131,35 +131,16 @@ def prepare_caches(setup: Setup, home: Path) -> None:
         print(f"reference model trained and cached in {time.time() - started:.0f}s", flush=True)
 
 
-class WeightRecorder:
+class WeightRecorder(KeepRecorder):
     """Mean p(y) = exp(−current NLL) of each noise kind's tokens while training: the weight DFT gives a token."""
 
-    def __init__(self, flags_by_key: dict):
-        self.flags_by_key = flags_by_key
-        self.sums: dict[str, list[float]] = {}
+    def values(self, event):
+        from sstoken.selection.scoring import dft_weights
 
-    def __call__(self, event) -> None:
-        from sstoken.selection.nll_cache import sample_key
-
-        inputs, s = event.inputs, event.signals
-        valid = inputs["attention_mask"].bool().cpu()
-        p = (-s.current_nll.float().cpu()).exp()
-        response = s.response_mask.cpu()
-        for b in range(p.shape[0]):
-            n = int(valid[b].sum())
-            flags = self.flags_by_key.get(sample_key(inputs["input_ids"][b, :n].cpu()))
-            if flags is None:
-                continue
-            for t in range(n):
-                if response[b, t]:
-                    kind = flags[t] or "clean"
-                    for key in (kind,) if kind == "clean" else (kind, "noise"):
-                        slot = self.sums.setdefault(key, [0.0, 0])
-                        slot[0] += float(p[b, t])
-                        slot[1] += 1
+        return dft_weights(event.signals.current_nll)
 
     def means(self) -> dict:
-        return {k: total / n for k, (total, n) in self.sums.items() if n}
+        return {key: total / n for key, (total, n) in self.counts.get("all", {}).items() if n}
 
 
 def base_held_out(setup: Setup, home: Path, runs: Path) -> None:

@@ -111,8 +111,9 @@ class TokenTable:
         in_response = response.long().cumsum(1).float()
         values["position"] = in_response / response.sum(1, keepdim=True).clamp(min=1).float()
         norm = {name: scoring.minmax_normalize(v, response) for name, v in values.items()}
-        values["sstoken_score"] = GAMMA * norm["rel_base"] + (1 - GAMMA) * values["share_last"]
-        values["sstoken_ema_score"] = GAMMA * norm["rel_ema"] + (1 - GAMMA) * values["share_last"]
+        # What ssToken ranks by, computed by the library's own function (0 outside the response, never read here).
+        values["sstoken_score"] = scoring.sstoken_scores(base, current, values["share_last"], response, GAMMA)
+        values["sstoken_ema_score"] = scoring.sstoken_scores(ema, current, values["share_last"], response, GAMMA)
         for name in ("sstoken_score", "sstoken_ema_score"):
             norm[name] = scoring.minmax_normalize(values[name], response)
         table = self.phases.setdefault(phase, {"kind": []})

@@ -328,12 +328,14 @@ def test_weight_recorder_averages_p_of_each_kinds_response_tokens(mods):
     recorder = compare.WeightRecorder({sample_key(ids[0, :4]): [None, None, "disclaimer", "repetition"]})
     nll = torch.tensor([[9.0, math.log(2), math.log(4), math.log(5), 9.0]])  # p = 1/2, 1/4, 1/5 on the response
     event = SimpleNamespace(inputs={"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])},
-                            signals=SimpleNamespace(current_nll=nll,
+                            progress=0.5, signals=SimpleNamespace(current_nll=nll,
                                                     response_mask=torch.tensor([[False, True, True, True, False]])))
     recorder(event)
     recorder(event)  # a second step of the same row counts again
     means = recorder.means()
-    assert means == pytest.approx({"clean": 0.5, "disclaimer": 0.25, "repetition": 0.2, "noise": 0.225})
+    # "first": the first response token when it is clean, as the keep record counts it
+    assert means == pytest.approx({"clean": 0.5, "first": 0.5, "disclaimer": 0.25, "repetition": 0.2,
+                                   "noise": 0.225})
 
 
 def test_run_workers_prepares_once_then_starts_workers_without_the_workers_option(tmp_path):
@@ -468,6 +470,9 @@ def test_probe_scores_rows_through_the_training_pipeline(mods, tmp_path):
     assert scored["kind"].count("repetition") == sum(k == "repetition" for r in rows for k in r["kinds"])
     base_nll, current, rel = (torch.cat(scored[k]) for k in ("base_nll", "current_nll", "rel_base"))
     torch.testing.assert_close(rel, base_nll - current)
+    gamma = probe.GAMMA  # ssToken's score: its REL normalised in the sample, mixed with the last layer's share
+    torch.testing.assert_close(torch.cat(scored["sstoken_score"]), gamma * torch.cat(scored["rel_base_in_sample"])
+                               + (1 - gamma) * torch.cat(scored["share_last"]))
     assert not torch.allclose(base_nll, current), "one step of training moved the current model"
     # the share of the last layer for the first row, as the library's own probe computes it
     ids = torch.tensor([rows[0]["input_ids"]])

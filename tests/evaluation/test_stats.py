@@ -33,10 +33,16 @@ def test_resampling_seeds_widens_the_interval_that_items_alone_give():
     assert mean == pytest.approx(0.0) and low == pytest.approx(-0.5) and high == pytest.approx(0.5)
 
 
+# A resample that draws only the unscored item has no mean: numpy says so, and the percentiles skip it.
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
 def test_average_over_tasks_of_constant_differences():
     reference = {"a": [[0.0, 1.0], [1.0, 0.0]], "b": [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]}
     method = {"a": [[0.5, 1.5], [1.5, 0.5]], "b": [[0.25] * 3, [1.25] * 3]}
     assert paired_bootstrap_average(method, reference, iters=100) == pytest.approx((0.375, 0.375, 0.375))
+    # An unscored (NaN) item is left out, as paired_bootstrap leaves it out, not spread over the whole average.
+    method["a"][0][0] = float("nan")
+    assert paired_bootstrap_average(method, reference, iters=100) == pytest.approx((0.375, 0.375, 0.375))
+    assert paired_bootstrap([[float("nan"), 1.5]], [[0.0, 1.0]], iters=50) == pytest.approx((0.5, 0.5, 0.5))
 
 
 def _result(method, seed, task_items, nll):

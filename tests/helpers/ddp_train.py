@@ -182,23 +182,30 @@ def run_case(case: str, workdir: str, grad_accum: int, use_cpu: bool = True) -> 
     return result
 
 
+def poison_final_norm(model, when) -> None:
+    """Make the final norm's output NaN in a training forward (the history pass and the head check run in eval mode)
+    whenever ``when()``, asked once per training forward, says so. The NaN stays in the autograd graph (a product,
+    not a new tensor), as a real overflow would: the backward still runs through every layer, which is what keeps
+    the rank in step with the others."""
+    from sstoken.batch import unwrap_base_model
+
+    def poison(module, args, output):
+        return output * float("nan") if module.training and when() else output
+
+    unwrap_base_model(model).model.norm.register_forward_hook(poison)
+
+
 def _poison_one_micro_batch(trainer) -> None:
-    """Make the final norm's output NaN in the training forward of global micro-batch SKIPPED. The NaN stays in the
-    autograd graph (a product, not a new tensor), as a real overflow would: the backward still runs through every
-    layer, which is what keeps the rank in step with the others."""
+    """NaN in the training forward of global micro-batch SKIPPED."""
     world, rank = trainer.args.world_size, trainer.args.process_index
     forwards = {"count": 0}
 
-    def poison(module, args, output):
-        if not module.training:  # the history pass and the head check run in eval mode
-            return output
+    def is_skipped() -> bool:
         micro_batch = forwards["count"] * world + rank
         forwards["count"] += 1
-        return output * float("nan") if micro_batch == SKIPPED else output
+        return micro_batch == SKIPPED
 
-    from sstoken.batch import unwrap_base_model
-
-    unwrap_base_model(trainer.model).model.norm.register_forward_hook(poison)
+    poison_final_norm(trainer.model, is_skipped)
 
 
 def write_cli_recipe(workdir: str) -> str:

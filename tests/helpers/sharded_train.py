@@ -83,13 +83,8 @@ def build_model(tied: bool, lora: bool, path: str | None = None, seed: int = 0):
 
 
 def poison_hook(model, state: dict):
-    """NaN in the final norm's output while ``state["poison"]``; a product, so the NaN stays in the graph."""
-    from sstoken.batch import unwrap_base_model
-
-    def poison(module, args, output):
-        return output * float("nan") if state["poison"] and module.training else output
-
-    unwrap_base_model(model).model.norm.register_forward_hook(poison)
+    """NaN in the final norm's output while ``state["poison"]``."""
+    ddp_train.poison_final_norm(model, lambda: state["poison"])
 
 
 def sources_for(settings: dict, model, workdir: str):

@@ -233,7 +233,8 @@ def test_ema_history_refuses_deepspeed_zero3_partitioned_parameters():
     model = tiny_model(seed=0)
     ema = EMAHistory(model, decay=0.5)
     assert ema.update(1)  # an ordinary model is fine
-    next(model.parameters()).ds_id = 0  # what deepspeed.zero.Init attaches to every parameter
+    param = next(model.parameters())
+    param.ds_id, param.ds_shape = 0, param.shape  # two of what deepspeed.zero.Init attaches to every parameter
     with pytest.raises(ConfigError, match="sharded parameters"):
         ema.update(2)
 
