@@ -31,9 +31,13 @@ def make_rows(n=8, seed=0, weighted=False):
     return rows
 
 
-def data_weights(trainer, batch_rows):
-    """The token weights of ``batch_rows`` laid out as the trainer's collator lays out their labels."""
-    return trainer.data_collator([dict(r) for r in batch_rows])[TOKEN_WEIGHTS]
+def data_weights(batch_rows, length: int) -> torch.Tensor:
+    """The token weights of ``batch_rows``, built from the rows alone: one row each, a row stored without weights
+    weighing 1 on every token, right-padded with 0 to ``length`` (as the collator right-pads the labels)."""
+    weights = torch.zeros(len(batch_rows), length)
+    for i, row in enumerate(batch_rows):
+        weights[i, :len(row["input_ids"])] = torch.tensor(row[TOKEN_WEIGHTS] or [1.0] * len(row["input_ids"]))
+    return weights
 
 
 def make_trainer(tmp_path, rows=None, peft=True, **overrides):
@@ -215,7 +219,7 @@ def test_the_datas_weights_scale_the_kept_tokens(tmp_path, method, loss_type):
     batch = first_batch(trainer)
     loss, _, event = loss_grads_event(trainer, batch)
     nll, keep = event.signals.current_nll, event.keep
-    w = data_weights(trainer, rows[:4])
+    w = data_weights(rows[:4], batch["labels"].shape[1])
     assert torch.equal(batch[TOKEN_WEIGHTS], w)
     assert set(w[2][: len(rows[2]["input_ids"])].tolist()) == {1.0}  # the row stored without weights
     dft = torch.exp(-nll) if loss_type == "dft" else torch.ones_like(nll)
